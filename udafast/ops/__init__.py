@@ -1,0 +1,23 @@
+"""The hot-path ops of udafast (SPEC part 1), each with backend="auto" | "reference" | "native" | "triton".
+
+"reference" is pure PyTorch and defines the semantics; "native" is the compiled extension
+(torch.ops.udafast.*); "triton" the kernels in udafast.kernels.
+"""
+from udafast.ops import _backend
+from udafast.ops._validate import get_validation, set_validation
+from udafast.ops.class_thresholds import ClassThresholds, cbst_pseudo_labels, class_thresholds
+from udafast.ops.kl_loss import kl_loss
+from udafast.ops.prototype_softmax import class_feature_sums, prototype_rectify, prototype_softmax, update_prototypes
+from udafast.ops.sce_loss import sce_loss
+from udafast.ops.topk_per_class import ClassMemoryBank, topk_per_class
+
+if _backend.extension_loaded():
+    from udafast.ops import _native  # noqa: F401  (fake kernels and autograd of the compiled ops)
+
+__all__ = [
+    "class_thresholds", "ClassThresholds", "cbst_pseudo_labels",
+    "topk_per_class", "ClassMemoryBank",
+    "prototype_softmax", "prototype_rectify", "class_feature_sums", "update_prototypes",
+    "sce_loss", "kl_loss",
+    "set_validation", "get_validation",
+]

@@ -1,0 +1,111 @@
+"""SPEC 1.1: class-balanced confidence thresholds (CBST) and the pseudo-labels they give."""
+
+import torch
+
+from udafast.ops import _validate as check
+from udafast.ops import reference
+from udafast.ops._backend import resolve
+from udafast.ops._dispatch import launch
+
+
+def class_thresholds(conf, pred, num_classes, portion, *, ignore_index=255, backend="auto", validate=None):
+    """Per class c, the `floor(N_c * portion)`-th highest confidence among pixels predicted c
+    (1.0 where that count is 0). Exact: equal bit for bit on every backend. Returns [C]."""
+    check.tensor("conf", conf)
+    check.tensor("pred", pred)
+    check.float_dtype("conf", conf)
+    check.int_dtype("pred", pred)
+    check.same_shape("pred", pred, "conf", conf.shape)
+    check.same_device(("conf", conf), ("pred", pred))
+    check.positive_int("num_classes", num_classes)
+    portion = check.portion(portion)
+    ignore_index = check.ignore_index(ignore_index)
+    if check.values_checked(validate):
+        check.in_unit_interval("conf", conf)
+        check.labels_in_range("pred", pred, num_classes, ignore_index)
+    chosen = resolve("class_thresholds", backend, conf.device)
+    return launch(
+        "class_thresholds", chosen, reference.class_thresholds, conf, pred, num_classes, portion, ignore_index
+    )
+
+
+class ClassThresholds:
+    """Streaming class thresholds over a whole dataset in C x bins int64 counts.
+
+    Each threshold is the lower edge of the bin holding the exact one (SPEC 1.1), so it never
+    selects fewer pixels than `class_thresholds` on all the pixels would.
+    """
+
+    def __init__(self, num_classes, bins=65536, *, ignore_index=255, device=None, backend="auto"):
+        check.positive_int("num_classes", num_classes)
+        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1 or bins & (bins - 1) or bins > 2**24:
+            raise ValueError(f"bins must be a power of two in [1, 2**24]; got {bins!r}")
+        self.num_classes = num_classes
+        self.bins = bins
+        self.ignore_index = check.ignore_index(ignore_index)
+        self.backend = backend
+        self.counts = torch.zeros(num_classes, bins, dtype=torch.int64, device=device)
+
+    def update(self, conf, pred, *, validate=None):
+        """Add pixels: `conf` their max softmax probability, `pred` their argmax class."""
+        check.tensor("conf", conf)
+        check.tensor("pred", pred)
+        check.float_dtype("conf", conf)
+        check.int_dtype("pred", pred)
+        check.same_shape("pred", pred, "conf", conf.shape)
+        check.same_device(("counts", self.counts), ("conf", conf), ("pred", pred))
+        if check.values_checked(validate):
+            check.in_unit_interval("conf", conf)
+            check.labels_in_range("pred", pred, self.num_classes, self.ignore_index)
+        chosen = resolve("class_histogram_add_", self.backend, conf.device)
+        launch(
+            "class_histogram_add_", chosen, reference.class_histogram_add_, self.counts, conf, pred, self.ignore_index
+        )
+        return self
+
+    def thresholds(self, portion):
+        """float32 [C]: per class, the lower edge of the bin that holds its exact threshold."""
+        portion = check.portion(portion)
+        return reference.thresholds_from_histogram(self.counts, portion)
+
+    def reset(self):
+        self.counts.zero_()
+
+    def all_reduce(self):
+        """Sum the counts over all processes (a no-op outside torch.distributed)."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.counts)
+        return self
+
+    def state_dict(self):
+        return {"num_classes": self.num_classes, "bins": self.bins, "counts": self.counts.clone()}
+
+    def load_state_dict(self, state):
+        if state.get("num_classes") != self.num_classes or state.get("bins") != self.bins:
+            raise ValueError(
+                f"state must hold num_classes={self.num_classes} and bins={self.bins}; "
+                f"got {state.get('num_classes')} and {state.get('bins')}"
+            )
+        self.counts.copy_(state["counts"])
+
+
+def cbst_pseudo_labels(probs, thresholds, *, ignore_index=255, backend="auto", validate=None):
+    """argmax_c probs_c / thresholds_c, first maximum winning; ignore_index where the best ratio
+    is below 1. Returns int64 [B, H, W]."""
+    check.ndim("probs", probs, 4, "[B, C, H, W]")
+    check.float_dtype("probs", probs)
+    check.ndim("thresholds", thresholds, 1, "[C]")
+    check.float_dtype("thresholds", thresholds)
+    check.same_shape("thresholds", thresholds, "probs' class dim", (probs.shape[1],))
+    check.same_device(("probs", probs), ("thresholds", thresholds))
+    ignore_index = check.ignore_index(ignore_index)
+    if check.values_checked(validate):
+        check.in_unit_interval("thresholds", thresholds, low_open=True)
+    chosen = resolve("cbst_pseudo_labels", backend, probs.device)
+    return launch(
+        "cbst_pseudo_labels", chosen, reference.cbst_pseudo_labels,
+        probs.detach(), thresholds.detach().to(probs.dtype), ignore_index,
+    )
+
+
+__all__ = ["class_thresholds", "ClassThresholds", "cbst_pseudo_labels"]

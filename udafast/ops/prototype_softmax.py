@@ -1,0 +1,88 @@
+"""SPEC 1.3: ProDA's prototype distance softmax, rectified pseudo-labels and class feature sums."""
+import torch
+
+from udafast.ops import _validate as check
+from udafast.ops import reference
+from udafast.ops._backend import resolve
+from udafast.ops._dispatch import launch
+
+
+def _check_features_prototypes(features, prototypes):
+    check.ndim("features", features, 4, "[B, D, H, W]")
+    check.ndim("prototypes", prototypes, 2, "[C, D]")
+    check.float_dtype("features", features, reduced_on_cuda=True)
+    check.float_dtype("prototypes", prototypes, reduced_on_cuda=True)
+    check.same_device(("features", features), ("prototypes", prototypes))
+    if prototypes.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"prototypes must have D={features.shape[1]} columns (features' channels); got shape {tuple(prototypes.shape)}"
+        )
+
+
+def prototype_softmax(features, prototypes, tau=1.0, *, log=False, backend="auto"):
+    """softmax_c(-||f - p_c||_2 / tau) per pixel (log-softmax with log=True): [B, C, H, W].
+
+    Differentiable in `features`; `prototypes` is a constant."""
+    _check_features_prototypes(features, prototypes)
+    tau = check.tau(tau)
+    if not isinstance(log, bool):
+        raise ValueError(f"log must be a bool; got {log!r}")
+    chosen = resolve("prototype_softmax", backend, features.device)
+    return launch(
+        "prototype_softmax", chosen, reference.prototype_softmax,
+        features, prototypes.detach().to(features.dtype), tau, log,
+    )
+
+
+def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="auto"):
+    """argmax_c(prototype_softmax_c * soft_labels_c), first maximum winning: int64 [B, H, W]."""
+    _check_features_prototypes(features, prototypes)
+    check.ndim("soft_labels", soft_labels, 4, "[B, C, H, W]")
+    b, _, h, w = features.shape
+    check.same_shape("soft_labels", soft_labels, "[B, C, H, W]", (b, prototypes.shape[0], h, w))
+    check.float_dtype("soft_labels", soft_labels, reduced_on_cuda=True)
+    check.same_device(("features", features), ("soft_labels", soft_labels))
+    tau = check.tau(tau)
+    chosen = resolve("prototype_rectify", backend, features.device)
+    return launch(
+        "prototype_rectify", chosen, reference.prototype_rectify,
+        features.detach(), prototypes.detach().to(features.dtype), soft_labels.detach().to(features.dtype), tau,
+    )
+
+
+def class_feature_sums(features, labels, num_classes, *, ignore_index=255, backend="auto", validate=None):
+    """Per image and class, the sum of its pixels' features and their count:
+    (sums [B, C, D] in the features' dtype, counts int64 [B, C])."""
+    check.ndim("features", features, 4, "[B, D, H, W]")
+    check.float_dtype("features", features)
+    check.ndim("labels", labels, 3, "[B, H, W]")
+    check.int_dtype("labels", labels)
+    b, _, h, w = features.shape
+    check.same_shape("labels", labels, "[B, H, W]", (b, h, w))
+    check.same_device(("features", features), ("labels", labels))
+    check.positive_int("num_classes", num_classes)
+    ignore_index = check.ignore_index(ignore_index)
+    if check.values_checked(validate):
+        check.labels_in_range("labels", labels, num_classes, ignore_index)
+    chosen = resolve("class_feature_sums", backend, features.device)
+    return launch(
+        "class_feature_sums", chosen, reference.class_feature_sums, features.detach(), labels, num_classes, ignore_index
+    )
+
+
+@torch.no_grad()
+def update_prototypes(prototypes, sums, counts, *, momentum=0.9999, min_pixels=10):
+    """ProDA's prototype update (SPEC 1.3), in place: for each image in order and each class with
+    at least `min_pixels` pixels in it, eta_c <- momentum * eta_c + (1 - momentum) * mean."""
+    check.ndim("prototypes", prototypes, 2, "[C, D]")
+    check.ndim("sums", sums, 3, "[B, C, D]")
+    check.same_shape("sums", sums, "[B, C, D]", (sums.shape[0],) + tuple(prototypes.shape))
+    check.same_shape("counts", counts, "[B, C]", sums.shape[:2])
+    for image_sums, image_counts in zip(sums, counts):
+        present = image_counts >= min_pixels
+        means = image_sums[present] / image_counts[present].unsqueeze(1).to(image_sums.dtype)
+        prototypes[present] = momentum * prototypes[present] + (1 - momentum) * means.to(prototypes.dtype)
+    return prototypes
+
+
+__all__ = ["prototype_softmax", "prototype_rectify", "class_feature_sums", "update_prototypes"]
