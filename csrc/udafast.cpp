@@ -16,8 +16,10 @@ TORCH_LIBRARY(udafast, m) {
   // 1.2 per-class top-K (topk_per_class.cpp)
   m.def("topk_per_class(Tensor scores, Tensor labels, int num_classes, int k, int ignore_index) -> (Tensor, Tensor)");
   // 1.3 prototypes (prototype_softmax.cpp)
-  m.def("prototype_softmax(Tensor features, Tensor prototypes, float tau, bool log) -> Tensor");
-  m.def("prototype_softmax_backward(Tensor grad_out, Tensor out, Tensor features, Tensor prototypes, float tau, bool log) -> Tensor");
+  // Returns (softmax or log-softmax [B, C, H, W], distances [B, C, H, W]); the backward reuses the
+  // distances instead of recomputing C x D work per pixel.
+  m.def("prototype_softmax(Tensor features, Tensor prototypes, float tau, bool log) -> (Tensor, Tensor)");
+  m.def("prototype_softmax_backward(Tensor grad_out, Tensor out, Tensor distances, Tensor features, Tensor prototypes, float tau, bool log) -> Tensor");
   m.def("prototype_rectify(Tensor features, Tensor prototypes, Tensor soft_labels, float tau) -> Tensor");
   m.def("class_feature_sums(Tensor features, Tensor labels, int num_classes, int ignore_index) -> (Tensor, Tensor)");
   // 1.4 fused losses (sce_loss.cpp, kl_loss.cpp). The forward also returns the per-pixel

@@ -34,11 +34,12 @@ def _(scores, labels, num_classes, k, ignore_index):
 @torch.library.register_fake(lib + "prototype_softmax")
 def _(features, prototypes, tau, log):
     b, _, h, w = features.shape
-    return features.new_empty((b, prototypes.shape[0], h, w))
+    shape = (b, prototypes.shape[0], h, w)
+    return features.new_empty(shape), features.new_empty(shape)
 
 
 @torch.library.register_fake(lib + "prototype_softmax_backward")
-def _(grad_out, out, features, prototypes, tau, log):
+def _(grad_out, out, distances, features, prototypes, tau, log):
     return torch.empty_like(features)
 
 
@@ -89,13 +90,16 @@ def _(grad_loss, logits, target_probs, valid_mask, lse, num_valid):
 
 def _prototype_softmax_setup(ctx, inputs, output):
     features, prototypes, tau, log = inputs
-    ctx.save_for_backward(output, features, prototypes)
+    out, distances = output
+    ctx.save_for_backward(out, distances, features, prototypes)
     ctx.tau, ctx.log = tau, log
 
 
-def _prototype_softmax_backward(ctx, grad_out):
-    out, features, prototypes = ctx.saved_tensors
-    grad = torch.ops.udafast.prototype_softmax_backward(grad_out, out, features, prototypes, ctx.tau, ctx.log)
+def _prototype_softmax_backward(ctx, grad_out, _grad_distances):
+    out, distances, features, prototypes = ctx.saved_tensors
+    grad = torch.ops.udafast.prototype_softmax_backward(
+        grad_out, out, distances, features, prototypes, ctx.tau, ctx.log
+    )
     return grad, None, None, None
 
 

@@ -28,10 +28,12 @@ def prototype_softmax(features, prototypes, tau=1.0, *, log=False, backend="auto
     if not isinstance(log, bool):
         raise ValueError(f"log must be a bool; got {log!r}")
     chosen = resolve("prototype_softmax", backend, features.device)
-    return launch(
+    out = launch(
         "prototype_softmax", chosen, reference.prototype_softmax,
         features, prototypes.detach().to(features.dtype), tau, log,
     )
+    # the compiled kernels also return the distances, which their backward reuses
+    return out if chosen == "reference" else out[0]
 
 
 def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="auto"):

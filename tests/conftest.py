@@ -1,0 +1,58 @@
+"""Shared test helpers: the backends to hold against the reference, and SPEC 1.5's tolerances."""
+import os
+
+import pytest
+import torch
+
+from udafast.ops import _backend
+
+
+def fast_backends(op, device="cpu"):
+    """The non-reference backends that can run `op` in this process (native when built; Triton
+    only in the interpreter process, TRITON_INTERPRET=1)."""
+    found = []
+    if _backend.native_unavailable_reason(op, device) is None:
+        found.append("native")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1" and _backend.triton_unavailable_reason(op, device) is None:
+        found.append("triton")
+    return found
+
+
+def assert_close_spec(actual, expected, what="value"):
+    """SPEC 1.5 for float results: |x - ref| <= 1e-5 |ref| + 1e-6 max|ref|, elementwise."""
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    if expected.numel() == 0:
+        return
+    bound = 1e-5 * expected.abs() + 1e-6 * expected.abs().max()
+    error = (actual - expected).abs()
+    worst = int(torch.argmax(error - bound))
+    assert bool((error <= bound).all()), (
+        f"{what}: |x - ref| = {error.reshape(-1)[worst].item():.3e} > bound "
+        f"{bound.reshape(-1)[worst].item():.3e} at flat index {worst}"
+    )
+
+
+def assert_grad_close_spec(actual, expected, what="gradient"):
+    """SPEC 1.5 for gradients: elementwise as values, and ||x - ref||_2 <= 1e-5 ||ref||_2."""
+    assert_close_spec(actual, expected, what)
+    diff = torch.linalg.vector_norm(actual.detach().double() - expected.detach().double())
+    assert diff <= 1e-5 * torch.linalg.vector_norm(expected.detach().double()), f"{what}: L2 error {diff:.3e}"
+
+
+def noncontiguous(x):
+    """The same values in a non-contiguous layout (a strided view into a larger buffer)."""
+    if x.dim() == 0:
+        return x
+    wide = torch.zeros(*x.shape[:-1], x.shape[-1] * 2, dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    view = wide[..., ::2]
+    assert not view.is_contiguous() or x.numel() <= 1
+    return view
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
