@@ -1,4 +1,5 @@
 """Backend selection: which implementation of an op runs, and why another cannot."""
+import importlib
 import os
 import warnings
 
@@ -6,14 +7,21 @@ import torch
 
 BACKENDS = ("auto", "reference", "native", "triton")
 
-try:
-    from udafast import _C  # noqa: F401  (loading it registers torch.ops.udafast.*)
 
-    EXTENSION_ERROR = None
-except Exception as exc:  # a missing or broken build must not break `import udafast`
-    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
-    if os.environ.get("UDAFAST_NO_EXT", "0") == "1":
-        EXTENSION_ERROR = "built with UDAFAST_NO_EXT=1"
+def _load_extension():
+    """None when udafast._C loaded (which registers torch.ops.udafast.*), else why not.
+
+    A missing or broken build must not break `import udafast`."""
+    try:
+        importlib.import_module("udafast._C")
+    except ModuleNotFoundError:
+        return "udafast._C is not built (installed with UDAFAST_NO_EXT=1, or the build failed)"
+    except Exception as exc:
+        return f"udafast._C failed to load: {type(exc).__name__}: {exc}"
+    return None
+
+
+EXTENSION_ERROR = _load_extension()
 
 _warned_fallback = False
 
