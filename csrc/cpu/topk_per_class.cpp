@@ -56,6 +56,49 @@ struct Packing {
   static int64_t position(Entry e) { return int64_t(kPosMask - (e & kPosMask)); }
 };
 
+// Writes the min(k, last - first) largest entries of [first, last) to `out` in descending order
+// and returns how many. A most-significant-digit radix select narrows the candidates first: each
+// pass histograms one byte, accepts the entries whose byte is above the k-th largest's, drops
+// those below and goes on with those that share it. A pass is a streaming count and a branch-free
+// filter, far cheaper per entry than the comparisons of nth_element, which only finishes the last
+// few hundred candidates. [first, last) is clobbered; `spare` holds last - first entries, `out`
+// min(k, last - first).
+template <typename Entry>
+int64_t largest_sorted(Entry* first, Entry* last, int64_t k, Entry* out, Entry* spare) {
+  constexpr int64_t kFinish = 512;
+  Entry* src = first;
+  int64_t n = last - first;
+  int64_t accepted = 0;
+  for (int shift = 8 * int(sizeof(Entry)) - 8; shift >= 0 && n - (k - accepted) > kFinish; shift -= 8) {
+    const int64_t need = k - accepted;
+    int64_t histogram[256] = {0};
+    for (int64_t i = 0; i < n; ++i) ++histogram[int((src[i] >> shift) & 0xff)];
+    int digit = 255;
+    int64_t above = 0;
+    while (above + histogram[digit] < need) above += histogram[digit--];
+    if (histogram[digit] == n) continue;  // one byte value for all: look at the next byte
+    // Both stores always happen and only the counts move, so random bytes cost no mispredictions;
+    // neither store runs past its buffer (accepted stays below k, m at or below i).
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const Entry e = src[i];
+      const int d = int((e >> shift) & 0xff);
+      out[accepted] = e;
+      accepted += d > digit;
+      spare[m] = e;
+      m += d == digit;
+    }
+    // The candidates now live in `spare`; the old source, at least as large, becomes the spare.
+    std::swap(src, spare);
+    n = m;
+  }
+  const int64_t need = std::min(n, k - accepted);
+  if (n > need) std::nth_element(src, src + need, src + n, std::greater<Entry>());
+  std::copy(src, src + need, out + accepted);
+  std::sort(out, out + accepted + need, std::greater<Entry>());
+  return accepted + need;
+}
+
 template <typename scalar_t, typename label_t, typename Entry>
 void topk_kernel(const scalar_t* scores, int64_t score_stride, const label_t* labels, int64_t label_stride,
                  int64_t n, int64_t num_classes, int64_t k, int64_t ignore_index, int64_t* index,
@@ -120,16 +163,17 @@ void topk_kernel(const scalar_t* scores, int64_t score_stride, const label_t* la
   });
   std::atomic<int64_t> next_class{0};
   const int64_t workers = std::min<int64_t>(C, at::get_num_threads());
+  const int64_t largest = C > 0 ? bucket_begin[order[0] + 1] - bucket_begin[order[0]] : 0;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::unique_ptr<Entry[]> spare(new Entry[std::max<int64_t>(largest, 1)]);
+    std::unique_ptr<Entry[]> out(new Entry[std::max<int64_t>(std::min(largest, k), 1)]);
     for (int64_t j; (j = next_class.fetch_add(1)) < C;) {
       const int64_t c = order[j];
       Entry* first = entries.get() + bucket_begin[c];
       Entry* last = entries.get() + bucket_begin[c + 1];
-      const int64_t taken = std::min<int64_t>(last - first, k);
-      if (last - first > k) std::nth_element(first, first + k, last, std::greater<Entry>());
-      std::sort(first, first + taken, std::greater<Entry>());
+      const int64_t taken = largest_sorted(first, last, k, out.get(), spare.get());
       int64_t* row = index + c * k;
-      for (int64_t j2 = 0; j2 < taken; ++j2) row[j2] = P::position(first[j2]);
+      for (int64_t i = 0; i < taken; ++i) row[i] = P::position(out[i]);
       std::fill(row + taken, row + k, int64_t(-1));
       count[c] = taken;
     }
