@@ -152,6 +152,22 @@ def test_extreme_values(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_many_classes(backend):
+    """100000 classes over 400000 pixels (k = 1), checked without the per-class reference loop:
+    the first pixel of each class in a stable descending sort of all the scores."""
+    n, num_classes = 400_000, 100_000
+    scores = torch.randint(0, 50, (n,)).float()  # ties everywhere
+    labels = torch.randint(0, num_classes, (n,))
+    index, count = topk_per_class(scores, labels, num_classes, 1, ignore_index=-1, backend=backend)
+    order = torch.sort(scores, descending=True, stable=True).indices
+    rank = torch.full((num_classes,), n).scatter_reduce(0, labels[order], torch.arange(n), "amin")
+    present = rank < n
+    assert torch.equal(count, present.long())
+    assert torch.equal(index[present, 0], order[rank[present]])
+    assert bool((index[~present] == -1).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_values_skipped_without_validation(backend):
     """With validation off, NaN scores and labels outside [0, C) are skipped, never written."""
     scores = torch.randn(4000)

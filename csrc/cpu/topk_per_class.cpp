@@ -22,8 +22,11 @@
 namespace {
 
 // Positions per chunk of the counting sort: large enough that the per-chunk class counts stay
-// small beside N, small enough that a 2-core machine splits a 64K-pixel image.
+// small beside N, small enough that a 2-core machine splits a 64K-pixel image. With very many
+// classes the chunks grow so that the chunks x classes counters stay bounded. Both depend on N and
+// C only, never on the thread count.
 constexpr int64_t kChunk = 8192;
+constexpr int64_t kMaxCounters = int64_t(1) << 22;
 
 using uint128 = unsigned __int128;
 
@@ -105,7 +108,8 @@ void topk_kernel(const scalar_t* scores, int64_t score_stride, const label_t* la
                  int64_t* count) {
   using P = Packing<scalar_t, Entry>;
   const int64_t C = num_classes;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = std::min((n + kChunk - 1) / kChunk, std::max<int64_t>(1, kMaxCounters / C));
+  const int64_t chunk_len = chunks > 0 ? (n + chunks - 1) / chunks : 0;
 
   // The class of position i, or -1 for a pixel to skip: ignored, out of [0, C) or a NaN score
   // (reachable only with validation off).
@@ -121,8 +125,8 @@ void topk_kernel(const scalar_t* scores, int64_t score_stride, const label_t* la
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       int64_t* counts = cursor.data() + chunk * C;
-      const int64_t stop = std::min(n, (chunk + 1) * kChunk);
-      for (int64_t i = chunk * kChunk; i < stop; ++i) {
+      const int64_t stop = std::min(n, (chunk + 1) * chunk_len);
+      for (int64_t i = chunk * chunk_len; i < stop; ++i) {
         const int64_t c = class_of(i);
         if (c >= 0) ++counts[c];
       }
@@ -147,8 +151,8 @@ void topk_kernel(const scalar_t* scores, int64_t score_stride, const label_t* la
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       int64_t* next = cursor.data() + chunk * C;
-      const int64_t stop = std::min(n, (chunk + 1) * kChunk);
-      for (int64_t i = chunk * kChunk; i < stop; ++i) {
+      const int64_t stop = std::min(n, (chunk + 1) * chunk_len);
+      for (int64_t i = chunk * chunk_len; i < stop; ++i) {
         const int64_t c = class_of(i);
         if (c >= 0) entries[next[c]++] = P::pack(scores[i * score_stride], i);
       }
@@ -163,7 +167,7 @@ void topk_kernel(const scalar_t* scores, int64_t score_stride, const label_t* la
   });
   std::atomic<int64_t> next_class{0};
   const int64_t workers = std::min<int64_t>(C, at::get_num_threads());
-  const int64_t largest = C > 0 ? bucket_begin[order[0] + 1] - bucket_begin[order[0]] : 0;
+  const int64_t largest = bucket_begin[order[0] + 1] - bucket_begin[order[0]];
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::unique_ptr<Entry[]> spare(new Entry[std::max<int64_t>(largest, 1)]);
     std::unique_ptr<Entry[]> out(new Entry[std::max<int64_t>(std::min(largest, k), 1)]);
