@@ -275,17 +275,18 @@ def test_streaming_empty_and_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", HISTOGRAM_BACKENDS)
-def test_histogram_bad_values_and_strided_counts(backend, no_validation):
+@pytest.mark.parametrize("bins", [64, 4096])  # a table per chunk; cells grouped by part
+def test_histogram_bad_values_and_strided_counts(backend, bins, no_validation):
     conf, pred = make_inputs((1, 127, 33), 19, label_dtype=torch.int32)
     pred[0, :5] = -3
     pred[0, 5:10] = 19
     conf[0, 10:15] = float("nan")
     conf[0, 15:20] = -0.25
     conf[0, 20:25] = 1.5  # above 1 lands in the last bin, as min(floor(x * bins), bins - 1) says
-    counts = torch.zeros(64, 19, dtype=torch.int64).t()  # a transposed, non-contiguous view
+    counts = torch.zeros(bins, 19, dtype=torch.int64).t()  # a transposed, non-contiguous view
     torch.ops.udafast.class_histogram_add_(counts, noncontiguous(conf), noncontiguous(pred), 255)
     keep = (conf == conf) & (conf >= 0)
-    expected = torch.zeros(19, 64, dtype=torch.int64)
+    expected = torch.zeros(19, bins, dtype=torch.int64)
     reference.class_histogram_add_(expected, conf[keep], pred[keep], 255)
     assert torch.equal(counts, expected)
 

@@ -67,6 +67,9 @@ constexpr int64_t kMaxChunk = int64_t(1) << 30;
 // Finer buckets leave fewer candidates for the second pass; coarser ones keep the per-chunk table
 // (random increments) in cache. About this many counters per chunk measured best.
 constexpr int64_t kTableBudget = int64_t(1) << 19;
+// Class histograms up to this many cells are counted in a table per chunk; larger ones are
+// grouped by part first so that each part's counters stay in cache.
+constexpr int64_t kSmallHistogram = int64_t(1) << 15;
 
 // Splits [0, n) into `chunks` near-equal fixed ranges; the i-th one is [start(i), start(i + 1)).
 struct Chunks {
@@ -93,7 +96,9 @@ void select_thresholds(const scalar_t* conf, const label_t* pred, int64_t n, int
                                              std::min<int64_t>(at::get_num_threads(), n / 65536)})};
 
   // Pass 1: each pixel's (class, bucket) cell, kept for pass 2, and per chunk a histogram of them.
-  std::vector<uint32_t> cell(n);
+  // Uninitialised (every entry is written), unlike a std::vector that would zero it first.
+  const at::Tensor cell_buffer = at::empty({n}, at::kInt);
+  uint32_t* cell = reinterpret_cast<uint32_t*>(cell_buffer.mutable_data_ptr<int32_t>());
   std::vector<uint32_t> tables(chunks.chunks * cells, 0);
   at::parallel_for(0, chunks.chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t k = first; k < last; ++k) {
@@ -178,31 +183,94 @@ void add_to_histogram(int64_t* counts, int64_t stride_c, int64_t stride_b, int64
                       const scalar_t* conf, const label_t* pred, int64_t n, int64_t ignore_index) {
   int log_bins = 0;
   while ((int64_t(1) << log_bins) < bins) ++log_bins;
-  // Step 1, parallel over pixels: each pixel's flat (class, bin) index, -1 for pixels left out
-  // (ignored or out-of-range labels, NaN or negative confidences).
-  std::vector<int32_t> flat(n);
+  const int64_t cells = num_classes << log_bins;
   const scalar_t scale = static_cast<scalar_t>(bins);
   const scalar_t last_bin = static_cast<scalar_t>(bins - 1);
-  at::parallel_for(0, n, 16384, [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t c = static_cast<int64_t>(pred[i]);
-      const scalar_t bin = std::min(std::floor(conf[i] * scale), last_bin);
-      const bool keep = c != ignore_index && c >= 0 && c < num_classes && bin >= 0;
-      flat[i] = keep ? static_cast<int32_t>((c << log_bins) + static_cast<int64_t>(bin)) : -1;
+  // A pixel's cell, or -1 for pixels left out: ignored or out-of-range labels, NaN or negative
+  // confidences.
+  auto cell_of = [&](int64_t i) -> int32_t {
+    const int64_t c = static_cast<int64_t>(pred[i]);
+    const scalar_t bin = std::min(std::floor(conf[i] * scale), last_bin);
+    const bool keep = c != ignore_index && c >= 0 && c < num_classes && bin >= 0;
+    return keep ? static_cast<int32_t>((c << log_bins) + static_cast<int64_t>(bin)) : -1;
+  };
+  const Chunks chunks{n, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536))};
+
+  if (cells <= kSmallHistogram) {
+    // Few counters: one cached table per chunk, added into the counts afterwards.
+    std::vector<int64_t> tables(chunks.chunks * cells, 0);
+    at::parallel_for(0, chunks.chunks, 1, [&](int64_t first, int64_t last) {
+      for (int64_t k = first; k < last; ++k) {
+        int64_t* table = tables.data() + k * cells;
+        const int64_t end = chunks.start(k + 1);
+        for (int64_t i = chunks.start(k); i < end; ++i) {
+          const int32_t f = cell_of(i);
+          if (f >= 0) ++table[f];
+        }
+      }
+    });
+    for (int64_t k = 0; k < chunks.chunks; ++k) {
+      const int64_t* table = tables.data() + k * cells;
+      for (int64_t f = 0; f < cells; ++f) counts[(f >> log_bins) * stride_c + (f & (bins - 1)) * stride_b] += table[f];
+    }
+    return;
+  }
+
+  // Many counters: split them into parts of 2^log_part cells, small enough (256 KiB) that the
+  // random increments of one part stay in cache, and at least a few parts per thread.
+  int log_part = 0;
+  while (log_part < 15 && (cells >> (log_part + 1)) >= 4 * at::get_num_threads()) ++log_part;
+  while ((cells >> log_part) > 4096) ++log_part;
+  const int64_t parts = ((cells - 1) >> log_part) + 1;
+
+  // Step 1, per chunk: each pixel's cell and how many of the chunk's pixels fall in each part.
+  const at::Tensor cell_buffer = at::empty({n}, at::kInt);
+  int32_t* cell = cell_buffer.mutable_data_ptr<int32_t>();
+  std::vector<int64_t> offsets(chunks.chunks * parts, 0);
+  at::parallel_for(0, chunks.chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      int64_t* in_part = offsets.data() + k * parts;
+      const int64_t end = chunks.start(k + 1);
+      for (int64_t i = chunks.start(k); i < end; ++i) {
+        const int32_t f = cell_of(i);
+        cell[i] = f;
+        if (f >= 0) ++in_part[f >> log_part];
+      }
     }
   });
-  // Step 2: each task owns a range of the counts and adds the pixels that fall in it, so no two
-  // tasks write the same counter and nothing has to be merged.
-  const int64_t cells = num_classes * bins;
-  const int64_t owners = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16384));
-  at::parallel_for(0, owners, 1, [&](int64_t first, int64_t last) {
-    for (int64_t o = first; o < last; ++o) {
-      const int32_t lo = static_cast<int32_t>(cells / owners * o + std::min(o, cells % owners));
-      const int32_t hi = static_cast<int32_t>(cells / owners * (o + 1) + std::min(o + 1, cells % owners));
-      for (int64_t i = 0; i < n; ++i) {
-        const int32_t f = flat[i];
-        if (f >= lo && f < hi) ++counts[(f >> log_bins) * stride_c + (f & (bins - 1)) * stride_b];
+  // Where each (part, chunk) run starts once the cells are grouped by part.
+  std::vector<int64_t> part_start(parts + 1, 0);
+  int64_t total = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    part_start[p] = total;
+    for (int64_t k = 0; k < chunks.chunks; ++k) {
+      const int64_t here = offsets[k * parts + p];
+      offsets[k * parts + p] = total;
+      total += here;
+    }
+  }
+  part_start[parts] = total;
+
+  // Step 2, per chunk: group the cells by part (a counting sort on the part).
+  const at::Tensor grouped_buffer = at::empty({total}, at::kInt);
+  int32_t* grouped = grouped_buffer.mutable_data_ptr<int32_t>();
+  at::parallel_for(0, chunks.chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      int64_t* next = offsets.data() + k * parts;
+      const int64_t end = chunks.start(k + 1);
+      for (int64_t i = chunks.start(k); i < end; ++i) {
+        const int32_t f = cell[i];
+        if (f >= 0) grouped[next[f >> log_part]++] = f;
       }
+    }
+  });
+
+  // Step 3, per part: each task owns its part's counters, so no two write the same one and
+  // nothing has to be merged.
+  at::parallel_for(0, parts, 1, [&](int64_t first, int64_t last) {
+    for (int64_t j = part_start[first]; j < part_start[last]; ++j) {
+      const int32_t f = grouped[j];
+      ++counts[(f >> log_bins) * stride_c + (f & (bins - 1)) * stride_b];
     }
   });
 }
