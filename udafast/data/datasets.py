@@ -1,0 +1,271 @@
+"""Segmentation datasets in their official layouts (SPEC part 3), and the dataset registry.
+
+Every dataset yields dicts `{"image": float32 [3, H, W] in [0, 1], "label": int64 [H, W] train ids
+(255 = ignore; absent when the split is unlabelled), "name": file name}`, at native resolution
+unless a transform is given (`transform(sample) -> sample`, see `udafast.data.transforms`).
+"""
+import os
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from udafast.data import io
+from udafast.data.labels import CITYSCAPES_ID_TO_TRAIN, SYNTHIA_ID_TO_TRAIN, lookup_table
+
+_REGISTRY: Dict[str, Callable] = {}
+
+
+def register_dataset(name: str, factory: Optional[Callable] = None, *, overwrite: bool = False):
+    """Register `factory(root, split, transform=None, **options) -> Dataset` under `name`; usable
+    as a decorator (`@register_dataset("synthetic")`)."""
+    key = name.lower()
+
+    def add(f):
+        if key in _REGISTRY and not overwrite and _REGISTRY[key] is not f:
+            raise ValueError(f"name: dataset {name!r} is already registered")
+        _REGISTRY[key] = f
+        return f
+
+    return add if factory is None else add(factory)
+
+
+def dataset_names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def build_dataset(name: str, root, split: str = "train", transform=None, **options) -> Dataset:
+    """The dataset registered as `name` (gta5, cityscapes, synthia, folder, ...) under `root`."""
+    if not isinstance(name, str) or name.lower() not in _REGISTRY:
+        raise ValueError(f"name: unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    return _REGISTRY[name.lower()](root, split, transform=transform, **options)
+
+
+def _require_dir(path, what="folder"):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset {what} not found: {path}")
+
+
+def _list_images(folder, suffixes=(".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")):
+    return sorted(f for f in os.listdir(folder) if f.lower().endswith(suffixes) and not f.startswith("."))
+
+
+def _read_list_file(path):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"list_file not found: {path}")
+    with open(path) as f:
+        return [os.path.basename(line.strip()) for line in f if line.strip()]
+
+
+class SegmentationDataset(Dataset):
+    """Pairs of (image path, label path or None) and a raw value -> train id table.
+
+    `missing` lists the label files of a labelled dataset that are not there; with `strict`
+    (the default) construction raises FileNotFoundError naming the first of them.
+    """
+
+    #: raw label value -> train id; values absent from the table map to 255 (and `check` reports them)
+    id_table: Dict[int, int] = {}
+    #: which channel of a colour label PNG holds the class id
+    label_channel = 0
+
+    def __init__(self, root, split, transform=None, strict=True):
+        self.root = str(root)
+        self.split = split
+        self.transform = transform
+        self.images: List[str] = []
+        self.labels: Optional[List[Optional[str]]] = None
+        self.missing: List[str] = []
+        self.names: List[str] = []
+        self._lut = lookup_table(self.id_table)
+        self._strict = strict
+
+    @property
+    def labelled(self) -> bool:
+        return self.labels is not None
+
+    def _set_pairs(self, images, labels, names):
+        self.images, self.names = list(images), list(names)
+        self.labels = None if labels is None else list(labels)
+        if self.labels is not None:
+            self.missing = [p for p in self.labels if not os.path.isfile(p)]
+            if self.missing and self._strict:
+                more = f" (and {len(self.missing) - 1} more)" if len(self.missing) > 1 else ""
+                raise FileNotFoundError(f"label file not found: {self.missing[0]}{more}")
+
+    def __len__(self):
+        return len(self.images)
+
+    def read_raw_label(self, index) -> np.ndarray:
+        """The raw label values of sample `index` (int64 [H, W])."""
+        return io.read_label(self.labels[index], channel=self.label_channel)
+
+    def to_train_ids(self, raw: np.ndarray) -> np.ndarray:
+        clipped = np.where((raw >= 0) & (raw < self._lut.size), raw, 0)
+        out = self._lut[clipped]
+        out[(raw < 0) | (raw >= self._lut.size)] = 255
+        return out
+
+    def __getitem__(self, index):
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        index = index % len(self)
+        image = io.load_image(self.images[index])
+        sample = {"image": image, "name": self.names[index]}
+        if self.labels is not None:
+            label = torch.from_numpy(self.to_train_ids(self.read_raw_label(index)).astype(np.int64))
+            if tuple(label.shape) != tuple(image.shape[1:]):
+                raise ValueError(
+                    f"image {self.images[index]} is {tuple(image.shape[1:])} (H, W) but its label "
+                    f"{self.labels[index]} is {tuple(label.shape)}")
+            sample["label"] = label
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return sample
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, {len(self)} samples, "
+                f"{'labelled' if self.labelled else 'unlabelled'})")
+
+
+class _NumberedPairs(SegmentationDataset):
+    """GTA5 and SYNTHIA: one folder of images, one of labels with the same file names."""
+    image_dir = label_dir = ""
+    splits = ("all", "train")
+
+    def __init__(self, root, split="all", transform=None, list_file=None, strict=True):
+        if split not in self.splits:
+            raise ValueError(f"split: {type(self).__name__} has the splits {self.splits}, got {split!r}")
+        super().__init__(root, split, transform, strict)
+        _require_dir(self.root, "root")
+        image_dir = os.path.join(self.root, self.image_dir)
+        label_dir = os.path.join(self.root, self.label_dir)
+        _require_dir(image_dir)
+        _require_dir(label_dir)
+        if list_file is not None:
+            names = _read_list_file(list_file)
+            missing = [n for n in names if not os.path.isfile(os.path.join(image_dir, n))]
+            if missing:
+                raise FileNotFoundError(f"image file not found: {os.path.join(image_dir, missing[0])}")
+        else:
+            names = _list_images(image_dir)
+        self._set_pairs([os.path.join(image_dir, n) for n in names],
+                        [os.path.join(label_dir, n) for n in names], names)
+
+
+@register_dataset("gta5")
+class GTA5(_NumberedPairs):
+    """GTA5: `images/NNNNN.png`, `labels/NNNNN.png` (palette PNGs whose indices are Cityscapes
+    label ids). Split `all` (alias `train`); `list_file` restricts to the names listed."""
+    image_dir, label_dir = "images", "labels"
+    id_table = CITYSCAPES_ID_TO_TRAIN
+
+
+@register_dataset("synthia")
+class Synthia(_NumberedPairs):
+    """SYNTHIA-RAND-CITYSCAPES: `RGB/NNNNNNN.png`, `GT/LABELS/NNNNNNN.png` (16 bits per channel,
+    the class id in the red channel). Split `all` (alias `train`)."""
+    image_dir, label_dir = "RGB", os.path.join("GT", "LABELS")
+    id_table = SYNTHIA_ID_TO_TRAIN
+
+
+@register_dataset("cityscapes")
+class Cityscapes(SegmentationDataset):
+    """Cityscapes: `leftImg8bit/{split}/{city}/*_leftImg8bit.png` with labels
+    `gtFine/{split}/{city}/*_gtFine_labelIds.png`. A split is labelled when `gtFine/{split}`
+    exists; `labels=False` never reads labels (target training)."""
+    splits = ("train", "val", "test")
+    id_table = CITYSCAPES_ID_TO_TRAIN
+    IMAGE_SUFFIX = "_leftImg8bit.png"
+    LABEL_SUFFIX = "_gtFine_labelIds.png"
+
+    def __init__(self, root, split="train", transform=None, labels=None, list_file=None, strict=True):
+        if split not in self.splits:
+            raise ValueError(f"split: Cityscapes has the splits {self.splits}, got {split!r}")
+        super().__init__(root, split, transform, strict)
+        _require_dir(self.root, "root")
+        image_root = os.path.join(self.root, "leftImg8bit", split)
+        _require_dir(image_root)
+        label_root = os.path.join(self.root, "gtFine", split)
+        has_labels = os.path.isdir(label_root)
+        if labels is None:
+            labels = has_labels
+        elif labels and not has_labels:
+            raise FileNotFoundError(f"labels=True but the label folder is missing: {label_root}")
+        rel = []
+        for city in sorted(os.listdir(image_root)):
+            city_dir = os.path.join(image_root, city)
+            if os.path.isdir(city_dir):
+                rel += [(city, f) for f in sorted(os.listdir(city_dir)) if f.endswith(self.IMAGE_SUFFIX)]
+        if list_file is not None:
+            wanted = set(_read_list_file(list_file))
+            found = {f for _, f in rel}
+            lost = sorted(wanted - found)
+            if lost:
+                raise FileNotFoundError(f"image file not found under {image_root}: {lost[0]}")
+            rel = [(c, f) for c, f in rel if f in wanted]
+        images = [os.path.join(image_root, c, f) for c, f in rel]
+        label_paths = None
+        if labels:
+            label_paths = [os.path.join(label_root, c, f[: -len(self.IMAGE_SUFFIX)] + self.LABEL_SUFFIX) for c, f in rel]
+        self._set_pairs(images, label_paths, [f for _, f in rel])
+
+
+@register_dataset("folder")
+class Folder(SegmentationDataset):
+    """A user's own data: images in `root/{image_dir}` (default `images`), label PNGs with the same
+    stem in `root/{label_dir}` (default `labels`; no such folder = unlabelled), and a YAML file
+    `mapping` (default `root/labels.yaml`) mapping label values to train ids:
+
+        mapping: {0: 255, 1: 0, 2: 1}    # or the same mapping at the top level
+
+    Values absent from the mapping become 255 (and `check` reports them). Split `all`/`train`
+    read the folders themselves unless `images/{split}` exists; any other split reads
+    `images/{split}` and `labels/{split}`."""
+
+    def __init__(self, root, split="all", transform=None, mapping=None, image_dir="images",
+                 label_dir="labels", label_channel=0, strict=True):
+        self.id_table = _load_mapping(mapping if mapping is not None else os.path.join(str(root), "labels.yaml"), root)
+        self.label_channel = label_channel
+        super().__init__(root, split, transform, strict)
+        _require_dir(self.root, "root")
+        if not isinstance(split, str) or not split:
+            raise ValueError(f"split: expected a folder name or 'all', got {split!r}")
+        image_root = os.path.join(self.root, image_dir)
+        label_root = os.path.join(self.root, label_dir)
+        _require_dir(image_root)
+        if os.path.isdir(os.path.join(image_root, split)) or split not in ("all", "train"):
+            image_root, label_root = os.path.join(image_root, split), os.path.join(label_root, split)
+            if not os.path.isdir(image_root):
+                raise ValueError(f"split: no split {split!r} here (no folder {image_root})")
+        names = _list_images(image_root)
+        labels = None
+        if os.path.isdir(label_root):
+            labels = [os.path.join(label_root, os.path.splitext(n)[0] + ".png") for n in names]
+        self._set_pairs([os.path.join(image_root, n) for n in names], labels, names)
+
+
+def _load_mapping(path, root):
+    import yaml
+
+    path = str(path)
+    if not os.path.isabs(path) and not os.path.isfile(path):
+        path = os.path.join(str(root), path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"label mapping YAML not found: {path}")
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    table = doc.get("mapping", doc) if isinstance(doc, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"mapping: {path} must hold a mapping of label values to train ids")
+    try:
+        table = {int(k): int(v) for k, v in table.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"mapping: {path}: label values and train ids must be integers") from None
+    for k, v in table.items():
+        if not 0 <= k < 65536:
+            raise ValueError(f"mapping: {path}: label value {k} outside [0, 65536)")
+        if not (0 <= v < 19 or v == 255):
+            raise ValueError(f"mapping: {path}: train id {v} (for label value {k}) is neither in [0, 19) nor 255")
+    return table
