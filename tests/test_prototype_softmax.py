@@ -1,0 +1,378 @@
+"""SPEC 1.3: prototype_softmax (and its backward), prototype_rectify, class_feature_sums and
+update_prototypes, each fast backend against the reference run on float64 copies."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import udafast.ops as ops
+from udafast.ops import reference
+from udafast.ops.prototype_softmax import (
+    class_feature_sums,
+    prototype_rectify,
+    prototype_softmax,
+    update_prototypes,
+)
+
+from conftest import assert_close_spec, assert_grad_close_spec, fast_backends, noncontiguous
+
+BACKENDS = fast_backends("prototype_softmax")
+pytestmark = pytest.mark.skipif(not BACKENDS, reason="no fast backend for prototype_softmax in this process")
+DTYPES = [torch.float32, torch.float64]
+
+
+def make(b, d, h, w, c, dtype=torch.float32, scale=3.0):
+    """Features ~ N(0, scale^2) and prototypes at the same scale: distances ~ scale * sqrt(2 D)."""
+    features = (torch.randn(b, d, h, w, dtype=torch.float64) * scale).to(dtype)
+    prototypes = (torch.randn(c, d, dtype=torch.float64) * scale).to(dtype)
+    return features, prototypes
+
+
+def reference_softmax(features, prototypes, tau, log, grad=None):
+    """The reference in float64, and the features' gradient for `grad` when given."""
+    f = features.detach().double().requires_grad_(grad is not None)
+    out = reference.prototype_softmax(f, prototypes.double(), tau, log)
+    if grad is None:
+        return out, None
+    out.backward(grad.double())
+    return out, f.grad
+
+
+def fast_softmax(features, prototypes, tau, log, backend, grad=None):
+    f = features.detach().clone().requires_grad_(grad is not None)
+    out = prototype_softmax(f, prototypes, tau, log=log, backend=backend)
+    if grad is None:
+        return out, None
+    out.backward(grad)
+    return out, f.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("shape", [(2, 32, 7, 5, 19), (1, 19, 127, 33, 16), (3, 8, 1, 1, 19), (1, 5, 4, 3, 1)])
+def test_forward_backward_matches_reference(backend, dtype, log, shape):
+    b, d, h, w, c = shape
+    features, prototypes = make(b, d, h, w, c, dtype)
+    grad = torch.randn(b, c, h, w, dtype=dtype)
+    out, grad_f = fast_softmax(features, prototypes, 1.0, log, backend, grad)
+    ref, ref_grad = reference_softmax(features, prototypes, 1.0, log, grad)
+    assert out.dtype == dtype and out.shape == (b, c, h, w)
+    assert_close_spec(out, ref, "out")
+    assert_grad_close_spec(grad_f, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log", [False, True])
+def test_float32_accuracy_at_realistic_magnitudes(backend, log):
+    # D = 256 and distances ~ 20 and more: the squared distance must not be summed in plain float32
+    features, prototypes = make(2, 256, 23, 31, 19, scale=1.5)
+    prototypes = prototypes * 0.5
+    grad = torch.randn(2, 19, 23, 31)
+    out, grad_f = fast_softmax(features, prototypes, 1.0, log, backend, grad)
+    ref, ref_grad = reference_softmax(features, prototypes, 1.0, log, grad)
+    distances = torch.linalg.vector_norm(features[:, None].double() - prototypes.double()[None, :, :, None, None], dim=2)
+    assert distances.mean() > 18
+    assert_close_spec(out, ref, "out")
+    assert_grad_close_spec(grad_f, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("tau", [0.5, 2.0, 7.3])
+def test_tau_and_grad_scale(backend, tau):
+    features, prototypes = make(2, 24, 9, 11, 19, scale=1.0)
+    out, grad_f = fast_softmax(features, prototypes, tau, False, backend, None)
+    f = features.clone().requires_grad_()
+    (prototype_softmax(f, prototypes, tau, backend=backend)[:, 3].sum() * 3.7).backward()
+    fd = features.double().requires_grad_()
+    (reference.prototype_softmax(fd, prototypes.double(), tau)[:, 3].sum() * 3.7).backward()
+    assert_close_spec(out, reference_softmax(features, prototypes, tau, False)[0], "out")
+    assert_grad_close_spec(f.grad, fd.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distances_output_and_extreme_logits(backend, dtype):
+    # far-apart prototypes at a small tau: softmax saturates to 0 / 1, log-softmax to large
+    # negatives. In float32, logits of ~1000 are only known to ~1e-4 (the distances' rounding), so
+    # the saturated case is float64 and the float32 one milder.
+    scale, tau = (10.0, 0.05) if dtype == torch.float64 else (2.0, 0.5)
+    features, prototypes = make(1, 16, 6, 7, 19, dtype, scale=scale)
+    out, distances = torch.ops.udafast.prototype_softmax(features, prototypes, tau, False)
+    ref_d = torch.linalg.vector_norm(features[:, None].double() - prototypes.double()[None, :, :, None, None], dim=2)
+    assert_close_spec(distances, ref_d, "distances")
+    assert_close_spec(out, reference_softmax(features, prototypes, tau, False)[0], "out")
+    saturated = dtype == torch.float64
+    assert out.min() < (1e-30 if saturated else 1e-6) and out.max() > (1 - 1e-6 if saturated else 0.9)
+    log_out, _ = fast_softmax(features, prototypes, tau, True, backend)
+    assert_close_spec(log_out, reference_softmax(features, prototypes, tau, True)[0], "log out")
+    assert log_out.min() < (-750 if saturated else -13)  # past exp's underflow at -708
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("log", [False, True])
+def test_feature_equal_to_prototype(backend, log):
+    features, prototypes = make(2, 12, 5, 6, 19, dtype=torch.float64, scale=1.0)
+    features[0, :, 2, 3] = prototypes[4]
+    features[1, :, 0, 0] = prototypes[0]
+    grad = torch.randn(2, 19, 5, 6, dtype=torch.float64)
+    out, grad_f = fast_softmax(features, prototypes, 1.0, log, backend, grad)
+    ref, ref_grad = reference_softmax(features, prototypes, 1.0, log, grad)
+    assert torch.isfinite(grad_f).all()
+    assert_close_spec(out, ref, "out")
+    assert_grad_close_spec(grad_f, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noncontiguous_inputs(backend):
+    features, prototypes = make(2, 20, 9, 13, 19)
+    grad = torch.randn(2, 19, 9, 13)
+    ref, ref_grad = reference_softmax(features, prototypes, 1.5, False, grad)
+    views = [features.contiguous(memory_format=torch.channels_last), noncontiguous(features)]
+    wide = torch.randn(2, 40, 9, 13)
+    wide[:, ::2] = features
+    views.append(wide[:, ::2])
+    for view in views:
+        assert not view.is_contiguous()
+        f = view.detach().requires_grad_()
+        out = prototype_softmax(f, noncontiguous(prototypes), 1.5, backend=backend)
+        out.backward(noncontiguous(grad))
+        assert_close_spec(out, ref, "out")
+        assert_grad_close_spec(f.grad, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    for shape in [(0, 8, 4, 4), (2, 8, 0, 5)]:
+        f = torch.randn(*shape, requires_grad=True)
+        out = prototype_softmax(f, torch.randn(19, 8), backend=backend)
+        assert out.shape == (shape[0], 19, shape[2], shape[3])
+        out.sum().backward()
+        assert f.grad.shape == f.shape
+        assert prototype_rectify(f, torch.randn(19, 8), torch.rand(shape[0], 19, shape[2], shape[3]),
+                                 backend=backend).shape == (shape[0], shape[2], shape[3])
+        sums, counts = class_feature_sums(f, torch.zeros(shape[0], shape[2], shape[3], dtype=torch.long), 19,
+                                          backend=backend)
+        assert sums.shape == (shape[0], 19, 8) and (sums == 0).all() and (counts == 0).all()
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_gradcheck_native(log):
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    features, prototypes = make(2, 5, 3, 4, 6, dtype=torch.float64, scale=1.0)
+    features[1, :, 2, 1] = prototypes[2] + 1e-3  # close to a prototype, still differentiable
+    features.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda f: prototype_softmax(f, prototypes, 0.7, log=log, backend="native"), (features,)
+    )
+
+
+def test_opcheck():
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    features, prototypes = make(2, 6, 3, 5, 4)
+    soft = torch.rand(2, 4, 3, 5)
+    labels = torch.randint(0, 5, (2, 3, 5))
+    out, distances = torch.ops.udafast.prototype_softmax(features, prototypes, 1.0, False)
+    grad = torch.randn_like(out)
+    features.requires_grad_()
+    checks = [
+        (torch.ops.udafast.prototype_softmax.default, (features, prototypes, 1.0, False)),
+        (torch.ops.udafast.prototype_softmax.default, (features, prototypes, 2.0, True)),
+        (torch.ops.udafast.prototype_softmax_backward.default,
+         (grad, out, distances, features.detach(), prototypes, 1.0, False)),
+        (torch.ops.udafast.prototype_rectify.default, (features.detach(), prototypes, soft, 1.0)),
+        (torch.ops.udafast.class_feature_sums.default, (features.detach(), labels, 4, 4)),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile(backend):
+    features, prototypes = make(2, 16, 5, 7, 19)
+    ops.set_validation(False)
+    try:
+        fn = torch.compile(lambda f: prototype_softmax(f, prototypes, 1.3, log=True, backend=backend), fullgraph=True)
+        f = features.clone().requires_grad_()
+        out = fn(f)
+        out.sum().backward()
+    finally:
+        ops.set_validation(True)
+    e = features.clone().requires_grad_()
+    eager = prototype_softmax(e, prototypes, 1.3, log=True, backend=backend)
+    eager.sum().backward()
+    assert torch.equal(out, eager)
+    assert torch.equal(f.grad, e.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitwise_reproducible_and_thread_independent(backend):
+    features, prototypes = make(2, 64, 37, 41, 19)
+    soft = torch.rand(2, 19, 37, 41)
+    labels = torch.randint(0, 20, (2, 37, 41))
+    grad = torch.randn(2, 19, 37, 41)
+
+    def run():
+        out, g = fast_softmax(features, prototypes, 1.0, False, backend, grad)
+        sums, _ = class_feature_sums(features, labels, 19, ignore_index=19, backend=backend)
+        return out, g, prototype_rectify(features, prototypes, soft, backend=backend), sums
+
+    first = run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+    for x, y, z in zip(first, run(), single):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+# ---- prototype_rectify ----
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 32, 7, 5, 19), (1, 19, 127, 33, 16), (1, 8, 1, 1, 19)])
+def test_rectify_matches_reference(backend, dtype, shape):
+    b, d, h, w, c = shape
+    features, prototypes = make(b, d, h, w, c, dtype, scale=0.3)
+    soft = torch.rand(b, c, h, w, dtype=dtype).softmax(1)
+    got = prototype_rectify(noncontiguous(features), prototypes, soft, 1.2, backend=backend)
+    assert got.dtype == torch.int64
+    scores = reference.prototype_softmax(features.double(), prototypes.double(), 1.2) * soft.double()
+    expected = scores.argmax(1)
+    top2 = scores.topk(2, dim=1).values
+    near_tie = (top2[:, 0] - top2[:, 1]) <= 1e-6 * top2[:, 0]
+    assert torch.equal(got[~near_tie], expected[~near_tie])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rectify_ties_first_maximum(backend):
+    # identical prototypes and soft labels: every class scores the same, the first one wins
+    features = torch.randn(2, 6, 4, 5)
+    prototypes = torch.randn(1, 6).expand(7, 6).contiguous()
+    soft = torch.full((2, 7, 4, 5), 1 / 7)
+    assert (prototype_rectify(features, prototypes, soft, backend=backend) == 0).all()
+    soft[:, 3] = 0.5
+    soft[:, 5] = 0.5
+    assert (prototype_rectify(features, prototypes, soft, backend=backend) == 3).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c=st.integers(1, 9),
+    d=st.integers(1, 20),
+    n=st.integers(1, 40),
+    tau=st.floats(0.2, 5.0),
+    seed=st.integers(0, 2**16),
+)
+def test_rectify_property(c, d, n, tau, seed):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(1, d, 1, n, generator=generator, dtype=torch.float64)
+    prototypes = torch.randn(c, d, generator=generator, dtype=torch.float64)
+    soft = torch.rand(1, c, 1, n, generator=generator, dtype=torch.float64)
+    for backend in BACKENDS:
+        got = prototype_rectify(features, prototypes, soft, tau, backend=backend)
+        assert torch.equal(got, reference.prototype_rectify(features, prototypes, soft, tau))
+
+
+# ---- class_feature_sums and update_prototypes ----
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("shape", [(2, 32, 7, 5, 19), (1, 19, 127, 33, 16), (3, 4, 1, 1, 19)])
+def test_class_feature_sums_matches_reference(backend, dtype, label_dtype, shape):
+    b, d, h, w, c = shape
+    features = torch.randn(b, d, h, w, dtype=dtype) * 3 + 1
+    labels = torch.randint(0, c + 1, (b, h, w))
+    labels[labels == c] = 255
+    labels[..., 0] = 2  # class 1 may be empty, class 2 is not
+    labels[labels == 1] = 255
+    labels = labels.to(label_dtype)
+    sums, counts = class_feature_sums(noncontiguous(features), noncontiguous(labels), c, backend=backend)
+    ref_sums, ref_counts = reference.class_feature_sums(features.double(), labels, c)
+    assert sums.dtype == dtype and counts.dtype == torch.int64
+    assert torch.equal(counts, ref_counts)
+    assert (counts[:, 1] == 0).all() and (sums[:, 1] == 0).all()
+    assert_close_spec(sums, ref_sums, "sums")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_feature_sums_ignored_and_invalid_labels(backend):
+    features = torch.randn(2, 8, 5, 6)
+    labels = torch.full((2, 5, 6), 255)
+    sums, counts = class_feature_sums(features, labels, 19, backend=backend)
+    assert (sums == 0).all() and (counts == 0).all()
+    # with validation off, labels outside [0, C) are skipped, not written out of bounds
+    labels[0, 0, :3] = torch.tensor([-1, 19, 1000])
+    labels[1, 2, 2] = 4
+    ops.set_validation(False)
+    try:
+        sums, counts = class_feature_sums(features, labels, 19, ignore_index=-7, backend=backend)
+    finally:
+        ops.set_validation(True)
+    expected = torch.zeros(2, 19, dtype=torch.long)
+    expected[1, 4] = 1
+    assert torch.equal(counts, expected)
+    assert torch.equal(sums[1, 4], features[1, :, 2, 2])
+    assert (sums.sum(2)[expected == 0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_class_feature_sums_accuracy_large(backend):
+    # 512 x 512 pixels of one class: float32 accumulation would drift, double does not
+    features = torch.randn(1, 3, 512, 512) + 10
+    labels = torch.zeros(1, 512, 512, dtype=torch.long)
+    sums, counts = class_feature_sums(features, labels, 2, backend=backend)
+    assert counts[0, 0] == 512 * 512
+    assert_close_spec(sums, features.double().sum((2, 3))[:, None].expand(1, 2, 3) * torch.tensor([1.0, 0.0])[None, :, None])
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    c=st.integers(1, 8),
+    n=st.integers(1, 70),
+    seed=st.integers(0, 2**16),
+    ignore=st.sampled_from([255, 0, -1]),
+)
+def test_class_feature_sums_property(c, n, seed, ignore):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randn(2, 3, 1, n, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, c + 1, (2, 1, n), generator=generator)
+    labels[labels == c] = 255 if ignore == 255 else ignore
+    if ignore != 255:
+        labels[labels == 255] = ignore
+    for backend in BACKENDS:
+        sums, counts = class_feature_sums(features, labels, c, ignore_index=ignore, backend=backend)
+        ref_sums, ref_counts = reference.class_feature_sums(features, labels, c, ignore)
+        assert torch.equal(counts, ref_counts)
+        assert_close_spec(sums, ref_sums, "sums")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_update_prototypes(backend):
+    features = torch.randn(3, 16, 8, 9, dtype=torch.float64)
+    labels = torch.full((3, 8, 9), 255)
+    labels[0, :2] = 1  # 18 pixels
+    labels[0, 2, :9] = 2  # 9 pixels: below the 10-pixel rule
+    labels[1, 3:5] = 1  # 18 pixels, after image 0
+    labels[2, :, :5] = 0  # 40 pixels
+    labels[2, 7, :] = 2  # 9 pixels again
+    sums, counts = class_feature_sums(features, labels, 4, backend=backend)
+    ref_sums, ref_counts = reference.class_feature_sums(features, labels, 4)
+    start = torch.randn(4, 16, dtype=torch.float64)
+    got = update_prototypes(start.clone(), sums, counts)
+    expected = update_prototypes(start.clone(), ref_sums, ref_counts)
+    assert_close_spec(got, expected, "prototypes")
+    # by hand: class 1 twice, in image order; class 0 once; classes 2 and 3 untouched
+    by_hand = start.clone()
+    for image, mask in ((0, labels[0] == 1), (1, labels[1] == 1)):
+        by_hand[1] = 0.9999 * by_hand[1] + 0.0001 * features[image][:, mask].mean(1)
+    by_hand[0] = 0.9999 * by_hand[0] + 0.0001 * features[2][:, labels[2] == 0].mean(1)
+    assert_close_spec(got, by_hand, "prototypes")
+    assert torch.equal(got[2:], start[2:])
