@@ -1,0 +1,147 @@
+"""Evaluate a checkpoint on a labelled split, or score saved predictions (SPEC part 3).
+
+    python -m udafast.evaluate --checkpoint CKPT --dataset cityscapes --root DIR --split val \\
+        [--input-size 1024x512] [--device cuda] [--classes 19|16] [--save-predictions DIR] [--json FILE]
+    python -m udafast.evaluate --predictions DIR --dataset cityscapes --root DIR --split val [--json FILE]
+
+Prints the per-class IoU table and the mIoU (`miou`; plus `miou13` with `--classes 16`, the
+SYNTHIA protocol). `--save-predictions DIR` writes the official Cityscapes format: label-id PNGs
+`DIR/{city}/{city}_{seq}_{frame}_leftImg8bit.png` (train ids mapped back to Cityscapes label ids;
+other datasets: `DIR/{stem}.png`), which `cityscapesscripts`' evaluator scores the same, and
+colourised panels (image | prediction | ground truth) as JPEGs in `DIR/panels/` (JPEG so that the
+official evaluator's `*.png` search of DIR never picks them up).
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+
+from udafast.engine import evaluation
+
+
+def load_model(checkpoint, device="cpu"):
+    """The model saved in `checkpoint` (see udafast.models), on `device`, in eval mode."""
+    checkpoint = str(checkpoint)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    from udafast.models import model_from_checkpoint
+
+    return model_from_checkpoint(checkpoint, map_location="cpu").to(device).eval()
+
+
+def parse_size(text):
+    """'WxH' -> (W, H)."""
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT (e.g. 1024x512), got {text!r}") from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive WIDTHxHEIGHT, got {text!r}")
+    return w, h
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def save_image(path, array, **options):
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(array)).save(path, **options)
+
+
+def _to_uint8_rgb(image):
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+class PredictionWriter:
+    """`on_prediction` for `evaluate_model`: the label-id PNG and a colourised panel per image."""
+
+    def __init__(self, folder, dataset):
+        self.folder = str(folder)
+        self.dataset = dataset
+
+    def __call__(self, index, sample, pred):
+        from udafast.data.labels import colorize
+
+        stem = os.path.splitext(os.path.basename(sample["name"]))[0]
+        sub = self._city(index)
+        save_image(os.path.join(self.folder, sub, stem + ".png"), evaluation.train_ids_to_label_ids(pred.numpy()))
+        panel = [_to_uint8_rgb(sample["image"]), colorize(pred)]
+        if "label" in sample:
+            panel.append(colorize(sample["label"]))
+        save_image(os.path.join(self.folder, "panels", stem + ".jpg"), np.concatenate(panel, axis=1), quality=90)
+
+    def _city(self, index):
+        """The city folder of a Cityscapes image (mirrored, as the official results layout), else ''."""
+        from udafast.data import Cityscapes
+
+        if isinstance(self.dataset, Cityscapes):
+            return os.path.basename(os.path.dirname(self.dataset.images[index]))
+        return ""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="python -m udafast.evaluate", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="model checkpoint to evaluate")
+    src.add_argument("--predictions", help="folder of saved label-id PNGs to score instead of a model")
+    p.add_argument("--dataset", default="cityscapes", help="dataset name (default cityscapes)")
+    p.add_argument("--root", required=True, help="dataset root folder")
+    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--input-size", metavar="WxH", type=parse_size, default=None,
+                   help="network input WIDTHxHEIGHT (default: each image's own size)")
+    p.add_argument("--device", default=None, help="torch device (default cuda when available)")
+    p.add_argument("--classes", type=int, choices=(19, 16), default=19,
+                   help="19 classes, or 16 (+13) for SYNTHIA-trained models")
+    p.add_argument("--save-predictions", metavar="DIR", help="write label-id PNGs and colour panels here")
+    p.add_argument("--json", metavar="FILE", help="write the scores as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def run(args) -> dict:
+    from udafast.data import build_dataset
+
+    if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
+    if args.predictions is not None and args.save_predictions:
+        raise ValueError("--save-predictions: only with --checkpoint")
+    dataset = build_dataset(args.dataset, args.root, args.split)
+    progress = None if args.quiet else _progress
+    if args.predictions is not None:
+        result = evaluation.score_predictions(args.predictions, dataset, classes=args.classes, progress=progress)
+        meta = {"predictions": args.predictions}
+    else:
+        device = torch.device(args.device or default_device())
+        model = load_model(args.checkpoint, device)
+        writer = PredictionWriter(args.save_predictions, dataset) if args.save_predictions else None
+        result = evaluation.evaluate_model(model, dataset, input_size=args.input_size, device=device,
+                                           classes=args.classes, on_prediction=writer, progress=progress)
+        meta = {"checkpoint": args.checkpoint,
+                "input_size": list(args.input_size) if args.input_size else None}
+    if progress is not None:
+        print(file=sys.stderr)
+    evaluation.print_table(result)
+    if args.json:
+        evaluation.write_json(result, args.json, dataset=args.dataset, root=args.root, split=args.split, **meta)
+    return result
+
+
+def _progress(done, total):
+    print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"udafast.evaluate: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
