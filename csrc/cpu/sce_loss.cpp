@@ -119,6 +119,13 @@ void sce_forward_kernel(const scalar_t* logits, const void* target, LabelLoader 
   });
 }
 
+// Precision (float32): exp(z - lse) carries the rounding of the stored lse, a relative error of
+// up to |lse| * 2^-24 common to the pixel's classes; dividing by the sum of these values removes
+// it. The differences 1 - p_y and 1 - sum(kept p) are not formed by subtraction (they cancel when
+// a pixel is confident) but summed from the other classes' p:
+//   dCE/dz_j  = p_j for j != y, and -(sum_{k != y} p_k) for j = y
+//   dRCE/dz_j = A p_j (m_j - sum_k m_k p_k) = A p_j * (m_j ? sum_k (1 - m_k) p_k : -sum_k m_k p_k)
+// with m_k = (k != y and 1e-7 <= p_k <= 1), the pixels where torch.clamp passes the gradient.
 template <typename scalar_t>
 void sce_backward_kernel(const scalar_t* logits, const void* target, LabelLoader load, int64_t ignore_index,
                          const scalar_t* lse, const Geometry& g, double ce_scale, double rce_scale,
@@ -128,7 +135,8 @@ void sce_backward_kernel(const scalar_t* logits, const void* target, LabelLoader
   const scalar_t reg_s = static_cast<scalar_t>(reg_scale), Cs = static_cast<scalar_t>(C);
   at::parallel_for(0, g.chunks(), 1, [&](int64_t begin, int64_t end) {
     std::vector<scalar_t> prob(C * kTile);
-    alignas(64) scalar_t lse_t[kTile], kept[kTile], ce_s[kTile], rce_s[kTile];
+    alignas(64) scalar_t lse_t[kTile], sum[kTile], inv[kTile], other[kTile], kept[kTile], dropped[kTile];
+    alignas(64) scalar_t ce_s[kTile], rce_s[kTile];
     alignas(64) int32_t y[kTile];
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
@@ -137,20 +145,31 @@ void sce_backward_kernel(const scalar_t* logits, const void* target, LabelLoader
         load(target, b * S + s0, n, C, ignore_index, y);
         for (int64_t i = 0; i < n; ++i) {
           lse_t[i] = lse[b * S + s0 + i];
-          kept[i] = 0;
+          sum[i] = other[i] = kept[i] = dropped[i] = 0;
           ce_s[i] = y[i] >= 0 ? static_cast<scalar_t>(ce_scale) : scalar_t(0);
           rce_s[i] = y[i] >= 0 ? static_cast<scalar_t>(rce_scale) : scalar_t(0);
         }
-        // kept = sum of the p_k that the clamp passes a gradient through (k != y, 1e-7 <= p_k <= 1)
-        for (int32_t c = 0; c < C; ++c) {
+        for (int64_t c = 0; c < C; ++c) {
           const scalar_t* row = z + c * S;
           scalar_t* pc = prob.data() + c * kTile;
 #pragma omp simd
           for (int64_t i = 0; i < n; ++i) {
-            const scalar_t p = udafast::vec::exp(row[i] - lse_t[i]);
+            pc[i] = udafast::vec::exp(row[i] - lse_t[i]);
+            sum[i] += pc[i];
+          }
+        }
+        #pragma omp simd
+        for (int64_t i = 0; i < n; ++i) inv[i] = scalar_t(1) / sum[i];
+        for (int32_t c = 0; c < C; ++c) {
+          scalar_t* pc = prob.data() + c * kTile;
+#pragma omp simd
+          for (int64_t i = 0; i < n; ++i) {
+            const scalar_t p = pc[i] * inv[i];
             pc[i] = p;
             const bool keep = (c != y[i]) & (p >= lo) & (p <= scalar_t(1));
+            other[i] += select(c != y[i], p, scalar_t(0));
             kept[i] += select(keep, p, scalar_t(0));
+            dropped[i] += select(keep, scalar_t(0), p);
           }
         }
         for (int32_t c = 0; c < C; ++c) {
@@ -160,8 +179,8 @@ void sce_backward_kernel(const scalar_t* logits, const void* target, LabelLoader
           for (int64_t i = 0; i < n; ++i) {
             const scalar_t p = pc[i];
             const bool keep = (c != y[i]) & (p >= lo) & (p <= scalar_t(1));
-            const scalar_t ce = p - select(c == y[i], scalar_t(1), scalar_t(0));
-            const scalar_t rce = select(keep, p, scalar_t(0)) - p * kept[i];
+            const scalar_t ce = select(c == y[i], -other[i], p);
+            const scalar_t rce = p * select(keep, dropped[i], -kept[i]);
             oc[i] = ce_s[i] * ce + rce_s[i] * rce + reg_s * (scalar_t(1) - Cs * p);
           }
         }

@@ -22,6 +22,9 @@ def extension_loaded():
     return EXTENSION_ERROR is None
 
 
+# Fixed for the life of the process, so torch.compile may evaluate it once while tracing (it cannot
+# trace the dispatcher query itself, which broke fullgraph=True compiles of every public op).
+@torch.compiler.assume_constant_result
 def native_has_kernel(op, device_type):
     """Whether the compiled extension registers `op` for this device type."""
     if not extension_loaded():
