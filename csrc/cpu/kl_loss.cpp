@@ -1,7 +1,7 @@
 // SPEC 1.4, KL(target || softmax(logits)) over valid pixels on the CPU.
 //
 // Same layout as sce_loss.cpp: tiles of kTile pixels of an image plane, the C class rows of a
-// tile L1-resident, loops over classes vectorised over the tile's pixels. The forward returns the
+// tile cache-resident, loops over classes vectorised over the tile's pixels. The forward returns the
 // per-pixel log-sum-exp, so the backward recomputes q = exp(z - lse) in one pass.
 //
 // Loss sum: per-pixel KL in the logits' dtype, summed in double per fixed chunk of kChunk pixels,
@@ -40,48 +40,46 @@ template <typename scalar_t>
 void kl_forward_kernel(const scalar_t* logits, const scalar_t* target, const bool* mask, const Geometry& g,
                        scalar_t* lse, std::vector<ForwardSums>& partial) {
   const int64_t C = g.C, S = g.S;
-  at::parallel_for(0, g.chunks(), 1, [&](int64_t begin, int64_t end) {
+  udafast::tiles::parallel_chunks<scalar_t>(g, [&](int64_t chunk, scalar_t*) {
     alignas(64) scalar_t mx[kTile], sum[kTile], ls[kTile], kl[kTile];
     alignas(64) bool valid[kTile];
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      ForwardSums acc;
-      for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
-        const scalar_t* z = logits + b * C * S + s0;
-        const scalar_t* t = target + b * C * S + s0;
-        load_mask(mask, b * S + s0, n, valid);
-        udafast::vec::tile_max(z, C, S, n, mx);
-        for (int64_t i = 0; i < n; ++i) sum[i] = kl[i] = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* row = z + c * S;
+    ForwardSums acc;
+    for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
+      const scalar_t* z = logits + b * C * S + s0;
+      const scalar_t* t = target + b * C * S + s0;
+      load_mask(mask, b * S + s0, n, valid);
+      udafast::vec::tile_max(z, C, S, n, mx);
+      for (int64_t i = 0; i < n; ++i) sum[i] = kl[i] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = z + c * S;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) sum[i] += udafast::vec::exp(row[i] - mx[i]);
-        }
+        for (int64_t i = 0; i < n; ++i) sum[i] += udafast::vec::exp(row[i] - mx[i]);
+      }
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) ls[i] = udafast::vec::log(sum[i]);
-        // t (log t - log q), log q = (z - max) - log(sum); t log t = 0 where t == 0
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* row = z + c * S;
-          const scalar_t* tc = t + c * S;
+      for (int64_t i = 0; i < n; ++i) ls[i] = udafast::vec::log(sum[i]);
+      // t (log t - log q), log q = (z - max) - log(sum); t log t = 0 where t == 0
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = z + c * S;
+        const scalar_t* tc = t + c * S;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const scalar_t log_q = (row[i] - mx[i]) - ls[i];
-            const scalar_t term = tc[i] * (udafast::vec::log(tc[i]) - log_q);
-            kl[i] += select(tc[i] == scalar_t(0), scalar_t(0), term);
-          }
-        }
-        double kl_sum = 0;
-        int32_t count = 0;
-#pragma omp simd reduction(+ : kl_sum, count)
         for (int64_t i = 0; i < n; ++i) {
-          lse[b * S + s0 + i] = mx[i] + ls[i];
-          kl_sum += static_cast<double>(select(valid[i], kl[i], scalar_t(0)));
-          count += valid[i] ? 1 : 0;
+          const scalar_t log_q = (row[i] - mx[i]) - ls[i];
+          const scalar_t term = tc[i] * (udafast::vec::log(tc[i]) - log_q);
+          kl[i] += select(tc[i] == scalar_t(0), scalar_t(0), term);
         }
-        acc.kl += kl_sum;
-        acc.valid += count;
-      });
-      partial[chunk] = acc;
-    }
+      }
+      double kl_sum = 0;
+      int32_t count = 0;
+#pragma omp simd reduction(+ : kl_sum, count)
+      for (int64_t i = 0; i < n; ++i) {
+        lse[b * S + s0 + i] = mx[i] + ls[i];
+        kl_sum += static_cast<double>(select(valid[i], kl[i], scalar_t(0)));
+        count += valid[i] ? 1 : 0;
+      }
+      acc.kl += kl_sum;
+      acc.valid += count;
+    });
+    partial[chunk] = acc;
   });
 }
 
@@ -92,44 +90,42 @@ void kl_backward_kernel(const scalar_t* logits, const scalar_t* target, const bo
                         const Geometry& g, double scale, scalar_t* grad) {
   const int64_t C = g.C, S = g.S;
   const scalar_t s = static_cast<scalar_t>(scale);
-  at::parallel_for(0, g.chunks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> prob(C * kTile);
+  // prob: exp(z - lse) of the tile's C rows
+  udafast::tiles::parallel_chunks<scalar_t>(g, [&](int64_t chunk, scalar_t* prob) {
     alignas(64) scalar_t lse_t[kTile], sum[kTile], total[kTile];
     alignas(64) bool valid[kTile];
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
-        const scalar_t* z = logits + b * C * S + s0;
-        const scalar_t* t = target + b * C * S + s0;
-        scalar_t* out = grad + b * C * S + s0;
-        load_mask(mask, b * S + s0, n, valid);
+    for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
+      const scalar_t* z = logits + b * C * S + s0;
+      const scalar_t* t = target + b * C * S + s0;
+      scalar_t* out = grad + b * C * S + s0;
+      load_mask(mask, b * S + s0, n, valid);
+      for (int64_t i = 0; i < n; ++i) {
+        lse_t[i] = lse[b * S + s0 + i];
+        sum[i] = total[i] = 0;
+      }
+      // total = sum_c t_c: the targets need not sum to 1
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = z + c * S;
+        const scalar_t* tc = t + c * S;
+        scalar_t* qc = prob + c * kTile;
+#pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-          lse_t[i] = lse[b * S + s0 + i];
-          sum[i] = total[i] = 0;
+          qc[i] = udafast::vec::exp(row[i] - lse_t[i]);
+          sum[i] += qc[i];
+          total[i] += tc[i];
         }
-        // total = sum_c t_c: the targets need not sum to 1
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* row = z + c * S;
-          const scalar_t* tc = t + c * S;
-          scalar_t* qc = prob.data() + c * kTile;
+      }
+      // q_j * total = exp(z_j - lse) * (total / sum): the normalisation folded into one factor
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            qc[i] = udafast::vec::exp(row[i] - lse_t[i]);
-            sum[i] += qc[i];
-            total[i] += tc[i];
-          }
-        }
-        // q_j * total = exp(z_j - lse) * (total / sum): the normalisation folded into one factor
+      for (int64_t i = 0; i < n; ++i) total[i] = total[i] / sum[i];
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* qc = prob + c * kTile;
+        const scalar_t* tc = t + c * S;
+        scalar_t* oc = out + c * S;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) total[i] = total[i] / sum[i];
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* qc = prob.data() + c * kTile;
-          const scalar_t* tc = t + c * S;
-          scalar_t* oc = out + c * S;
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) oc[i] = select(valid[i], s * (qc[i] * total[i] - tc[i]), scalar_t(0));
-        }
-      });
-    }
+        for (int64_t i = 0; i < n; ++i) oc[i] = select(valid[i], s * (qc[i] * total[i] - tc[i]), scalar_t(0));
+      }
+    });
   });
 }
 
@@ -180,6 +176,7 @@ at::Tensor kl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& l
   // the gradient takes the logits' layout (as the fake kernel's empty_like); the kernel writes NCHW
   at::Tensor grad = at::empty_like(logits_in);
   at::Tensor out = grad.is_contiguous() ? grad : at::empty_like(logits);
+  udafast::tiles::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "kl_loss_backward", [&] {
     kl_backward_kernel<scalar_t>(logits.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
                                  mask ? mask->data_ptr<bool>() : nullptr, lse.data_ptr<scalar_t>(), g, scale,

@@ -2,7 +2,7 @@
 //
 // Forward and backward each read the logits once. The pixels of an image plane (contiguous in
 // NCHW) are cut into tiles of kTile pixels; for a tile the C class rows (kTile values each) stay
-// in L1 while the loops over classes compute the max, the sum of exp and the per-class terms,
+// in cache while the loops over classes compute the max, the sum of exp and the per-class terms,
 // vectorised over the pixels of the tile. The forward returns the per-pixel log-sum-exp so that
 // the backward recomputes p = exp(z - lse) without a stored softmax.
 //
@@ -61,61 +61,59 @@ void sce_forward_kernel(const scalar_t* logits, const void* target, LabelLoader 
                         const Geometry& g, scalar_t* lse, std::vector<ForwardSums>& partial) {
   const int64_t C = g.C, S = g.S;
   const scalar_t lo = static_cast<scalar_t>(1e-7);
-  at::parallel_for(0, g.chunks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> e(C * kTile);  // exp(z - max) of the tile, reused for the RCE term
+  // e: exp(z - max) of the tile's C rows, reused for the RCE term
+  udafast::tiles::parallel_chunks<scalar_t>(g, [&](int64_t chunk, scalar_t* e) {
     alignas(64) scalar_t mx[kTile], sum[kTile], zs[kTile], zy[kTile], ls[kTile], inv[kTile], rce[kTile];
     alignas(64) int32_t y[kTile];
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      ForwardSums acc;
-      for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
-        const scalar_t* z = logits + b * C * S + s0;
-        load(target, b * S + s0, n, C, ignore_index, y);
-        udafast::vec::tile_max(z, C, S, n, mx);
-        for (int64_t i = 0; i < n; ++i) sum[i] = zs[i] = zy[i] = rce[i] = 0;
-        for (int32_t c = 0; c < C; ++c) {
-          const scalar_t* row = z + c * S;
-          scalar_t* ec = e.data() + c * kTile;
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const scalar_t d = row[i] - mx[i];
-            ec[i] = udafast::vec::exp(d);
-            sum[i] += ec[i];
-            zs[i] += d;
-            zy[i] += select(c == y[i], d, scalar_t(0));
-          }
-        }
+    ForwardSums acc;
+    for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
+      const scalar_t* z = logits + b * C * S + s0;
+      load(target, b * S + s0, n, C, ignore_index, y);
+      udafast::vec::tile_max(z, C, S, n, mx);
+      for (int64_t i = 0; i < n; ++i) sum[i] = zs[i] = zy[i] = rce[i] = 0;
+      for (int32_t c = 0; c < C; ++c) {
+        const scalar_t* row = z + c * S;
+        scalar_t* ec = e + c * kTile;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-          ls[i] = udafast::vec::log(sum[i]);
-          inv[i] = scalar_t(1) / sum[i];
+          const scalar_t d = row[i] - mx[i];
+          ec[i] = udafast::vec::exp(d);
+          sum[i] += ec[i];
+          zs[i] += d;
+          zy[i] += select(c == y[i], d, scalar_t(0));
         }
-        for (int32_t c = 0; c < C; ++c) {
-          const scalar_t* ec = e.data() + c * kTile;
+      }
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const scalar_t p = ec[i] * inv[i];
-            const scalar_t clamped = select(p < lo, lo, select(p > scalar_t(1), scalar_t(1), p));
-            rce[i] += select(c != y[i], clamped, scalar_t(0));
-          }
+      for (int64_t i = 0; i < n; ++i) {
+        ls[i] = udafast::vec::log(sum[i]);
+        inv[i] = scalar_t(1) / sum[i];
+      }
+      for (int32_t c = 0; c < C; ++c) {
+        const scalar_t* ec = e + c * kTile;
+#pragma omp simd
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t p = ec[i] * inv[i];
+          const scalar_t clamped = select(p < lo, lo, select(p > scalar_t(1), scalar_t(1), p));
+          rce[i] += select(c != y[i], clamped, scalar_t(0));
         }
-        double ce_sum = 0, rce_sum = 0, log_p_sum = 0;
-        int32_t valid = 0;
+      }
+      double ce_sum = 0, rce_sum = 0, log_p_sum = 0;
+      int32_t valid = 0;
 #pragma omp simd reduction(+ : ce_sum, rce_sum, log_p_sum, valid)
-        for (int64_t i = 0; i < n; ++i) {
-          const bool v = y[i] >= 0;
-          lse[b * S + s0 + i] = mx[i] + ls[i];
-          ce_sum += static_cast<double>(select(v, ls[i] - zy[i], scalar_t(0)));
-          rce_sum += static_cast<double>(select(v, rce[i], scalar_t(0)));
-          log_p_sum += static_cast<double>(zs[i] - static_cast<scalar_t>(C) * ls[i]);
-          valid += v ? 1 : 0;
-        }
-        acc.ce += ce_sum;
-        acc.rce += rce_sum;
-        acc.log_p += log_p_sum;
-        acc.valid += valid;
-      });
-      partial[chunk] = acc;
-    }
+      for (int64_t i = 0; i < n; ++i) {
+        const bool v = y[i] >= 0;
+        lse[b * S + s0 + i] = mx[i] + ls[i];
+        ce_sum += static_cast<double>(select(v, ls[i] - zy[i], scalar_t(0)));
+        rce_sum += static_cast<double>(select(v, rce[i], scalar_t(0)));
+        log_p_sum += static_cast<double>(zs[i] - static_cast<scalar_t>(C) * ls[i]);
+        valid += v ? 1 : 0;
+      }
+      acc.ce += ce_sum;
+      acc.rce += rce_sum;
+      acc.log_p += log_p_sum;
+      acc.valid += valid;
+    });
+    partial[chunk] = acc;
   });
 }
 
@@ -133,59 +131,57 @@ void sce_backward_kernel(const scalar_t* logits, const void* target, LabelLoader
   const int64_t C = g.C, S = g.S;
   const scalar_t lo = static_cast<scalar_t>(1e-7);
   const scalar_t reg_s = static_cast<scalar_t>(reg_scale), Cs = static_cast<scalar_t>(C);
-  at::parallel_for(0, g.chunks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> prob(C * kTile);
+  // prob: p of the tile's C rows
+  udafast::tiles::parallel_chunks<scalar_t>(g, [&](int64_t chunk, scalar_t* prob) {
     alignas(64) scalar_t lse_t[kTile], sum[kTile], inv[kTile], other[kTile], kept[kTile], dropped[kTile];
     alignas(64) scalar_t ce_s[kTile], rce_s[kTile];
     alignas(64) int32_t y[kTile];
-    for (int64_t chunk = begin; chunk < end; ++chunk) {
-      for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
-        const scalar_t* z = logits + b * C * S + s0;
-        scalar_t* out = grad + b * C * S + s0;
-        load(target, b * S + s0, n, C, ignore_index, y);
+    for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
+      const scalar_t* z = logits + b * C * S + s0;
+      scalar_t* out = grad + b * C * S + s0;
+      load(target, b * S + s0, n, C, ignore_index, y);
+      for (int64_t i = 0; i < n; ++i) {
+        lse_t[i] = lse[b * S + s0 + i];
+        sum[i] = other[i] = kept[i] = dropped[i] = 0;
+        ce_s[i] = y[i] >= 0 ? static_cast<scalar_t>(ce_scale) : scalar_t(0);
+        rce_s[i] = y[i] >= 0 ? static_cast<scalar_t>(rce_scale) : scalar_t(0);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const scalar_t* row = z + c * S;
+        scalar_t* pc = prob + c * kTile;
+#pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-          lse_t[i] = lse[b * S + s0 + i];
-          sum[i] = other[i] = kept[i] = dropped[i] = 0;
-          ce_s[i] = y[i] >= 0 ? static_cast<scalar_t>(ce_scale) : scalar_t(0);
-          rce_s[i] = y[i] >= 0 ? static_cast<scalar_t>(rce_scale) : scalar_t(0);
+          pc[i] = udafast::vec::exp(row[i] - lse_t[i]);
+          sum[i] += pc[i];
         }
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* row = z + c * S;
-          scalar_t* pc = prob.data() + c * kTile;
+      }
+      #pragma omp simd
+      for (int64_t i = 0; i < n; ++i) inv[i] = scalar_t(1) / sum[i];
+      for (int32_t c = 0; c < C; ++c) {
+        scalar_t* pc = prob + c * kTile;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            pc[i] = udafast::vec::exp(row[i] - lse_t[i]);
-            sum[i] += pc[i];
-          }
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t p = pc[i] * inv[i];
+          pc[i] = p;
+          const bool keep = (c != y[i]) & (p >= lo) & (p <= scalar_t(1));
+          other[i] += select(c != y[i], p, scalar_t(0));
+          kept[i] += select(keep, p, scalar_t(0));
+          dropped[i] += select(keep, scalar_t(0), p);
         }
-        #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) inv[i] = scalar_t(1) / sum[i];
-        for (int32_t c = 0; c < C; ++c) {
-          scalar_t* pc = prob.data() + c * kTile;
+      }
+      for (int32_t c = 0; c < C; ++c) {
+        const scalar_t* pc = prob + c * kTile;
+        scalar_t* oc = out + c * S;
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const scalar_t p = pc[i] * inv[i];
-            pc[i] = p;
-            const bool keep = (c != y[i]) & (p >= lo) & (p <= scalar_t(1));
-            other[i] += select(c != y[i], p, scalar_t(0));
-            kept[i] += select(keep, p, scalar_t(0));
-            dropped[i] += select(keep, scalar_t(0), p);
-          }
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t p = pc[i];
+          const bool keep = (c != y[i]) & (p >= lo) & (p <= scalar_t(1));
+          const scalar_t ce = select(c == y[i], -other[i], p);
+          const scalar_t rce = p * select(keep, dropped[i], -kept[i]);
+          oc[i] = ce_s[i] * ce + rce_s[i] * rce + reg_s * (scalar_t(1) - Cs * p);
         }
-        for (int32_t c = 0; c < C; ++c) {
-          const scalar_t* pc = prob.data() + c * kTile;
-          scalar_t* oc = out + c * S;
-#pragma omp simd
-          for (int64_t i = 0; i < n; ++i) {
-            const scalar_t p = pc[i];
-            const bool keep = (c != y[i]) & (p >= lo) & (p <= scalar_t(1));
-            const scalar_t ce = select(c == y[i], -other[i], p);
-            const scalar_t rce = p * select(keep, dropped[i], -kept[i]);
-            oc[i] = ce_s[i] * ce + rce_s[i] * rce + reg_s * (scalar_t(1) - Cs * p);
-          }
-        }
-      });
-    }
+      }
+    });
   });
 }
 
@@ -240,6 +236,7 @@ at::Tensor sce_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& 
   // the gradient takes the logits' layout (as the fake kernel's empty_like); the kernel writes NCHW
   at::Tensor grad = at::empty_like(logits_in);
   at::Tensor out = grad.is_contiguous() ? grad : at::empty_like(logits);
+  udafast::tiles::advise_huge_pages(out);
   const LabelLoader load = label_loader(target.scalar_type());
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "sce_loss_backward", [&] {
     sce_backward_kernel<scalar_t>(logits.data_ptr<scalar_t>(), target.data_ptr(), load, ignore_index,
