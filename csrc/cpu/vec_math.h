@@ -106,8 +106,7 @@ UDAFAST_VEC_INLINE double exp(double x) {
   return y;
 }
 
-// log(x) = k ln2 + log(1 + f), 1 + f in [sqrt(1/2), sqrt(2)), evaluated as in fdlibm:
-// s = f / (2 + f), log(1 + f) = f - (f^2/2 - s (f^2/2 + R(s^2))), R the atanh series.
+// log(x) = k ln2 + log(1 + f), 1 + f in [sqrt(1/2), sqrt(2)).
 UDAFAST_VEC_INLINE float log(float x) {
   const bool subnormal = x < 1.17549435e-38f;
   const float scaled = x * 8388608.0f;  // 2^23 brings subnormals into the normal range
@@ -120,19 +119,21 @@ UDAFAST_VEC_INLINE float log(float x) {
   m = select(big, half, m);
   k += big ? 1 : 0;
   const float f = m - 1.0f;
-  const float s = f / (2.0f + f);
-  const float z = s * s;
-  // 2/3 + 2/5 z + ... : z <= 0.0295, so six terms reach float precision
-  float R = 2.0f / 13.0f;
-  R = R * z + 2.0f / 11.0f;
-  R = R * z + 2.0f / 9.0f;
-  R = R * z + 2.0f / 7.0f;
-  R = R * z + 2.0f / 5.0f;
-  R = R * z + 2.0f / 3.0f;
-  R = R * z;
-  const float hfsq = 0.5f * f * f;
+  const float z = f * f;
+  // Cephes logf: log(1 + f) = f - f^2/2 + f^3 P(f), P a minimax polynomial (no division)
+  float p = 7.0376836292e-2f;
+  p = p * f - 1.1514610310e-1f;
+  p = p * f + 1.1676998740e-1f;
+  p = p * f - 1.2420140846e-1f;
+  p = p * f + 1.4249322787e-1f;
+  p = p * f - 1.6668057665e-1f;
+  p = p * f + 2.0000714765e-1f;
+  p = p * f - 2.4999993993e-1f;
+  p = p * f + 3.3333331174e-1f;
   const float kf = static_cast<float>(k);
-  float y = kf * 0.693359375f - ((hfsq - (s * (hfsq + R) + kf * -2.12194440e-4f)) - f);
+  float y = p * f * z + kf * -2.12194440e-4f;
+  y = y - 0.5f * z;
+  y = (f + y) + kf * 0.693359375f;
   y = select(x == std::numeric_limits<float>::infinity(), x, y);
   y = select(x == 0.0f, -std::numeric_limits<float>::infinity(), y);
   y = select(x < 0.0f, std::numeric_limits<float>::quiet_NaN(), y);
@@ -140,6 +141,8 @@ UDAFAST_VEC_INLINE float log(float x) {
   return y;
 }
 
+// The double version evaluates log(1 + f) as fdlibm does: s = f / (2 + f),
+// log(1 + f) = f - (f^2/2 - s (f^2/2 + R(s^2))), R the atanh series 2/3 s^2 + 2/5 s^4 + ...
 UDAFAST_VEC_INLINE double log(double x) {
   const bool subnormal = x < 2.2250738585072014e-308;
   const double scaled = x * 18014398509481984.0;  // 2^54
