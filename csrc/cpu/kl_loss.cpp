@@ -129,7 +129,7 @@ void kl_backward_kernel(const scalar_t* logits, const scalar_t* target, const bo
   });
 }
 
-// The mask as a contiguous bool array, or nullptr for "every pixel valid".
+// The mask as a contiguous bool tensor; none when every pixel is valid.
 std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask) {
   if (!mask.has_value()) return std::nullopt;
   TORCH_CHECK(mask->scalar_type() == at::kBool, "kl_loss: valid_mask must be bool");

@@ -123,7 +123,7 @@ void sce_forward_kernel(const scalar_t* logits, const void* target, LabelLoader 
 // a pixel is confident) but summed from the other classes' p:
 //   dCE/dz_j  = p_j for j != y, and -(sum_{k != y} p_k) for j = y
 //   dRCE/dz_j = A p_j (m_j - sum_k m_k p_k) = A p_j * (m_j ? sum_k (1 - m_k) p_k : -sum_k m_k p_k)
-// with m_k = (k != y and 1e-7 <= p_k <= 1), the pixels where torch.clamp passes the gradient.
+// with m_k = (k != y and 1e-7 <= p_k <= 1), the classes where torch.clamp passes the gradient.
 template <typename scalar_t>
 void sce_backward_kernel(const scalar_t* logits, const void* target, LabelLoader load, int64_t ignore_index,
                          const scalar_t* lse, const Geometry& g, double ce_scale, double rce_scale,
@@ -155,7 +155,7 @@ void sce_backward_kernel(const scalar_t* logits, const void* target, LabelLoader
           sum[i] += pc[i];
         }
       }
-      #pragma omp simd
+#pragma omp simd
       for (int64_t i = 0; i < n; ++i) inv[i] = scalar_t(1) / sum[i];
       for (int32_t c = 0; c < C; ++c) {
         scalar_t* pc = prob + c * kTile;
