@@ -1,0 +1,221 @@
+"""SPEC 1.4: kl_loss, KL(target || softmax(logits)) over valid pixels, every fast backend against the reference."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import assert_close_spec, assert_grad_close_spec, fast_backends, noncontiguous
+from udafast.ops.kl_loss import kl_loss
+
+BACKENDS = fast_backends("kl_loss")
+pytestmark = pytest.mark.skipif(not BACKENDS, reason="no fast backend for kl_loss in this build")
+
+GRAD_OUT = 3.7  # the loss is scaled before backward so that grad_loss != 1
+MASKS = ["none", "partial", "all_false", "all_true"]
+
+
+def make_mask(kind, b, h, w):
+    if kind == "none":
+        return None
+    if kind == "partial":
+        return torch.rand(b, h, w) < 0.6
+    return torch.full((b, h, w), kind == "all_true")
+
+
+def make_target(shape, zeros=0.2, normalised=True, dtype=torch.float32):
+    t = torch.softmax(torch.randn(shape, dtype=torch.float64) * 2, 1)
+    t[torch.rand(shape) < zeros] = 0  # t log t = 0 where t == 0
+    if normalised:
+        t = t / t.sum(1, keepdim=True).clamp(min=1e-12)
+    else:
+        t = t * (0.5 + torch.rand(shape[0], 1, *shape[2:], dtype=torch.float64))
+    return t.to(dtype)
+
+
+def loss_and_grad(logits, target, valid_mask, backend):
+    x = logits.detach().clone().requires_grad_()
+    loss = kl_loss(x, target, valid_mask=valid_mask, backend=backend)
+    (loss * GRAD_OUT).backward()
+    return loss.detach(), x.grad
+
+
+def check_against_reference(logits, target, valid_mask, backend):
+    """Against the reference on float64 copies of the logits and the targets."""
+    loss, grad = loss_and_grad(logits, target, valid_mask, backend)
+    ref_loss, ref_grad = loss_and_grad(logits.double(), target.double(), valid_mask, "reference")
+    assert loss.dtype == logits.dtype and loss.dim() == 0 and grad.dtype == logits.dtype
+    assert_close_spec(loss, ref_loss, "loss")
+    assert_grad_close_spec(grad, ref_grad)
+    return loss, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 19, 127, 33), (1, 16, 1, 1), (1, 19, 9, 70), (3, 16, 5, 7)])
+@pytest.mark.parametrize("mask", MASKS)
+def test_matches_reference(backend, dtype, shape, mask):
+    logits = torch.randn(shape, dtype=dtype) * 3
+    target = make_target(shape, dtype=dtype)
+    valid_mask = make_mask(mask, shape[0], shape[2], shape[3])
+    loss, grad = check_against_reference(logits, target, valid_mask, backend)
+    if mask == "all_false":
+        assert loss.item() == 0.0 and bool((grad == 0).all())
+    if valid_mask is not None:
+        assert bool((grad.permute(1, 0, 2, 3)[:, ~valid_mask] == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("zeros", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("normalised", [True, False])
+def test_targets(backend, zeros, normalised):
+    """Targets with zeros (t log t = 0; all zero at 1.0) and targets that do not sum to 1."""
+    shape = (2, 19, 13, 17)
+    logits = torch.randn(shape) * 3
+    target = make_target(shape, zeros=zeros, normalised=normalised)
+    check_against_reference(logits, target, make_mask("partial", 2, 13, 17), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_dtype_differs(backend):
+    """float64 targets with float32 logits: the reference casts the targets to the logits' dtype."""
+    shape = (2, 16, 9, 11)
+    logits = torch.randn(shape) * 3
+    target = make_target(shape, dtype=torch.float64)
+    loss, grad = loss_and_grad(logits, target, None, backend)
+    same_loss, same_grad = loss_and_grad(logits, target.float(), None, backend)
+    assert torch.equal(loss, same_loss) and torch.equal(grad, same_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noncontiguous(backend, dtype):
+    shape = (2, 19, 11, 23)
+    logits = torch.randn(shape, dtype=dtype) * 3
+    target = make_target(shape, dtype=dtype)
+    mask = make_mask("partial", 2, 11, 23)
+    loss, grad = check_against_reference(noncontiguous(logits), noncontiguous(target), noncontiguous(mask), backend)
+    contiguous = loss_and_grad(logits, target, mask, backend)
+    assert torch.equal(loss, contiguous[0]) and torch.equal(grad, contiguous[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last(backend):
+    """The gradient keeps the logits' layout, as the fake kernel's empty_like declares."""
+    shape = (2, 16, 7, 9)
+    logits = (torch.randn(shape) * 3).to(memory_format=torch.channels_last)
+    target = make_target(shape).to(memory_format=torch.channels_last)
+    _, grad = check_against_reference(logits, target, None, backend)
+    assert grad.stride() == logits.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [30.0, 100.0])
+def test_extreme_logits(backend, scale):
+    """Confident students: softmax probabilities underflow, log-softmax stays finite."""
+    shape = (2, 19, 8, 8)
+    logits = torch.randn(shape) * scale
+    target = make_target(shape)
+    check_against_reference(logits, target, make_mask("partial", 2, 8, 8), backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_equals_teacher(backend):
+    """t = softmax(logits): the loss is (close to) 0 and so is the gradient."""
+    logits = torch.randn(2, 19, 6, 10, dtype=torch.float64) * 2
+    target = torch.softmax(logits, 1)
+    loss, grad = loss_and_grad(logits, target, None, backend)
+    assert abs(loss.item()) < 1e-12 and grad.abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 19, 4, 4), (2, 19, 0, 5), (1, 16, 3, 0)])
+def test_empty(backend, shape):
+    logits = torch.randn(shape)
+    loss, grad = loss_and_grad(logits, torch.rand(shape), None, backend)
+    assert loss.item() == 0.0 and grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitwise_reproducible(backend):
+    """Two runs, and runs on 1 and 2 threads, agree bit for bit."""
+    shape = (2, 19, 64, 97)
+    logits = torch.randn(shape) * 3
+    target = make_target(shape)
+    mask = make_mask("partial", 2, 64, 97)
+    first = loss_and_grad(logits, target, mask, backend)
+    second = loss_and_grad(logits, target, mask, backend)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = loss_and_grad(logits, target, mask, backend)
+    finally:
+        torch.set_num_threads(threads)
+    for other in (second, single):
+        assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+
+
+def test_lse_and_count():
+    """The compiled op's extra outputs: the per-pixel log-sum-exp and the valid-pixel count."""
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    logits = torch.randn(2, 19, 6, 7) * 5
+    mask = make_mask("partial", 2, 6, 7)
+    _, lse, count = torch.ops.udafast.kl_loss(logits, make_target(logits.shape), mask)
+    assert count.dtype == torch.int64 and count.item() == int(mask.sum())
+    assert_close_spec(lse, torch.logsumexp(logits.double(), 1), "lse")
+    assert torch.ops.udafast.kl_loss(logits, make_target(logits.shape), None)[2].item() == 2 * 6 * 7
+
+
+@given(
+    b=st.integers(1, 2), c=st.integers(1, 20), h=st.integers(1, 9), w=st.integers(1, 70),
+    scale=st.sampled_from([0.1, 3.0, 30.0]), zeros=st.sampled_from([0.0, 0.3]),
+    normalised=st.booleans(), mask=st.sampled_from(MASKS),
+)
+@settings(max_examples=25, deadline=None)
+def test_property_matches_reference(b, c, h, w, scale, zeros, normalised, mask):
+    shape = (b, c, h, w)
+    logits = torch.randn(shape) * scale
+    target = make_target(shape, zeros=zeros, normalised=normalised)
+    for backend in BACKENDS:
+        check_against_reference(logits, target, make_mask(mask, b, h, w), backend)
+
+
+@pytest.mark.parametrize("mask", ["none", "partial"])
+def test_gradcheck(mask):
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    shape = (2, 5, 3, 4)
+    logits = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    target = make_target(shape, normalised=False, dtype=torch.float64)
+    valid_mask = make_mask(mask, 2, 3, 4)
+    assert torch.autograd.gradcheck(lambda x: kl_loss(x, target, valid_mask=valid_mask, backend="native"), (logits,))
+
+
+@pytest.mark.parametrize("mask", ["none", "partial"])
+def test_opcheck(mask):
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    logits = torch.randn(2, 19, 5, 6, requires_grad=True)
+    target = make_target(logits.shape)
+    torch.library.opcheck(torch.ops.udafast.kl_loss.default, (logits, target, make_mask(mask, 2, 5, 6)))
+
+
+def test_compile_fullgraph():
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    shape = (2, 19, 8, 11)
+    logits = torch.randn(shape) * 3
+    target = make_target(shape)
+    mask = make_mask("partial", 2, 8, 11)
+
+    def step(x):
+        return kl_loss(x, target, valid_mask=mask, backend="native")
+
+    compiled = torch.compile(step, fullgraph=True)
+    x_eager = logits.clone().requires_grad_()
+    x_compiled = logits.clone().requires_grad_()
+    eager, got = step(x_eager), compiled(x_compiled)
+    (eager * GRAD_OUT).backward()
+    (got * GRAD_OUT).backward()
+    assert torch.equal(eager, got)
+    assert torch.equal(x_eager.grad, x_compiled.grad)

@@ -1,0 +1,264 @@
+"""SPEC 1.4: sce_loss (alpha CE + beta RCE + reg_weight REG), every fast backend against the reference."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import udafast
+from conftest import assert_close_spec, assert_grad_close_spec, fast_backends, noncontiguous
+from udafast.ops import reference
+from udafast.ops.sce_loss import sce_loss
+
+BACKENDS = fast_backends("sce_loss")
+pytestmark = pytest.mark.skipif(not BACKENDS, reason="no fast backend for sce_loss in this build")
+
+GRAD_OUT = 3.7  # the loss is scaled before backward so that grad_loss != 1
+WEIGHTS = [(0.1, 1.0, 0.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.1, 1.0, 0.1)]
+
+
+@pytest.fixture
+def no_validation():
+    before = udafast.ops.get_validation()
+    udafast.ops.set_validation(False)
+    yield
+    udafast.ops.set_validation(before)
+
+
+def make_target(b, c, h, w, ignore_fraction=0.2):
+    target = torch.randint(0, c, (b, h, w))
+    target[torch.rand(b, h, w) < ignore_fraction] = 255
+    return target
+
+
+def loss_and_grad(logits, target, backend, **kw):
+    x = logits.detach().clone().requires_grad_()
+    loss = sce_loss(x, target, backend=backend, **kw)
+    (loss * GRAD_OUT).backward()
+    return loss.detach(), x.grad
+
+
+def expected(logits, target, **kw):
+    """The reference on a float64 copy of the logits."""
+    return loss_and_grad(logits.double(), target, "reference", **kw)
+
+
+def check_against_reference(logits, target, backend, **kw):
+    loss, grad = loss_and_grad(logits, target, backend, **kw)
+    ref_loss, ref_grad = expected(logits, target, **kw)
+    assert loss.dtype == logits.dtype and loss.dim() == 0
+    assert grad.dtype == logits.dtype
+    assert_close_spec(loss, ref_loss, "loss")
+    assert_grad_close_spec(grad, ref_grad)
+    return loss, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 19, 127, 33), (1, 16, 1, 1), (1, 19, 9, 70), (3, 16, 5, 7)])
+def test_matches_reference(backend, dtype, shape):
+    logits = torch.randn(shape, dtype=dtype) * 4
+    target = make_target(shape[0], shape[1], shape[2], shape[3])
+    check_against_reference(logits, target, backend, alpha=0.1, beta=1.0, reg_weight=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_weights(backend, weights):
+    alpha, beta, reg_weight = weights
+    logits = torch.randn(2, 19, 31, 17) * 3
+    target = make_target(2, 19, 31, 17)
+    check_against_reference(logits, target, backend, alpha=alpha, beta=beta, reg_weight=reg_weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64])
+def test_label_dtypes(backend, label_dtype):
+    logits = torch.randn(2, 19, 13, 21)
+    target = make_target(2, 19, 13, 21)
+    ignore = 255
+    if label_dtype == torch.int8:  # int8 cannot hold 255
+        target[target == 255] = -1
+        ignore = -1
+    check_against_reference(logits, target.to(label_dtype), backend, ignore_index=ignore, reg_weight=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_noncontiguous(backend, dtype):
+    logits = torch.randn(2, 16, 11, 23, dtype=dtype) * 3
+    target = make_target(2, 16, 11, 23)
+    loss, grad = check_against_reference(noncontiguous(logits), noncontiguous(target), backend, reg_weight=0.1)
+    ref_loss, ref_grad = loss_and_grad(logits, target, backend, reg_weight=0.1)
+    assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last(backend):
+    """The gradient keeps the logits' layout, as the fake kernel's empty_like declares."""
+    logits = (torch.randn(2, 19, 7, 9) * 3).to(memory_format=torch.channels_last)
+    target = make_target(2, 19, 7, 9)
+    _, grad = check_against_reference(logits, target, backend, reg_weight=0.1)
+    assert grad.stride() == logits.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("num_classes", [19, 16])
+def test_every_pixel_ignored(backend, num_classes):
+    logits = torch.randn(2, num_classes, 9, 13)
+    target = torch.full((2, 9, 13), 255)
+    loss, grad = check_against_reference(logits, target, backend, alpha=0.1, beta=1.0, reg_weight=0.0)
+    assert loss.item() == 0.0 and bool((grad == 0).all())
+    # REG still covers every pixel: its gradient is -GRAD_OUT * reg_weight / (B C H W) (1 - C p)
+    loss, grad = check_against_reference(logits, target, backend, alpha=0.1, beta=1.0, reg_weight=0.5)
+    p = torch.softmax(logits.double(), 1)
+    assert_close_spec(grad, -GRAD_OUT * 0.5 / logits.numel() * (1 - num_classes * p))
+    assert loss.item() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamp_lower_boundary(backend, dtype):
+    """Gaps of 14..18 between the top logit and the rest put p_k on both sides of 1e-7, where the
+    RCE gradient switches off; gaps within 2e-3 of -log(1e-7) = 16.118 are left out, so float32
+    rounding cannot flip the side."""
+    b, c, h, w = 2, 19, 16, 24
+    gap = 14 + 4 * torch.rand(b, c, h, w, dtype=torch.float64)
+    gap[(gap - 16.118).abs() < 2e-3] = 15.0
+    top = torch.randint(0, c, (b, 1, h, w))
+    logits = torch.where(torch.arange(c).view(1, c, 1, 1) == top, 0.0, -gap).to(dtype)
+    # targets on the top class, on a low class, or ignored
+    target = torch.where(torch.rand(b, h, w) < 0.5, top[:, 0], torch.randint(0, c, (b, h, w)))
+    target[torch.rand(b, h, w) < 0.1] = 255
+    p = torch.softmax(logits.double(), 1)
+    assert bool((p < 1e-7).any()) and bool(((p > 1e-7) & (p < 1e-6)).any())
+    for weights in WEIGHTS:
+        alpha, beta, reg_weight = weights
+        check_against_reference(logits, target, backend, alpha=alpha, beta=beta, reg_weight=reg_weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_probability_exactly_one(backend, dtype):
+    """A gap of 200 makes the top probability exactly 1 (the clamp's upper boundary) in both dtypes."""
+    logits = torch.full((1, 19, 5, 6), -200.0, dtype=dtype)
+    logits[:, 3] = 0.0
+    target = torch.randint(0, 19, (1, 5, 6))
+    target[0, 0, :3] = 3
+    assert bool((torch.softmax(logits, 1)[:, 3] == 1).all())
+    loss, _ = check_against_reference(logits, target, backend, alpha=0.1, beta=1.0, reg_weight=0.1)
+    assert math.isfinite(loss.item())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits(backend):
+    logits = torch.randn(2, 19, 8, 8) * 60  # log-softmax down to about -500: still finite
+    target = make_target(2, 19, 8, 8)
+    check_against_reference(logits, target, backend, alpha=0.1, beta=1.0, reg_weight=0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_out_of_range_labels_skipped(backend, no_validation):
+    """With validation off, labels outside [0, C) are skipped like ignore_index (and never indexed)."""
+    logits = torch.randn(2, 19, 10, 12)
+    target = make_target(2, 19, 10, 12)
+    bad = target.clone()
+    bad[0, 0, :4] = torch.tensor([19, -1, 100, 10**12])
+    bad[1, 3, 5] = -(10**12)
+    cleaned = torch.where((bad < 0) | (bad >= 19), 255, bad)
+    loss, grad = loss_and_grad(logits, bad, backend, reg_weight=0.1)
+    ref_loss, ref_grad = expected(logits, cleaned, reg_weight=0.1)
+    assert_close_spec(loss, ref_loss, "loss")
+    assert_grad_close_spec(grad, ref_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 19, 4, 4), (2, 19, 0, 5), (1, 16, 3, 0)])
+def test_empty(backend, shape):
+    """No pixel: the loss is 0 (REG, a mean over no element, is left out rather than NaN)."""
+    logits = torch.randn(shape)
+    target = torch.zeros(shape[0], shape[2], shape[3], dtype=torch.int64)
+    loss, grad = loss_and_grad(logits, target, backend, reg_weight=0.1)
+    assert loss.item() == 0.0
+    assert grad.shape == logits.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bitwise_reproducible(backend):
+    """Two runs, and runs on 1 and 2 threads, agree bit for bit."""
+    logits = torch.randn(2, 19, 64, 97) * 3
+    target = make_target(2, 19, 64, 97)
+    first = loss_and_grad(logits, target, backend, reg_weight=0.1)
+    second = loss_and_grad(logits, target, backend, reg_weight=0.1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = loss_and_grad(logits, target, backend, reg_weight=0.1)
+    finally:
+        torch.set_num_threads(threads)
+    for other in (second, single):
+        assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+
+
+def test_lse_and_count():
+    """The compiled op's extra outputs: the per-pixel log-sum-exp and the valid-pixel count."""
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    logits = torch.randn(2, 19, 6, 7) * 5
+    target = make_target(2, 19, 6, 7)
+    _, lse, count = torch.ops.udafast.sce_loss(logits, target, 0.1, 1.0, 0.0, 255)
+    assert count.dtype == torch.int64 and count.item() == int((target != 255).sum())
+    assert_close_spec(lse, torch.logsumexp(logits.double(), 1), "lse")
+
+
+@given(
+    b=st.integers(1, 2), c=st.integers(1, 20), h=st.integers(1, 9), w=st.integers(1, 70),
+    scale=st.sampled_from([0.1, 3.0, 30.0]), ignore_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    weights=st.sampled_from(WEIGHTS),
+)
+@settings(max_examples=25, deadline=None)
+def test_property_matches_reference(b, c, h, w, scale, ignore_fraction, weights):
+    logits = torch.randn(b, c, h, w) * scale
+    target = make_target(b, c, h, w, ignore_fraction)
+    alpha, beta, reg_weight = weights
+    for backend in BACKENDS:
+        check_against_reference(logits, target, backend, alpha=alpha, beta=beta, reg_weight=reg_weight)
+
+
+def test_gradcheck():
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    logits = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    target = make_target(2, 5, 3, 4, 0.3)
+    assert torch.autograd.gradcheck(
+        lambda x: sce_loss(x, target, alpha=0.3, beta=1.0, reg_weight=0.2, backend="native"), (logits,)
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(dtype):
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    logits = torch.randn(2, 19, 5, 6, dtype=dtype, requires_grad=True)
+    target = make_target(2, 19, 5, 6)
+    torch.library.opcheck(torch.ops.udafast.sce_loss.default, (logits, target, 0.1, 1.0, 0.1, 255))
+
+
+def test_compile_fullgraph(no_validation):
+    if "native" not in BACKENDS:
+        pytest.skip("native backend not built")
+    logits = torch.randn(2, 19, 8, 11) * 3
+    target = make_target(2, 19, 8, 11)
+
+    def step(x):
+        return sce_loss(x, target, alpha=0.1, beta=1.0, reg_weight=0.1, backend="native")
+
+    compiled = torch.compile(step, fullgraph=True)
+    x_eager = logits.clone().requires_grad_()
+    x_compiled = logits.clone().requires_grad_()
+    eager, got = step(x_eager), compiled(x_compiled)
+    (eager * GRAD_OUT).backward()
+    (got * GRAD_OUT).backward()
+    assert torch.equal(eager, got)
+    assert torch.equal(x_eager.grad, x_compiled.grad)
