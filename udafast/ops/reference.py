@@ -115,7 +115,7 @@ def sce_loss(logits, target, alpha=0.1, beta=1.0, reg_weight=0.0, ignore_index=2
     denominator = torch.clamp(n, min=1).to(logits.dtype)  # n == 0: both sums are 0, so is the term
     ce = torch.where(valid, ce_pixel, 0).sum() / denominator
     rce = torch.where(valid, rce_pixel, 0).sum() / denominator
-    reg = -log_p.mean()
+    reg = -log_p.sum() / max(log_p.numel(), 1)  # REG over no element is 0, not NaN
     return alpha * ce + beta * rce + reg_weight * reg
 
 
