@@ -3,6 +3,8 @@ import os
 
 import pytest
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from udafast.ops import _backend
 
@@ -51,6 +53,25 @@ def noncontiguous(x):
     view = wide[..., ::2]
     assert not view.is_contiguous() or x.numel() <= 1
     return view
+
+
+class TinySeg(nn.Module):
+    """A stand-in for udafast.models: per-pixel linear head on 8x average-pooled input (stride 8)."""
+    normalization = "imagenet"
+
+    def __init__(self, num_classes=19):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.head = nn.Conv2d(3, num_classes, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(self.head.weight.shape, generator=g) * 3)
+            self.head.bias.copy_(torch.randn(num_classes, generator=g))
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(tuple(x.shape))
+        self.last = x
+        return {"logits": self.head(F.avg_pool2d(x, 8, ceil_mode=True))}
 
 
 @pytest.fixture(autouse=True)

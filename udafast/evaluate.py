@@ -111,7 +111,7 @@ def run(args) -> dict:
     if args.predictions is not None and args.save_predictions:
         raise ValueError("--save-predictions: only with --checkpoint")
     dataset = build_dataset(args.dataset, args.root, args.split)
-    progress = None if args.quiet else _progress
+    progress = None if args.quiet else print_progress
     if args.predictions is not None:
         result = evaluation.score_predictions(args.predictions, dataset, classes=args.classes, progress=progress)
         meta = {"predictions": args.predictions}
@@ -131,7 +131,7 @@ def run(args) -> dict:
     return result
 
 
-def _progress(done, total):
+def print_progress(done, total):
     print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
 

@@ -81,16 +81,12 @@ def run(args):
     files = collect_images(args.inputs)
     device = torch.device(args.device or evaluate.default_device())
     model = evaluate.load_model(args.checkpoint, device)
-    progress = None if args.quiet else _progress
+    progress = None if args.quiet else evaluate.print_progress
     written = predict_files(model, files, args.out, input_size=args.input_size, device=device, progress=progress)
     if progress is not None:
         print(file=sys.stderr)
     print(f"wrote {len(written)} predictions to {args.out}")
     return written
-
-
-def _progress(done, total):
-    print(f"\r{done}/{total} images", end="", file=sys.stderr, flush=True)
 
 
 def main(argv=None):
