@@ -1,0 +1,16 @@
+"""Segmentation networks and the methods' extra heads.
+
+`build_model(config)` builds "deeplabv2_r101" (DeepLabV2-ResNet101 at output stride 8, optionally
+from torchvision- or DeepLab-format backbone weights) or "small" (a CPU-sized network with the same
+outputs); `model(images)` returns {"logits", "aux"[, "features"][, "backbone"]}, `model.config` the
+resolved config, `model.normalization` the input normalisation, `model.param_groups(lr)` the
+optimiser groups (heads x10). Checkpoints: `save_checkpoint`, `load_checkpoint`,
+`model_from_checkpoint`.
+"""
+from udafast.models.build import MODEL_NAMES, build_model  # noqa: F401
+from udafast.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: F401
+from udafast.models.heads import (  # noqa: F401
+    ClassSelectors, Discriminator, DomainClassifier, PredictionHead, ProjectionHead,
+)
+from udafast.models.resnet import ResNetBackbone, load_backbone_weights, read_backbone_weights  # noqa: F401
+from udafast.models.segmentation import ASPPClassifier, DeepLabV2, SegmentationModel, SmallSegNet  # noqa: F401

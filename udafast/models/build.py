@@ -1,0 +1,94 @@
+"""`build_model(config)`: the networks by name, with their resolved config on `model.config`."""
+import os
+from collections.abc import Mapping
+
+from udafast.models.resnet import LAYOUTS, load_backbone_weights, read_backbone_weights
+from udafast.models.segmentation import ASPP_MODES, HEADS, DeepLabV2, SmallSegNet
+
+__all__ = ["build_model", "MODEL_NAMES"]
+
+MODEL_NAMES = ("deeplabv2_r101", "small")
+NORMALIZATIONS = ("imagenet", "caffe")
+
+_DEFAULTS = {
+    "deeplabv2_r101": {"num_classes": 19, "aspp": "four", "head": "deeplabv2", "head_dropout": 0.1, "feature_dim": 256,
+                       "freeze_bn_affine": False, "pretrained": None, "weights_format": "auto",
+                       "normalization": None},
+    "small": {"num_classes": 19, "width": 16, "feature_dim": 256, "normalization": "imagenet"},
+}
+
+
+def _positive_int(config, key):
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"config[{key!r}]: expected a positive integer, got {value!r}")
+
+
+def _choice(config, key, choices):
+    if config[key] not in choices:
+        raise ValueError(f"config[{key!r}]: expected one of {choices}, got {config[key]!r}")
+
+
+def build_model(config, *, load_pretrained=True):
+    """Build the network `config["name"]` ("deeplabv2_r101" or "small").
+
+    deeplabv2_r101 keys (defaults): num_classes (19); aspp ("four"; "two" = the AdaptSegNet code's
+    two-branch sum); head ("deeplabv2": DeepLabV2's ASPP classifier on layer4; "proda": ProDA's
+    256-d feature head then a 1x1 classifier, which adds "features" to the outputs); head_dropout
+    (0.1, ProDA's dropout before its classifier); feature_dim (256); freeze_bn_affine (False);
+    pretrained (a path to ResNet-101 backbone weights, or None); weights_format ("auto",
+    "torchvision" or "deeplab": also picks the network layout, see udafast.models.resnet);
+    normalization ("caffe" for DeepLab-format weights, else "imagenet").
+    small keys: num_classes (19), width (16), feature_dim (256), normalization ("imagenet").
+
+    `model.config` holds every key resolved (the detected weights format included), so a model
+    rebuilt from it with `load_pretrained=False` (as `model_from_checkpoint` does) has the same
+    layout without reading the weights file again."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config: expected a dict, got {type(config).__name__}")
+    name = config.get("name")
+    if name not in MODEL_NAMES:
+        raise ValueError(f"config['name']: expected one of {MODEL_NAMES}, got {name!r}")
+    unknown = sorted(set(config) - set(_DEFAULTS[name]) - {"name"})
+    if unknown:
+        raise ValueError(f"config: unknown key(s) for {name!r}: {', '.join(map(str, unknown))}")
+    resolved = {"name": name, **_DEFAULTS[name], **config}
+    _positive_int(resolved, "num_classes")
+    _positive_int(resolved, "feature_dim")
+    if resolved["normalization"] is not None:
+        _choice(resolved, "normalization", NORMALIZATIONS)
+
+    if name == "small":
+        _positive_int(resolved, "width")
+        model = SmallSegNet(resolved["num_classes"], resolved["width"], resolved["feature_dim"])
+    else:
+        _choice(resolved, "aspp", ASPP_MODES)
+        _choice(resolved, "head", HEADS)
+        if resolved["head"] == "proda" and resolved["feature_dim"] % 32:
+            raise ValueError(f"config['feature_dim']: ProDA's head uses GroupNorm(32), so a multiple of 32, "
+                             f"got {resolved['feature_dim']}")
+        _choice(resolved, "weights_format", ("auto",) + LAYOUTS)
+        dropout = resolved["head_dropout"]
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"config['head_dropout']: expected a number in [0, 1), got {dropout!r}")
+        if not isinstance(resolved["freeze_bn_affine"], bool):
+            raise ValueError(f"config['freeze_bn_affine']: expected a bool, got {resolved['freeze_bn_affine']!r}")
+        path = resolved["pretrained"]
+        if path is not None:
+            if not isinstance(path, (str, os.PathLike)):
+                raise ValueError(f"config['pretrained']: expected a path or None, got {path!r}")
+            path = resolved["pretrained"] = os.fspath(path)
+        state = None
+        if path is not None and (load_pretrained or resolved["weights_format"] == "auto"):
+            state, resolved["weights_format"] = read_backbone_weights(path, resolved["weights_format"])
+        elif resolved["weights_format"] == "auto":
+            resolved["weights_format"] = "torchvision"
+        model = DeepLabV2(resolved["num_classes"], resolved["aspp"], resolved["head"], float(dropout),
+                          resolved["weights_format"], resolved["freeze_bn_affine"], resolved["feature_dim"])
+        if state is not None and load_pretrained:
+            load_backbone_weights(model.backbone, state, path, resolved["weights_format"])
+        if resolved["normalization"] is None:
+            resolved["normalization"] = "caffe" if resolved["weights_format"] == "deeplab" else "imagenet"
+    model.normalization = resolved["normalization"]
+    model.config = resolved
+    return model

@@ -1,0 +1,155 @@
+"""ResNet-101 at output stride 8 (DeepLabV2's backbone) and its pretrained-weight loader.
+
+Two layouts share every parameter name and shape (torchvision's: `conv1`, `bn1`, `layer1.0.conv1`,
+..., `layerN.0.downsample.{0,1}`), so one loader serves both:
+- "torchvision": the stride-2 of a downsampling bottleneck sits in its 3x3 conv (ResNet v1.5) and
+  the stem's max-pool floors its output size.
+- "deeplab": the network the DeepLab (Caffe) weights were trained in and the authors' PyTorch code
+  runs: the stride-2 sits in the bottleneck's first 1x1 conv and the max-pool uses ceil mode (a
+  512x1024 input gives 65x129 logits, not 64x128).
+In both, layer3 and layer4 keep stride 1 and use dilation 2 and 4 in every block (DeepLabV2).
+"""
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["ResNetBackbone", "LAYOUTS", "read_backbone_weights", "load_backbone_weights"]
+
+LAYOUTS = ("torchvision", "deeplab")
+RESNET101_BLOCKS = (3, 4, 23, 3)
+# The classifier of the ImageNet file (fc) and the DeepLab init's own heads (layer5/6) are not ours.
+_IGNORED_PREFIXES = ("fc.", "layer5.", "layer6.")
+_DEEPLAB_PREFIX = "Scale."
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, dilation=1, downsample=None, stride_in_1x1=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, stride=stride if stride_in_1x1 else 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1 if stride_in_1x1 else stride, padding=dilation,
+                               dilation=dilation, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet with layer3/layer4 dilated (2, 4) instead of strided: `forward` returns
+    (layer3 output [B, 1024, H/8, W/8], layer4 output [B, 2048, H/8, W/8]) for ResNet-101."""
+
+    def __init__(self, blocks=RESNET101_BLOCKS, layout="torchvision"):
+        super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+        self._stride_in_1x1 = layout == "deeplab"
+        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=layout == "deeplab")
+        self.inplanes = 64
+        self.layer1 = self._make_layer(64, blocks[0])
+        self.layer2 = self._make_layer(128, blocks[1], stride=2)
+        self.layer3 = self._make_layer(256, blocks[2], dilation=2)
+        self.layer4 = self._make_layer(512, blocks[3], dilation=4)
+        self.out_channels = (1024, 2048)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _make_layer(self, planes, n, stride=1, dilation=1):
+        out = planes * Bottleneck.expansion
+        downsample = None
+        if stride != 1 or self.inplanes != out:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False),
+                                       nn.BatchNorm2d(out))
+        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, self._stride_in_1x1)]
+        self.inplanes = out
+        layers += [Bottleneck(out, planes, 1, dilation, None, self._stride_in_1x1) for _ in range(1, n)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        c3 = self.layer3(x)
+        return c3, self.layer4(c3)
+
+
+def _first(names, n=5):
+    shown = ", ".join(names[:n])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def read_backbone_weights(path, weights_format="auto"):
+    """Read a ResNet state dict from `path` -> (state dict with torchvision key names, format).
+
+    `weights_format`: "torchvision" (keys `conv1.weight`, `layer1.0.conv1.weight`, ...), "deeplab"
+    (the authors' Caffe conversion: the same names prefixed `Scale.`) or "auto" (a `Scale.` prefix
+    means deeplab). Classifier keys (`fc.*`, DeepLab's `layer5.*`/`layer6.*`) are dropped."""
+    if weights_format not in ("auto",) + LAYOUTS:
+        raise ValueError(f"weights_format: expected 'auto', 'torchvision' or 'deeplab', got {weights_format!r}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, not a raw unpickling error
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: cannot read backbone weights ({type(e).__name__}: {reason})") from None
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path}: expected a state dict of named tensors")
+    has_prefix = any(k.startswith(_DEEPLAB_PREFIX) for k in state)
+    if weights_format == "auto":
+        if has_prefix:
+            weights_format = "deeplab"
+        elif "conv1.weight" in state:
+            weights_format = "torchvision"
+        else:
+            raise ValueError(f"{path}: neither torchvision nor DeepLab ('Scale.'-prefixed) key names; "
+                             f"first keys: {_first(list(state))}")
+    if weights_format == "deeplab":
+        state = {k[len(_DEEPLAB_PREFIX):] if k.startswith(_DEEPLAB_PREFIX) else k: v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+    return state, weights_format
+
+
+def load_backbone_weights(backbone, state, path, weights_format):
+    """Copy `state` (from `read_backbone_weights`) into `backbone`; a ValueError naming `path` and
+    the first missing, unexpected or mismatched keys (in the file's naming) when they disagree."""
+    prefix = _DEEPLAB_PREFIX if weights_format == "deeplab" else ""
+    expected = backbone.state_dict()
+    # Older files (and every Caffe conversion) predate BatchNorm's num_batches_tracked.
+    missing = [prefix + k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [prefix + k for k in state if k not in expected]
+    mismatched = [f"{prefix}{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
+                  for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_first(missing)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {_first(mismatched)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_first(unexpected)}")
+    if problems:
+        raise ValueError(f"{path}: backbone weights do not fit the ResNet-101 ({weights_format} format): "
+                         + "; ".join(problems))
+    backbone.load_state_dict(state, strict=False)

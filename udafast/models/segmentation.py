@@ -1,0 +1,190 @@
+"""The segmentation networks: DeepLabV2-ResNet101 (with DeepLabV2's or ProDA's main head) and a
+small CPU network with the same outputs.
+
+`model(images)` -> dict: `"logits"` [B, C, h, w] (output stride 8), `"aux"` the layer3 head's logits
+[B, C, h, w], `"features"` the 256-d features the main logits are classified from (models with a
+feature head: ProDA's head and "small"), and with `return_backbone=True` also `"backbone"`, the
+stride-8 layer4 features (2048-d for ResNet-101) that DANN and the contrastive heads work on.
+"""
+import torch
+import torch.nn as nn
+
+from udafast.models.resnet import ResNetBackbone
+
+__all__ = ["SegmentationModel", "ASPPClassifier", "ProDAFeatureHead", "DeepLabV2", "SmallSegNet", "ASPP_MODES",
+           "HEADS"]
+
+ASPP_MODES = ("four", "two")
+HEADS = ("deeplabv2", "proda")
+ASPP_DILATIONS = (6, 12, 18, 24)
+
+
+class SegmentationModel(nn.Module):
+    """Common to the networks: `self.backbone` trains at the base learning rate, everything else
+    (the heads) at ten times it."""
+
+    normalization = "imagenet"
+    feature_dim = None
+
+    def backbone_parameters(self):
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def head_parameters(self):
+        inside = {id(p) for p in self.backbone.parameters()}
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in inside]
+
+    def param_groups(self, lr):
+        """Optimiser groups: the backbone at `lr`, the heads at 10 x `lr` (parameters with
+        requires_grad False, e.g. frozen BatchNorm affines, are left out)."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+            raise ValueError(f"lr: expected a positive number, got {lr!r}")
+        return [{"params": self.backbone_parameters(), "lr": float(lr), "name": "backbone"},
+                {"params": self.head_parameters(), "lr": 10.0 * lr, "name": "heads"}]
+
+
+class ASPPClassifier(nn.Module):
+    """DeepLabV2's classifier: the sum of 3x3 convs (in -> num_classes) dilated 6, 12, 18, 24.
+    `mode="two"` sums only the first two, as the AdaptSegNet code does (an early return inside its
+    loop); the other two convs stay so the authors' state dicts load and the flag can flip."""
+
+    def __init__(self, in_channels, num_classes, mode="four"):
+        super().__init__()
+        if mode not in ASPP_MODES:
+            raise ValueError(f"aspp: expected one of {ASPP_MODES}, got {mode!r}")
+        self.mode = mode
+        self.conv2d_list = nn.ModuleList(
+            nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in ASPP_DILATIONS)
+        for conv in self.conv2d_list:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x):
+        used = self.conv2d_list if self.mode == "four" else self.conv2d_list[:2]
+        out = used[0](x)
+        for conv in used[1:]:
+            out = out + conv(x)
+        return out
+
+
+class _SEBlock(nn.Module):
+    def __init__(self, channels, reduction=16):
+        super().__init__()
+        self.se = nn.Sequential(nn.Linear(channels, channels // reduction), nn.ReLU(inplace=True),
+                                nn.Linear(channels // reduction, channels), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.se(x.mean((2, 3)))[:, :, None, None]
+
+
+def _conv_gn_relu(in_channels, out_channels, kernel, dilation=1):
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel, padding=padding, dilation=dilation),
+                         nn.GroupNorm(32, out_channels), nn.ReLU(inplace=True))
+
+
+class ProDAFeatureHead(nn.Module):
+    """ProDA's head up to its features (its `Classifier_Module2`): a 1x1 branch and 3x3 branches
+    dilated 6, 12, 18, 24 (each conv -> GroupNorm(32) -> ReLU, `out_channels` wide), concatenated,
+    squeeze-and-excitation, then 3x3 conv -> GroupNorm: the features."""
+
+    def __init__(self, in_channels, out_channels=256):
+        super().__init__()
+        self.conv2d_list = nn.ModuleList([_conv_gn_relu(in_channels, out_channels, 1)] + [
+            _conv_gn_relu(in_channels, out_channels, 3, d) for d in ASPP_DILATIONS])
+        joined = out_channels * len(self.conv2d_list)
+        self.bottleneck = nn.Sequential(_SEBlock(joined), nn.Conv2d(joined, out_channels, 3, padding=1),
+                                        nn.GroupNorm(32, out_channels))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.bottleneck(torch.cat([branch(x) for branch in self.conv2d_list], 1))
+
+
+class DeepLabV2(SegmentationModel):
+    """DeepLabV2-ResNet101 at output stride 8 with an aux classifier on layer3 and the main head on
+    layer4: `head="deeplabv2"` DeepLabV2's ASPP classifier (no features); `head="proda"` ProDA's
+    feature head, then `logits = classifier(dropout(features))` (1x1, no bias), so prototypes of
+    the features live where the logits are made. `freeze_bn_affine` freezes the backbone's
+    BatchNorm weights and biases (the authors' code) while batch statistics are still used."""
+
+    def __init__(self, num_classes=19, aspp="four", head="deeplabv2", head_dropout=0.1, layout="torchvision",
+                 freeze_bn_affine=False, feature_dim=256):
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
+        self.backbone = ResNetBackbone(layout=layout)
+        c3, c4 = self.backbone.out_channels
+        self.aux_classifier = ASPPClassifier(c3, num_classes, aspp)
+        if head == "deeplabv2":
+            self.feature_head = None
+            self.classifier = ASPPClassifier(c4, num_classes, aspp)
+        else:
+            self.feature_dim = feature_dim
+            self.feature_head = ProDAFeatureHead(c4, feature_dim)
+            self.dropout = nn.Dropout2d(head_dropout)
+            self.classifier = nn.Conv2d(feature_dim, num_classes, 1, bias=False)
+            nn.init.kaiming_normal_(self.classifier.weight, mode="fan_out", nonlinearity="relu")
+        if freeze_bn_affine:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.requires_grad_(False)
+                    m.bias.requires_grad_(False)
+
+    def forward(self, images, return_backbone=False):
+        c3, c4 = self.backbone(images)
+        out = {}
+        if self.feature_head is None:
+            out["logits"] = self.classifier(c4)
+        else:
+            features = self.feature_head(c4)
+            out["logits"] = self.classifier(self.dropout(features))
+            out["features"] = features
+        out["aux"] = self.aux_classifier(c3)
+        if return_backbone:
+            out["backbone"] = c4
+        return out
+
+
+def _conv_bn_relu(in_channels, out_channels, stride=1, dilation=1):
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=dilation, dilation=dilation,
+                                   bias=False),
+                         nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True))
+
+
+class _SmallBackbone(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.stem = nn.Sequential(_conv_bn_relu(3, width, 2), _conv_bn_relu(width, 2 * width, 2))
+        self.layer3 = nn.Sequential(_conv_bn_relu(2 * width, 4 * width, 2), _conv_bn_relu(4 * width, 4 * width))
+        self.layer4 = _conv_bn_relu(4 * width, 8 * width, dilation=2)
+        self.out_channels = (4 * width, 8 * width)
+
+    def forward(self, x):
+        c3 = self.layer3(self.stem(x))
+        return c3, self.layer4(c3)
+
+
+class SmallSegNet(SegmentationModel):
+    """A few conv blocks at output stride 8 with DeepLabV2-ProDA's outputs, for CPU runs: backbone
+    widths `width`..`8 width` (the "backbone" output is 8 width deep), a 1x1 aux classifier on the
+    layer3 stand-in, a 1x1 conv + BatchNorm feature head (`feature_dim`) and a 1x1 classifier."""
+
+    def __init__(self, num_classes=19, width=16, feature_dim=256):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.backbone = _SmallBackbone(width)
+        c3, c4 = self.backbone.out_channels
+        self.aux_classifier = nn.Conv2d(c3, num_classes, 1)
+        self.feature_head = nn.Sequential(nn.Conv2d(c4, feature_dim, 1, bias=False), nn.BatchNorm2d(feature_dim))
+        self.classifier = nn.Conv2d(feature_dim, num_classes, 1, bias=False)
+
+    def forward(self, images, return_backbone=False):
+        c3, c4 = self.backbone(images)
+        features = self.feature_head(c4)
+        out = {"logits": self.classifier(features), "aux": self.aux_classifier(c3), "features": features}
+        if return_backbone:
+            out["backbone"] = c4
+        return out
