@@ -8,7 +8,6 @@ benchmarks/results/synthetic-gap.json. A UDA method run with the same settings s
 between the two numbers.
 """
 import argparse
-import json
 import os
 import sys
 import time

@@ -8,9 +8,9 @@ street trees — sized by their depth and painted far to near. Labels are the 19
 ids (every pixel has a class; 255 never occurs).
 
 Two domains share that layout and those shapes but not their look or statistics, as GTA5 and
-Cityscapes do: `source` is bright, saturated, flat-coloured and sharp, with few small cars and
-many persons; `target` is darker, desaturated, overcast, textured (windows, foliage, asphalt
-grain), noisy and blurred, with more and bigger cars and few persons.
+Cityscapes do: `source` is sunny, saturated, lightly textured and sharp, with few small cars and
+many persons; `target` is darker, greyer, overcast, textured (windows, foliage, asphalt grain),
+noisy and blurred, with more and bigger cars, more trucks and buses, and few persons.
 
 Sample `index` of (`domain`, `split`) is generated from its own seed, `SeedSequence([seed,
 domain, split, index])`, so any sample can be drawn in any order, by any worker, identically.
@@ -56,7 +56,7 @@ class _Style:
     brightness: Tuple[float, float]
     cast: float               # std of a per-image colour cast
     texture: float            # strength of the class textures (windows, foliage, grain)
-    noise: Tuple[float, float]  # std of the per-pixel Gaussian noise
+    noise: Tuple[float, float]  # range of the std of the per-pixel noise
     blur: float               # Gaussian blur sigma in pixels (0 = sharp)
     sky_gradient: float
     cars: Tuple[int, int]
@@ -123,7 +123,7 @@ _TARGET = _Style(
         BICYCLE: [(.20, .20, .22), (.35, .30, .25)]}),
     object_colours=_palette({0: [(.15, .15, .17), (.85, .85, .85), (.45, .46, .48), (.20, .25, .40), (.55, .20, .18),
                                  (.65, .65, .62), (.30, .28, .24), (.10, .10, .10)]})[0],
-    jitter=0.04, saturation=0.85, brightness=(0.8, 1.0), cast=0.05, texture=1.0, noise=(0.02, 0.05),
+    jitter=0.04, saturation=0.85, brightness=(0.8, 1.0), cast=0.05, texture=0.7, noise=(0.01, 0.03),
     blur=0.9, sky_gradient=0.1, cars=(3, 7), car_scale=(1.0, 1.3), big_vehicle_p=0.15,
     persons=(0, 2), person_scale=(0.9, 1.1), riders=(0, 2), poles=(2, 5), trees=(1, 4), vegetation_p=0.4)
 
@@ -212,11 +212,8 @@ class _Scene:
         return self.colour(None, colours[self.rng.integers(len(colours))])
 
     # --- geometry --------------------------------------------------------------------------
-    def depth(self, y):
-        """0 at the horizon, 1 at the bottom row."""
-        return (y - self.horizon) / (self.h - self.horizon)
-
     def row(self, d):
+        """The image row at depth `d` (0 at the horizon, 1 at the bottom row)."""
         return self.horizon + d * (self.h - self.horizon)
 
     def road_edges(self, d):
@@ -252,16 +249,16 @@ class _Scene:
                 vx, horizon = self.vx, self.horizon
                 if kind < self.style.vegetation_p:
                     lift *= 0.6
-                    top = lambda yy, xx, s=slope * 0.6, l=lift: yy >= horizon - l - s * np.abs(xx - vx) * (
+                    top = lambda yy, xx, s=slope * 0.6, up=lift: yy >= horizon - up - s * np.abs(xx - vx) * (
                         1 + 0.15 * np.sin(xx * 0.9) * np.sin(xx * 0.37))
                     c.paint((0, self.h, x0, x1), top, VEGETATION, self.colour(VEGETATION))
                     c.paint((horizon + 1, self.h, x0, x1), None, TERRAIN, self.colour(TERRAIN))
                 elif kind < self.style.vegetation_p + 0.12:
                     cls = WALL if rng.random() < 0.5 else FENCE
-                    low = lambda yy, xx, s=slope * 0.3, l=lift * 0.5: yy >= horizon - l - s * np.abs(xx - vx)
+                    low = lambda yy, xx, s=slope * 0.3, up=lift * 0.5: yy >= horizon - up - s * np.abs(xx - vx)
                     c.paint((0, self.h, x0, x1), low, cls, self.colour(cls))
                 else:
-                    top = lambda yy, xx, s=slope, l=lift: yy >= horizon - l - s * np.abs(xx - vx)
+                    top = lambda yy, xx, s=slope, up=lift: yy >= horizon - up - s * np.abs(xx - vx)
                     c.paint((0, self.h, x0, x1), top, BUILDING, self.colour(BUILDING))
                 x = x_next
 
