@@ -12,3 +12,4 @@ from udafast.data.labels import (  # noqa: F401
     SYNTHIA_ID_TO_TRAIN, colorize,
 )
 from udafast.data import transforms  # noqa: F401
+from udafast.data import synthetic  # noqa: F401  (registers the embedded benchmark "synthetic")
