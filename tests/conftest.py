@@ -44,6 +44,29 @@ def assert_grad_close_spec(actual, expected, what="gradient"):
     assert diff <= 1e-5 * torch.linalg.vector_norm(expected.detach().double()), f"{what}: L2 error {diff:.3e}"
 
 
+_SAME_SIZE_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
+
+
+def assert_reproducible(run):
+    """run() twice, then once on a single thread: every tensor it returns is bitwise equal
+    (floats compared by their bits, so -0.0 against +0.0 or a changed NaN would fail)."""
+    first, second = run(), run()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run()
+    finally:
+        torch.set_num_threads(threads)
+
+    def tensors(out):
+        return [out] if isinstance(out, torch.Tensor) else [t for item in out for t in tensors(item)]
+
+    for other in (second, single):
+        for x, y in zip(tensors(first), tensors(other), strict=True):
+            bits = _SAME_SIZE_INT.get(x.dtype, x.dtype)
+            assert x.dtype == y.dtype and torch.equal(x.view(bits), y.view(bits))
+
+
 def noncontiguous(x):
     """The same values in a non-contiguous layout (a strided view into a larger buffer)."""
     if x.dim() == 0:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import udafast.ops as U
 from udafast.ops import reference
-from conftest import fast_backends, noncontiguous
+from conftest import assert_reproducible, fast_backends, noncontiguous
 
 THRESHOLD_BACKENDS = fast_backends("class_thresholds")
 HISTOGRAM_BACKENDS = fast_backends("class_histogram_add_")
@@ -163,15 +163,7 @@ def test_thresholds_bad_values_unvalidated(backend, no_validation):
 @pytest.mark.parametrize("backend", THRESHOLD_BACKENDS)
 def test_thresholds_reproducible_across_runs_and_threads(backend):
     conf, pred = make_inputs((300_000,), 19)
-    threads = torch.get_num_threads()
-    try:
-        runs = [U.class_thresholds(conf, pred, 19, 0.5, backend=backend) for _ in range(2)]
-        torch.set_num_threads(1)
-        runs.append(U.class_thresholds(conf, pred, 19, 0.5, backend=backend))
-    finally:
-        torch.set_num_threads(threads)
-    for run in runs[1:]:
-        assert runs[0].view(torch.int32).equal(run.view(torch.int32))
+    assert_reproducible(lambda: U.class_thresholds(conf, pred, 19, 0.5, backend=backend))
 
 
 @pytest.mark.parametrize("backend", THRESHOLD_BACKENDS)
@@ -405,15 +397,7 @@ def test_labels_empty_and_single_class(backend, shape):
 def test_labels_reproducible_across_threads(backend):
     probs = make_probs((2, 19, 64, 129), torch.float32)
     thresholds = torch.rand(19) * 0.8 + 0.1
-    threads = torch.get_num_threads()
-    try:
-        first = U.cbst_pseudo_labels(probs, thresholds, backend=backend)
-        second = U.cbst_pseudo_labels(probs, thresholds, backend=backend)
-        torch.set_num_threads(1)
-        single = U.cbst_pseudo_labels(probs, thresholds, backend=backend)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(first, second) and torch.equal(first, single)
+    assert_reproducible(lambda: U.cbst_pseudo_labels(probs, thresholds, backend=backend))
 
 
 # ---------------------------------------------------------------- torch.library / torch.compile

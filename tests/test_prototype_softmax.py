@@ -14,7 +14,7 @@ from udafast.ops.prototype_softmax import (
     update_prototypes,
 )
 
-from conftest import assert_close_spec, assert_grad_close_spec, fast_backends, noncontiguous
+from conftest import assert_close_spec, assert_grad_close_spec, assert_reproducible, fast_backends, noncontiguous
 
 BACKENDS = fast_backends("prototype_softmax")
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no fast backend for prototype_softmax in this process")
@@ -219,15 +219,7 @@ def test_bitwise_reproducible_and_thread_independent(backend):
         sums, _ = class_feature_sums(features, labels, 19, ignore_index=19, backend=backend)
         return out, g, prototype_rectify(features, prototypes, soft, backend=backend), sums
 
-    first = run()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = run()
-    finally:
-        torch.set_num_threads(threads)
-    for x, y, z in zip(first, run(), single):
-        assert torch.equal(x, y) and torch.equal(x, z)
+    assert_reproducible(run)
 
 
 # ---- prototype_rectify ----

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import udafast
-from conftest import assert_close_spec, assert_grad_close_spec, fast_backends, noncontiguous
+from conftest import assert_close_spec, assert_grad_close_spec, assert_reproducible, fast_backends, noncontiguous
 from udafast.ops import reference
 from udafast.ops.sce_loss import sce_loss
 
@@ -189,16 +189,7 @@ def test_bitwise_reproducible(backend):
     """Two runs, and runs on 1 and 2 threads, agree bit for bit."""
     logits = torch.randn(2, 19, 64, 97) * 3
     target = make_target(2, 19, 64, 97)
-    first = loss_and_grad(logits, target, backend, reg_weight=0.1)
-    second = loss_and_grad(logits, target, backend, reg_weight=0.1)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = loss_and_grad(logits, target, backend, reg_weight=0.1)
-    finally:
-        torch.set_num_threads(threads)
-    for other in (second, single):
-        assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+    assert_reproducible(lambda: loss_and_grad(logits, target, backend, reg_weight=0.1))
 
 
 def test_lse_and_count():

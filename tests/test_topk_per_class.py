@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import fast_backends, noncontiguous
+from conftest import assert_reproducible, fast_backends, noncontiguous
 from udafast.ops import reference
 from udafast.ops.topk_per_class import ClassMemoryBank, topk_per_class
 
@@ -183,17 +183,8 @@ def test_bad_values_skipped_without_validation(backend):
 def test_bitwise_reproducible_and_thread_independent(backend):
     scores = torch.rand(70000).round(decimals=2)  # many ties
     labels = make_labels(70000, 19)
-    first = topk_per_class(scores, labels, 19, 256, backend=backend)
-    second = topk_per_class(scores, labels, 19, 256, backend=backend)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = topk_per_class(scores, labels, 19, 256, backend=backend)
-    finally:
-        torch.set_num_threads(threads)
-    assert_same(first, second)
-    assert_same(first, single)
-    assert_same(first, expected(scores, labels, 19, 256))
+    assert_reproducible(lambda: topk_per_class(scores, labels, 19, 256, backend=backend))
+    assert_same(topk_per_class(scores, labels, 19, 256, backend=backend), expected(scores, labels, 19, 256))
 
 
 def test_opcheck():
