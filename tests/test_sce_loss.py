@@ -8,7 +8,6 @@ from hypothesis import strategies as st
 
 import udafast
 from conftest import assert_close_spec, assert_grad_close_spec, assert_reproducible, fast_backends, noncontiguous
-from udafast.ops import reference
 from udafast.ops.sce_loss import sce_loss
 
 BACKENDS = fast_backends("sce_loss")
