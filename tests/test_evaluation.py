@@ -316,3 +316,27 @@ def test_cli_process_exit_status(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr and str(missing) in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_checkpoint_carries_the_evaluation_input_size(tmp_path):
+    """A real small-model checkpoint saved with eval_input_size: the CLI evaluates at that size
+    unless --input-size overrides it."""
+    from udafast.models import build_model, save_checkpoint
+
+    root = tmp_path / "cs"
+    make_cityscapes(root)
+    ckpt = tmp_path / "small.pt"
+    save_checkpoint(ckpt, build_model({"name": "small", "num_classes": 19}), iter=3, eval_input_size=[48, 24])
+    model = evaluate.load_model(ckpt)
+    assert model.eval_input_size == (48, 24)
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    from unittest import mock
+
+    with mock.patch.object(evaluate, "load_model", lambda path, device="cpu": model):
+        evaluate.main(["--checkpoint", str(ckpt), "--root", str(root), "--device", "cpu", "--quiet"])
+        assert seen == [(24, 48)] * 2
+        seen.clear()
+        evaluate.main(["--checkpoint", str(ckpt), "--root", str(root), "--device", "cpu", "--quiet",
+                       "--input-size", "32x16"])
+        assert seen == [(16, 32)] * 2

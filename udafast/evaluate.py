@@ -22,13 +22,20 @@ from udafast.engine import evaluation
 
 
 def load_model(checkpoint, device="cpu"):
-    """The model saved in `checkpoint` (see udafast.models), on `device`, in eval mode."""
+    """The model saved in `checkpoint` (see udafast.models), on `device`, in eval mode.
+
+    `model.eval_input_size` is the network input size (w, h) the run's config evaluates at, which
+    the trainer stores in the checkpoint as `eval_input_size`, or None (each image's own size)."""
     checkpoint = str(checkpoint)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    from udafast.models import model_from_checkpoint
+    from udafast.models import load_checkpoint, model_from_checkpoint
 
-    return model_from_checkpoint(checkpoint, map_location="cpu").to(device).eval()
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    model = model_from_checkpoint(state, map_location="cpu").to(device).eval()
+    size = state.get("eval_input_size")
+    model.eval_input_size = tuple(size) if size is not None else None
+    return model
 
 
 def parse_size(text):
@@ -93,7 +100,8 @@ def build_parser():
     p.add_argument("--root", required=True, help="dataset root folder")
     p.add_argument("--split", default="val", help="split to evaluate (default val)")
     p.add_argument("--input-size", metavar="WxH", type=parse_size, default=None,
-                   help="network input WIDTHxHEIGHT (default: each image's own size)")
+                   help="network input WIDTHxHEIGHT (default: the checkpoint's eval_input_size, "
+                        "else each image's own size)")
     p.add_argument("--device", default=None, help="torch device (default cuda when available)")
     p.add_argument("--classes", type=int, choices=(19, 16), default=19,
                    help="19 classes, or 16 (+13) for SYNTHIA-trained models")
@@ -119,7 +127,8 @@ def run(args) -> dict:
         device = torch.device(args.device or default_device())
         model = load_model(args.checkpoint, device)
         writer = PredictionWriter(args.save_predictions, dataset) if args.save_predictions else None
-        result = evaluation.evaluate_model(model, dataset, input_size=args.input_size, device=device,
+        input_size = args.input_size or getattr(model, "eval_input_size", None)
+        result = evaluation.evaluate_model(model, dataset, input_size=input_size, device=device,
                                            classes=args.classes, on_prediction=writer, progress=progress)
         meta = {"checkpoint": args.checkpoint,
                 "input_size": list(args.input_size) if args.input_size else None}

@@ -71,7 +71,8 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, help="model checkpoint")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--input-size", metavar="WxH", type=evaluate.parse_size, default=None,
-                   help="network input WIDTHxHEIGHT (default: each image's own size)")
+                   help="network input WIDTHxHEIGHT (default: the checkpoint's eval_input_size, "
+                        "else each image's own size)")
     p.add_argument("--device", default=None, help="torch device (default cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -82,7 +83,8 @@ def run(args):
     device = torch.device(args.device or evaluate.default_device())
     model = evaluate.load_model(args.checkpoint, device)
     progress = None if args.quiet else evaluate.print_progress
-    written = predict_files(model, files, args.out, input_size=args.input_size, device=device, progress=progress)
+    input_size = args.input_size or getattr(model, "eval_input_size", None)
+    written = predict_files(model, files, args.out, input_size=input_size, device=device, progress=progress)
     if progress is not None:
         print(file=sys.stderr)
     print(f"wrote {len(written)} predictions to {args.out}")
