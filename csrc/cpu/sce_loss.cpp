@@ -63,14 +63,15 @@ void sce_forward_kernel(const scalar_t* logits, const void* target, LabelLoader 
   const scalar_t lo = static_cast<scalar_t>(1e-7);
   // e: exp(z - max) of the tile's C rows, reused for the RCE term
   udafast::tiles::parallel_chunks<scalar_t>(g, [&](int64_t chunk, scalar_t* e) {
-    alignas(64) scalar_t mx[kTile], sum[kTile], zs[kTile], zy[kTile], ls[kTile], inv[kTile], rce[kTile];
+    alignas(64) scalar_t mx[kTile], sum[kTile], zs[kTile], zy[kTile], ey[kTile], others[kTile], ls[kTile], inv[kTile],
+        rce[kTile];
     alignas(64) int32_t y[kTile];
     ForwardSums acc;
     for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
       const scalar_t* z = logits + b * C * S + s0;
       load(target, b * S + s0, n, C, ignore_index, y);
       udafast::vec::tile_max(z, C, S, n, mx);
-      for (int64_t i = 0; i < n; ++i) sum[i] = zs[i] = zy[i] = rce[i] = 0;
+      for (int64_t i = 0; i < n; ++i) sum[i] = zs[i] = zy[i] = ey[i] = others[i] = rce[i] = 0;
       for (int32_t c = 0; c < C; ++c) {
         const scalar_t* row = z + c * S;
         scalar_t* ec = e + c * kTile;
@@ -81,6 +82,8 @@ void sce_forward_kernel(const scalar_t* logits, const void* target, LabelLoader 
           sum[i] += ec[i];
           zs[i] += d;
           zy[i] += select(c == y[i], d, scalar_t(0));
+          ey[i] += select(c == y[i], ec[i], scalar_t(0));
+          others[i] += select(c != y[i], ec[i], scalar_t(0));
         }
       }
 #pragma omp simd
@@ -103,7 +106,12 @@ void sce_forward_kernel(const scalar_t* logits, const void* target, LabelLoader 
       for (int64_t i = 0; i < n; ++i) {
         const bool v = y[i] >= 0;
         lse[b * S + s0 + i] = mx[i] + ls[i];
-        ce_sum += static_cast<double>(select(v, ls[i] - zy[i], scalar_t(0)));
+        // -log p_y = log1p(x), x = sum_{k != y} p_k / p_y: a series where x is small, since
+        // log(sum) - z_y rounds to 0 once p_y rounds to 1
+        const scalar_t x = others[i] / ey[i];
+        const scalar_t series = x * (scalar_t(1) - x * (scalar_t(0.5) - x * (scalar_t(1) / 3 - x * scalar_t(0.25))));
+        const scalar_t ce = select(x < scalar_t(1e-2), series, ls[i] - zy[i]);
+        ce_sum += static_cast<double>(select(v, ce, scalar_t(0)));
         rce_sum += static_cast<double>(select(v, rce[i], scalar_t(0)));
         log_p_sum += static_cast<double>(zs[i] - static_cast<scalar_t>(C) * ls[i]);
         valid += v ? 1 : 0;

@@ -110,7 +110,11 @@ def sce_loss(logits, target, alpha=0.1, beta=1.0, reg_weight=0.0, ignore_index=2
     n = valid.sum()
     safe_target = torch.where(valid, target, 0).to(torch.int64)
     onehot = F.one_hot(safe_target, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
-    ce_pixel = -(log_p * onehot).sum(dim=1)
+    # -log p_y written as softplus(logsumexp_{k != y}(z_k - z_y)): the same value, but its gradient
+    # -(1 - p_y) = -sigmoid(...) does not cancel to 0 where p_y rounds to 1
+    z_y = (logits * onehot).sum(dim=1, keepdim=True)
+    others = (logits - z_y).masked_fill(onehot.bool(), torch.finfo(logits.dtype).min)
+    ce_pixel = F.softplus(torch.logsumexp(others, dim=1))
     rce_pixel = -(torch.clamp(p, 1e-7, 1.0) * torch.log(torch.clamp(onehot, 1e-4, 1.0))).sum(dim=1)
     denominator = torch.clamp(n, min=1).to(logits.dtype)  # n == 0: both sums are 0, so is the term
     ce = torch.where(valid, ce_pixel, 0).sum() / denominator
