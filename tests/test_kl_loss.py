@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_close_spec, assert_grad_close_spec, fast_backends, noncontiguous
+from conftest import assert_close_spec, assert_grad_close_spec, assert_reproducible, fast_backends, noncontiguous
 from udafast.ops.kl_loss import kl_loss
 
 BACKENDS = fast_backends("kl_loss")
@@ -142,16 +142,7 @@ def test_bitwise_reproducible(backend):
     logits = torch.randn(shape) * 3
     target = make_target(shape)
     mask = make_mask("partial", 2, 64, 97)
-    first = loss_and_grad(logits, target, mask, backend)
-    second = loss_and_grad(logits, target, mask, backend)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        single = loss_and_grad(logits, target, mask, backend)
-    finally:
-        torch.set_num_threads(threads)
-    for other in (second, single):
-        assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+    assert_reproducible(lambda: loss_and_grad(logits, target, mask, backend))
 
 
 def test_lse_and_count():
