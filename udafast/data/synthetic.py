@@ -506,6 +506,9 @@ def _check_size(size):
     return h, w
 
 
+_CACHES = {}
+
+
 @register_dataset("synthetic")
 class SyntheticStreets(Dataset):
     """Generated street scenes (see the module docstring). `root` is unused (nothing is read);
@@ -534,7 +537,9 @@ class SyntheticStreets(Dataset):
         self.size = _check_size(size)
         self.length, self.seed = length, seed
         self.labelled = SPLITS[domain][split] if with_labels is None else with_labels
-        self._cache = {} if cache else None
+        # one cache per (seed, domain, split, size), shared by every instance in the process, so that
+        # the runs of a comparison generate each scene once
+        self._cache = _CACHES.setdefault((seed, domain, split, self.size), {}) if cache else None
 
     def __len__(self):
         return self.length

@@ -1,0 +1,256 @@
+"""Training data: the datasets of a run config, their training views, and endless seeded batch streams.
+
+A sample's view is a pure function of (stream seed, epoch, position), whatever the number of
+loader workers, so that a run is reproducible and a stream can resume from `(epoch, position)`.
+Methods can attach per-sample data to a stream (`extras(index) -> dict`): a `"label"` (pseudo-labels
+in the frame of the resized image) follows the image pixel for pixel; `"crop_center"` (y, x) in
+that frame centres the random crop on a pixel (or None); any other tensor [..., h, w]
+is a map of the whole frame at any resolution (e.g. soft labels at the network's output stride) and
+is cropped and flipped proportionally, so crops are aligned to the map's stride.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from udafast.data import build_dataset
+from udafast.data.labels import IGNORE_INDEX
+from udafast.data.transforms import Resize, _pair, _resize_image, _resize_label
+
+__all__ = ["TrainView", "BatchStream", "build_split", "collate"]
+
+
+def build_split(spec, transform=None, **override):
+    """The dataset of a `data.source`/`data.target`/`data.val` config entry."""
+    options = dict(spec.get("options") or {})
+    options.update(override)
+    return build_dataset(spec["name"], spec.get("root"), spec.get("split", "train"), transform=transform, **options)
+
+
+def _rand(generator):
+    return torch.rand((), generator=generator).item()
+
+
+def _randint(generator, high):
+    return int(torch.randint(high, (), generator=generator).item())
+
+
+class TrainView:
+    """Resize -> extras -> random scale -> random crop -> horizontal flip, over the image, its
+    label and the frame maps of `sample["maps"]` (see the module docstring).
+
+    `resize`: (H, W), or an int for the shorter side; `scale_range`: (low, high) of the resized
+    size; `crop`: (H, W), padded with 0 / 255 when the image is smaller; `align`: crop offsets are
+    multiples of it (the maps' stride, so that their crops are exact)."""
+
+    def __init__(self, resize=None, scale_range=None, crop=None, flip=0.5, align=1):
+        self.resize = None if resize is None else Resize(resize if isinstance(resize, int) else _pair(resize, "resize"))
+        if scale_range is not None:
+            lo, hi = (float(s) for s in scale_range)
+            if not 0 < lo <= hi:
+                raise ValueError(f"scale_range: expected 0 < low <= high, got {scale_range}")
+            scale_range = (lo, hi)
+        self.scale_range = scale_range
+        self.crop = None if crop is None else _pair(crop, "crop")
+        if not 0.0 <= float(flip) <= 1.0:
+            raise ValueError(f"flip: expected a probability, got {flip}")
+        self.flip = float(flip)
+        self.align = int(align)
+
+    @classmethod
+    def from_config(cls, view, align=1):
+        view = dict(view or {})
+        unknown = sorted(set(view) - {"resize", "scale_range", "crop", "flip"})
+        if unknown:
+            raise ValueError(f"view: unknown key(s) {unknown}")
+        return cls(view.get("resize"), view.get("scale_range"), view.get("crop"), view.get("flip", 0.5), align)
+
+    def resized(self, sample):
+        """Only the resize step: the frame in which extras and pseudo-labels are defined."""
+        return sample if self.resize is None else self.resize(sample)
+
+    def __call__(self, sample, generator, extras=None):
+        sample = self.resized(sample)
+        if extras:
+            sample = dict(sample)
+            maps = dict(sample.get("maps") or {})
+            for key, value in extras.items():
+                if key == "crop_center":
+                    sample["crop_center"] = value
+                elif key == "label":
+                    if tuple(value.shape) != tuple(sample["image"].shape[-2:]):
+                        raise ValueError(f"extras: label of shape {tuple(value.shape)} for an image of "
+                                         f"{tuple(sample['image'].shape[-2:])}")
+                    sample["label"] = value
+                else:
+                    maps[key] = value
+            sample["maps"] = maps
+        image, label = sample["image"], sample.get("label")
+        maps = dict(sample.get("maps") or {})
+        if self.scale_range is not None:
+            lo, hi = self.scale_range
+            s = lo + (hi - lo) * _rand(generator)
+            size = (max(1, round(image.shape[-2] * s)), max(1, round(image.shape[-1] * s)))
+            image = _resize_image(image, size)
+            if label is not None:
+                label = _resize_label(label, size)
+        if self.crop is not None:
+            center = sample.get("crop_center")
+            if center is not None and self.scale_range is not None:
+                center = (center[0] * image.shape[-2] / sample["image"].shape[-2],
+                          center[1] * image.shape[-1] / sample["image"].shape[-1])
+            image, label, maps = self._crop(image, label, maps, generator, center)
+        if self.flip > 0 and _rand(generator) < self.flip:
+            image = image.flip(-1)
+            label = None if label is None else label.flip(-1)
+            maps = {k: v.flip(-1) for k, v in maps.items()}
+        out = dict(sample)
+        out["image"] = image.contiguous()
+        if label is not None:
+            out["label"] = label.contiguous()
+        out.pop("maps", None)
+        out.pop("crop_center", None)
+        if maps:
+            out["maps"] = {k: v.contiguous() for k, v in maps.items()}
+        return out
+
+    def _crop(self, image, label, maps, generator, center=None):
+        ch, cw = self.crop
+        h, w = image.shape[-2:]
+        if h < ch or w < cw:
+            pad = (0, max(0, cw - w), 0, max(0, ch - h))
+            image = F.pad(image, pad, value=0.0)
+            label = None if label is None else F.pad(label, pad, value=IGNORE_INDEX)
+            maps = {k: _pad_map(v, h, w, max(h, ch), max(w, cw)) for k, v in maps.items()}
+            h, w = image.shape[-2:]
+        a = self.align
+        y0 = _randint(generator, (h - ch) // a + 1) * a
+        x0 = _randint(generator, (w - cw) // a + 1) * a
+        if center is not None:  # a crop around this pixel (CBST's rare-class mining)
+            cy, cx = center
+            y0 = min(max(0, int(cy) - ch // 2), h - ch) // a * a
+            x0 = min(max(0, int(cx) - cw // 2), w - cw) // a * a
+        image = image[..., y0:y0 + ch, x0:x0 + cw]
+        label = None if label is None else label[..., y0:y0 + ch, x0:x0 + cw]
+        maps = {k: _crop_map(v, h, w, y0, x0, ch, cw) for k, v in maps.items()}
+        return image, label, maps
+
+    def __repr__(self):
+        return (f"TrainView(resize={self.resize}, scale_range={self.scale_range}, crop={self.crop}, "
+                f"flip={self.flip}, align={self.align})")
+
+
+def _pad_map(m, h, w, nh, nw):
+    mh, mw = m.shape[-2:]
+    ph, pw = math.ceil(mh * nh / h) - mh, math.ceil(mw * nw / w) - mw
+    fill = IGNORE_INDEX if not m.dtype.is_floating_point else 0.0
+    return F.pad(m, (0, pw, 0, ph), value=fill)
+
+
+def _crop_map(m, h, w, y0, x0, ch, cw):
+    """The part of a frame map covering the image crop (y0, x0, ch, cw) of an h x w frame."""
+    mh, mw = m.shape[-2:]
+    sy, sx = mh / h, mw / w
+    top, left = round(y0 * sy), round(x0 * sx)
+    size = (max(1, round(ch * sy)), max(1, round(cw * sx)))
+    out = m[..., top:top + size[0], left:left + size[1]]
+    if tuple(out.shape[-2:]) != size:  # a crop not aligned to the map's stride: resample
+        src = m.float() if not m.dtype.is_floating_point else m
+        out = F.interpolate(src.reshape(1, -1, mh, mw), size=size, mode="nearest")[0].reshape(*m.shape[:-2], *size)
+        out = out.to(m.dtype)
+    return out
+
+
+class _Views(Dataset):
+    """Indexed by (index, seed): the dataset's sample through `view` with a generator of `seed`."""
+
+    def __init__(self, dataset, view, extras):
+        self.dataset, self.view, self.extras = dataset, view, extras
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, seed = key
+        sample = self.dataset[index]
+        extras = self.extras(index) if self.extras is not None else None
+        out = self.view(sample, torch.Generator().manual_seed(seed), extras)
+        out["index"] = index
+        return out
+
+
+def collate(samples):
+    """Stack the samples' tensors (images, labels, maps), indices as int64, names as a list."""
+    out = {"image": torch.stack([s["image"] for s in samples]),
+           "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
+           "name": [s.get("name") for s in samples]}
+    if all("label" in s for s in samples):
+        out["label"] = torch.stack([s["label"] for s in samples])
+    if samples and "maps" in samples[0]:
+        out["maps"] = {k: torch.stack([s["maps"][k] for s in samples]) for k in samples[0]["maps"]}
+    return out
+
+
+class BatchStream:
+    """Endless batches of `batch_size` views of `dataset`: each epoch a permutation drawn from
+    (seed, epoch), the last incomplete batch dropped; the view of the sample at (epoch, position)
+    uses a generator seeded from (seed, epoch, position). `state_dict()` is (epoch, position) of the
+    next batch."""
+
+    def __init__(self, dataset, batch_size, view, *, seed=0, num_workers=0, extras=None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
+        if len(dataset) < batch_size:
+            raise ValueError(f"batch_size: {batch_size} is more than the {len(dataset)} samples of {dataset!r}")
+        self.dataset, self.batch_size, self.view = dataset, batch_size, view
+        self.seed, self.num_workers = int(seed), int(num_workers)
+        self.extras = extras
+        self.epoch, self.position = 0, 0
+        self._iter = None
+
+    @property
+    def batches_per_epoch(self):
+        return len(self.dataset) // self.batch_size
+
+    def set_extras(self, extras):
+        """Attach (or, with None, detach) per-sample extras; restarts the prefetching."""
+        self.extras = extras
+        self._iter = None
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self._iter = None
+
+    def _keys(self, epoch, start):
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        n = self.batches_per_epoch
+        for b in range(start, n):
+            yield [(int(order[b * self.batch_size + j]), (self.seed * 1_000_003 + epoch) * 65_537 + b * self.batch_size + j)
+                   for j in range(self.batch_size)]
+
+    def _epoch_iter(self):
+        keys = self._keys(self.epoch, self.position)
+        views = _Views(self.dataset, self.view, self.extras)
+        if self.num_workers == 0:
+            return (collate([views[k] for k in batch]) for batch in keys)
+        return iter(DataLoader(views, batch_sampler=list(keys), collate_fn=collate, num_workers=self.num_workers,
+                               persistent_workers=False))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._iter is None:
+            self._iter = self._epoch_iter()
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch, self.position = self.epoch + 1, 0
+            self._iter = self._epoch_iter()
+            batch = next(self._iter)
+        self.position += 1
+        return batch

@@ -1,0 +1,118 @@
+"""Training logs: a CSV file, TensorBoard events and a progress bar (iteration, ETA, running losses)."""
+import csv
+import math
+import os
+import sys
+import time
+
+__all__ = ["RunLogger"]
+
+
+class RunLogger:
+    """Writes `log.csv` and TensorBoard events under `out_dir` (`tensorboard/`), and draws a tqdm
+    progress bar on stderr when `progress` (default: when stderr is a terminal)."""
+
+    def __init__(self, out_dir, total_iters, *, progress=None, tensorboard=True, rank=0):
+        self.out_dir = out_dir
+        self.enabled = rank == 0
+        self.total = total_iters
+        self._csv_file = self._csv = None
+        self._fields = None
+        self._writer = None
+        self._bar = None
+        self._running = {}
+        self._last_line = 0.0
+        if not self.enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        if progress is None:
+            progress = sys.stderr.isatty()
+        if progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_iters, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
+
+    def set_position(self, done):
+        if self._bar is not None:
+            self._bar.n = done
+            self._bar.refresh()
+
+    def set_description(self, text):
+        if self._bar is not None:
+            self._bar.set_description(text)
+
+    def log_iteration(self, global_iter, stage, stage_iter, losses, lrs, sec_per_iter):
+        """Record one iteration's losses (floats), learning rates and time."""
+        if not self.enabled:
+            return
+        for k, v in losses.items():  # exponential running mean for the bar
+            self._running[k] = v if k not in self._running else 0.9 * self._running[k] + 0.1 * v
+        row = {"iter": global_iter, "stage": stage, "stage_iter": stage_iter, "sec_per_iter": round(sec_per_iter, 5),
+               **{f"lr_{k}": v for k, v in lrs.items()}, **{f"loss_{k}": v for k, v in losses.items()}}
+        self._write_csv(row)
+        if self._writer is not None:
+            for k, v in losses.items():
+                self._writer.add_scalar(f"loss/{k}", v, global_iter)
+            for k, v in lrs.items():
+                self._writer.add_scalar(f"lr/{k}", v, global_iter)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in self._running.items()}, refresh=False)
+        elif time.monotonic() - self._last_line > 30 or global_iter == self.total:
+            # no terminal: a line now and then instead of a bar
+            self._last_line = time.monotonic()
+            eta = sec_per_iter * (self.total - global_iter)
+            losses_text = " ".join(f"{k} {v:.3g}" for k, v in self._running.items())
+            print(f"  [{stage}] iter {global_iter}/{self.total}  {losses_text}  "
+                  f"({sec_per_iter:.3f} s/iter, ETA {_duration(eta)})", file=sys.stderr, flush=True)
+
+    def _write_csv(self, row):
+        path = os.path.join(self.out_dir, "log.csv")
+        if self._fields is None or set(row) - set(self._fields):
+            # a new column (a loss that starts later, a new stage): rewrite the header with it
+            old = []
+            if self._csv_file is not None:
+                self._csv_file.close()
+                with open(path, newline="") as f:
+                    old = list(csv.DictReader(f))
+            elif os.path.exists(path):
+                with open(path, newline="") as f:
+                    reader = csv.DictReader(f)
+                    old = list(reader)
+                    self._fields = list(reader.fieldnames or [])
+            self._fields = list(dict.fromkeys((self._fields or []) + list(row)))
+            self._csv_file = open(path, "w", newline="")
+            self._csv = csv.DictWriter(self._csv_file, fieldnames=self._fields)
+            self._csv.writeheader()
+            self._csv.writerows(old)
+        self._csv.writerow(row)
+        self._csv_file.flush()
+
+    def log_scalars(self, prefix, values, global_iter):
+        if self._writer is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._writer.add_scalar(f"{prefix}/{k}", v, global_iter)
+
+    def message(self, text):
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()
+        if self._csv_file is not None:
+            self._csv_file.close()
+
+
+def _duration(seconds):
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

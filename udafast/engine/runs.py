@@ -1,0 +1,242 @@
+"""Runs above the trainer: resolving a method's config, several seeds, the comparison of every
+method, its results file / table / chart, and the reference-vs-fast backend comparison."""
+import copy
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import time
+
+from udafast.engine.config import DEFAULTS, merge, read_config
+from udafast.methods import METHOD_NAMES, method_class
+
+__all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summarize", "write_results",
+           "format_results", "compare_backends", "COMPARED"]
+
+#: the methods `--method all` compares, in table order
+COMPARED = ("source_only", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "oracle")
+#: an `init` value naming another method's run of the same comparison and seed
+SOURCE_INIT = "@source_only"
+
+
+def resolve_config(file_config, method, overrides=()):
+    """The config of one `method`: DEFAULTS, then the file's common keys, then its
+    `methods: {method: {...}}` section, then `overrides` (a list of key=value)."""
+    from udafast.engine.config import apply_overrides
+    file_config = copy.deepcopy(file_config or {})
+    per_method = file_config.pop("methods", {}) or {}
+    preset = file_config.pop("preset", None)
+    unknown = sorted(set(file_config) - set(DEFAULTS) - set(METHOD_NAMES))
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {', '.join(unknown)}; known: {sorted(DEFAULTS)} and the "
+                         f"method sections {list(METHOD_NAMES)}")
+    bad = sorted(set(per_method) - set(METHOD_NAMES))
+    if bad:
+        raise ValueError(f"config: methods: unknown method(s) {', '.join(bad)}")
+    config = merge(DEFAULTS, file_config)
+    config = merge(config, per_method.get(method) or {})
+    config["method"] = method
+    config = apply_overrides(config, overrides)
+    method_class(config["method"])  # validates the name
+    if preset is not None:
+        config["preset"] = preset
+    return config
+
+
+def _seed_dir(out, seed, several):
+    return os.path.join(out, f"seed_{seed}") if several else out
+
+
+def run_method(config, out_dir, *, stage=None, resume=None, progress=None, source_run=None, log=print):
+    """Train `config` into `out_dir` -> its metrics. An `init` of "@source_only" is the source-only
+    run `source_run` (a run folder), trained first into `out_dir/pretrain_source_only` when not given."""
+    from udafast.engine.trainer import Trainer
+    config = copy.deepcopy(config)
+    if config.get("init") == SOURCE_INIT:
+        if source_run is None:
+            source_run = os.path.join(out_dir, "pretrain_source_only")
+            if not os.path.isfile(os.path.join(source_run, "metrics.json")):
+                log(f"{config['method']} starts from a source-only network: training it into {source_run}")
+                pre = copy.deepcopy(config)
+                pre["method"], pre["init"] = "source_only", None
+                pre["train"] = merge(pre["train"], config.get("pretrain") or {})
+                Trainer(pre, source_run, progress=progress).run()
+        config["init"] = os.path.join(source_run, "checkpoints", "last.pt")
+    return Trainer(config, out_dir, stage=stage, resume=resume, progress=progress).run()
+
+
+def run_seeds(config, out_dir, seeds, *, progress=None, source_runs=None, log=print, **kw):
+    """`run_method` once per seed (into out_dir/seed_<s> when several) -> [metrics]."""
+    results = []
+    for seed in seeds:
+        cfg = copy.deepcopy(config)
+        cfg["seed"] = int(seed)
+        folder = _seed_dir(out_dir, seed, len(seeds) > 1)
+        source_run = None if source_runs is None else source_runs.get(seed)
+        t0 = time.perf_counter()
+        metrics = run_method(cfg, folder, progress=progress, source_run=source_run, log=log, **kw)
+        log(f"{cfg['method']:<12} seed {seed}: mIoU {metrics['miou']:.2f}  ({time.perf_counter() - t0:.0f} s)")
+        results.append(metrics)
+    return results
+
+
+def compare_methods(file_config, out_dir, seeds, methods=COMPARED, overrides=(), progress=None, log=print):
+    """Every method of `methods` with the same data, model and seeds -> {method: [metrics per seed]}.
+    source_only runs first: the methods that start from a source-trained network (init
+    "@source_only") start from its run of the same seed."""
+    runs = {}
+    source_runs = None
+    for name in methods:
+        config = resolve_config(file_config, name, overrides)
+        folder = os.path.join(out_dir, name)
+        runs[name] = run_seeds(config, folder, seeds, progress=progress, source_runs=source_runs, log=log)
+        if name == "source_only":
+            source_runs = {s: _seed_dir(folder, s, len(seeds) > 1) for s in seeds}
+    return runs
+
+
+def _mean_std(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return round(mean, 2), round(std, 2)
+
+
+def summarize(runs, preset=None):
+    """The results file's dict from `compare_methods`' runs."""
+    methods = {}
+    for name, per_seed in runs.items():
+        mean, std = _mean_std([m["miou"] for m in per_seed])
+        entry = {"miou_mean": mean, "miou_std": std, "seeds": [m["seed"] for m in per_seed],
+                 "miou_per_seed": [round(m["miou"], 2) for m in per_seed],
+                 "per_class_iou": {c: _mean_std([m["per_class_iou"].get(c) for m in per_seed])[0]
+                                   for c in per_seed[0]["per_class_iou"]},
+                 "sec_per_iter": round(statistics.fmean(m["sec_per_iter"] for m in per_seed), 4),
+                 "iters": per_seed[0]["iters"], "backend": per_seed[0]["backend"]}
+        if len(per_seed[0].get("stages") or {}) > 1:
+            entry["stages"] = {}
+            for stage in per_seed[0]["stages"]:
+                s_mean, s_std = _mean_std([m["stages"][stage]["miou"] for m in per_seed])
+                entry["stages"][stage] = {"miou_mean": s_mean, "miou_std": s_std}
+        if all("best" in m for m in per_seed):
+            entry["best_miou_mean"], entry["best_miou_std"] = _mean_std([m["best"]["miou"] for m in per_seed])
+        methods[name] = entry
+    return {"methods": methods, "preset": preset, "commit": _commit()}
+
+
+def _commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def format_results(results):
+    """A Markdown table: method, mIoU mean ± std over the seeds, seconds per iteration."""
+    seeds = next(iter(results["methods"].values()))["seeds"] if results["methods"] else []
+    lines = [f"| Method | mIoU (mean ± std over seeds {', '.join(map(str, seeds))}) | s/iter | iters |",
+             "|---|---|---|---|"]
+    for name, m in results["methods"].items():
+        lines.append(f"| {name} | {m['miou_mean']:.2f} ± {m['miou_std']:.2f} | {m['sec_per_iter']:.3f} | "
+                     f"{m['iters']} |")
+        for stage, s in (m.get("stages") or {}).items():
+            lines.append(f"| &nbsp;&nbsp;{name} after {stage} | {s['miou_mean']:.2f} ± {s['miou_std']:.2f} | | |")
+    return "\n".join(lines)
+
+
+def write_results(results, path):
+    """`path` (JSON), and beside it the Markdown table (.md) and a bar chart (.png)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    stem = path[:-5] if path.endswith(".json") else path
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    with open(stem + ".md", "w") as f:
+        f.write(format_results(results) + "\n")
+    _chart(results, stem + ".png")
+    return path
+
+
+def _chart(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    labels, means, stds, colours = [], [], [], []
+    for name, m in results["methods"].items():
+        stages = m.get("stages") or {}
+        for stage, s in list(stages.items())[:-1]:
+            labels.append(f"{name}\n{stage}")
+            means.append(s["miou_mean"])
+            stds.append(s["miou_std"])
+            colours.append("#9ecae1")
+        labels.append(name)
+        means.append(m["miou_mean"])
+        stds.append(m["miou_std"])
+        colours.append("#3182bd" if name not in ("source_only", "oracle") else "#969696")
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 3.6))
+    ax.bar(range(len(labels)), means, yerr=stds, color=colours, capsize=3)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=0)
+    ax.set_ylabel("target val mIoU")
+    seeds = next(iter(results["methods"].values()))["seeds"] if results["methods"] else []
+    ax.set_title(f"{results.get('preset') or 'comparison'}: mean ± std over seeds {seeds}", fontsize=9)
+    for i, v in enumerate(means):
+        ax.text(i, v + 0.5, f"{v:.1f}", ha="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def compare_backends(config, out_dir, *, iters=5, rtol=1e-3, fast="auto", log=print):
+    """Run `config`'s method twice from the same seed, with backend="reference" and `fast`, for
+    `iters` iterations of each stage, and compare the losses of each iteration and the time per
+    iteration and of each stage's set-up (pseudo-labels, prototypes) -> a report dict."""
+    import csv
+    reports = {}
+    for backend in ("reference", fast):
+        cfg = copy.deepcopy(config)
+        cfg["backend"] = backend
+        cfg["deterministic"] = True
+        cfg["train"] = merge(cfg["train"], {"iters": iters, "stage_iters": iters, "eval_every": 0, "ckpt_every": 0,
+                                            "panels": 0})
+        folder = os.path.join(out_dir, f"backend_{backend}")
+        shutil.rmtree(folder, ignore_errors=True)
+        metrics = run_method(cfg, folder, log=log)
+        with open(os.path.join(folder, "log.csv"), newline="") as f:
+            rows = list(csv.DictReader(f))
+        reports[backend] = {"metrics": metrics, "rows": rows}
+    ref_rows, fast_rows = reports["reference"]["rows"], reports[fast]["rows"]
+    worst, mismatches = 0.0, []
+    for r, q in zip(ref_rows, fast_rows):
+        for key in r:
+            if not key.startswith("loss_") or r[key] in ("", None) or q.get(key) in ("", None):
+                continue
+            a, b = float(r[key]), float(q[key])
+            err = abs(a - b) / max(abs(a), 1e-12)
+            worst = max(worst, err)
+            if err > rtol:
+                mismatches.append((int(r["iter"]), key[5:], a, b))
+    ref_m, fast_m = reports["reference"]["metrics"], reports[fast]["metrics"]
+    report = {"method": config["method"], "iters_compared": len(ref_rows), "rtol": rtol,
+              "max_rel_loss_diff": worst, "agree": not mismatches, "mismatches": mismatches[:10],
+              "sec_per_iter": {"reference": ref_m["sec_per_iter"], fast: fast_m["sec_per_iter"]},
+              "speedup_per_iter": _ratio(ref_m["sec_per_iter"], fast_m["sec_per_iter"]),
+              "stage_setup_s": {"reference": ref_m.get("stage_setup_s"), fast: fast_m.get("stage_setup_s")}}
+    setups = {s: _ratio(ref_m.get("stage_setup_s", {}).get(s), fast_m.get("stage_setup_s", {}).get(s))
+              for s in (ref_m.get("stage_setup_s") or {})}
+    report["speedup_pseudo_labels"] = {s: r for s, r in setups.items() if r is not None}
+    return report
+
+
+def _ratio(a, b):
+    if not a or not b:
+        return None
+    return round(a / b, 2)

@@ -1,0 +1,347 @@
+"""The training loop: one run of one method under one config and seed.
+
+    Trainer(config, out_dir).run() -> metrics dict (also written to out_dir/metrics.json)
+
+Per iteration: the learning-rate schedule, a batch per domain, `method.step`, the log; every
+`train.eval_every` iterations an evaluation on target val (keeping `checkpoints/best.pt`), every
+`train.ckpt_every` a checkpoint (`checkpoints/last.pt` is always the newest); after each stage of
+a multi-stage method its network is saved as `checkpoints/<stage>.pt` and evaluated.
+"""
+import json
+import math
+import os
+import random
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from udafast.data.labels import colorize
+from udafast.engine.config import dump_config, merge
+from udafast.engine.data import BatchStream, TrainView, build_split, collate
+from udafast.engine.evaluation import evaluate_model, predict
+from udafast.engine.logging import RunLogger
+from udafast.methods import build_method, method_class
+from udafast.methods.base import Stage
+from udafast.models import build_model
+from udafast.models.checkpoint import load_checkpoint, save_checkpoint
+
+__all__ = ["Trainer", "RunContext", "seed_everything"]
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _label_option(name, wanted):
+    """The dataset option that turns target labels on or off (target training sees no labels
+    unless the method is the oracle)."""
+    return {"synthetic": {"with_labels": wanted}, "cityscapes": {"labels": wanted}}.get(name, {})
+
+
+class RunContext:
+    """What a method may use of the run: the config, device, ops backend, run folder, datasets,
+    training views and streams, a model factory, the logger, and passes over the target set."""
+
+    def __init__(self, config, out_dir, device, logger, method_cls):
+        self.config = config
+        self.out_dir = out_dir
+        self.device = torch.device(device)
+        self.backend = config["backend"]
+        self.seed = int(config["seed"])
+        self.logger = logger
+        self.method_cls = method_cls
+        data = config["data"]
+        self.source = build_split(data["source"])
+        self.target = None
+        if method_cls.uses_target:
+            target_spec = data["target"]
+            self.target = build_split(target_spec, **_label_option(target_spec["name"], method_cls.uses_target_labels))
+            if method_cls.uses_target_labels and not getattr(self.target, "labelled", False):
+                raise ValueError(f"data.target: the {method_cls.name} method trains on target labels, but "
+                                 f"{self.target!r} has none")
+        self.val = build_split(data["val"])
+        stride = 8  # every network here has output stride 8
+        self.source_view = TrainView.from_config(data.get("source_view"))
+        self.target_view = TrainView.from_config(data.get("target_view"), align=stride)
+        batch_size = int(data["batch_size"])
+        workers = int(data.get("num_workers", 0))
+        self.source_stream = BatchStream(self.source, batch_size, self.source_view, seed=self.seed * 2 + 1,
+                                         num_workers=workers)
+        self.target_stream = None
+        if self.target is not None:
+            self.target_stream = BatchStream(self.target, batch_size, self.target_view, seed=self.seed * 2 + 2,
+                                             num_workers=workers)
+
+    def log(self, text):
+        self.logger.message(text)
+
+    def build_model(self, overrides=None, init=True):
+        """A fresh network from the config's `model` (merged with `overrides`) on the device; with
+        `init`, loaded with the weights of the config's `init` checkpoint when one is set."""
+        model = build_model(merge(self.config["model"], merge(self.method_cls.model_overrides, overrides or {})))
+        path = self.config.get("init")
+        if init and path:
+            ckpt = load_checkpoint(path)
+            missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+            if unexpected or [k for k in missing if not k.startswith(("feature_head", "classifier"))]:
+                raise ValueError(f"init: {path} does not fit the model (missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]})")
+            if missing:
+                self.log(f"init: {path} has no weights for {len(missing)} head tensors; they start fresh")
+        return model.to(self.device)
+
+    def set_source_subset(self, indices):
+        """Train on these source images only from now on (CBST's source portion)."""
+        subset = torch.utils.data.Subset(self.source, list(indices))
+        self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
+                                         seed=self.source_stream.seed, num_workers=self.source_stream.num_workers)
+
+    def target_frames(self, batch_size=None, limit=None):
+        """The target training images in order, in the frame of the target view's resize (no
+        random augmentation): batches {"image" [B, 3, H, W] in [0, 1], "index", "name"}."""
+        batch_size = batch_size or self.target_stream.batch_size
+        n = len(self.target) if limit is None else min(limit, len(self.target))
+        for start in range(0, n, batch_size):
+            samples = []
+            for i in range(start, min(n, start + batch_size)):
+                s = self.target_view.resized(self.target[i])
+                s = {k: v for k, v in s.items() if k != "label"}
+                s["index"] = i
+                samples.append(s)
+            yield collate(samples)
+
+
+class Trainer:
+    """One run: `config` (resolved, see udafast.engine.config), results under `out_dir`.
+    `stage`: run only that stage of a multi-stage method; `resume`: a checkpoint path to continue
+    from (or True for out_dir/checkpoints/last.pt)."""
+
+    def __init__(self, config, out_dir, *, stage=None, resume=None, progress=None, tensorboard=True):
+        self.config = config
+        self.out_dir = os.fspath(out_dir)
+        self.stage_only = stage
+        self.resume = resume
+        self.progress = progress
+        self.tensorboard = tensorboard
+        self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self):
+        config = self.config
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        dump_config(config, os.path.join(self.out_dir, "config.yaml"))
+        if config.get("threads"):
+            torch.set_num_threads(int(config["threads"]))
+        if config.get("deterministic"):
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        seed_everything(int(config["seed"]))
+        method_cls = method_class(config["method"])
+
+        resume_ckpt = self._resume_checkpoint()
+        logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard)
+        try:
+            ctx = RunContext(config, self.out_dir, config["device"], logger, method_cls)
+            method = build_method(config, ctx)
+            stages = method.stages()
+            if config["train"].get("stage_iters"):
+                stages = [Stage(s.name, int(config["train"]["stage_iters"])) for s in stages]
+            names = [s.name for s in stages]
+            if self.stage_only is not None and self.stage_only not in names:
+                raise ValueError(f"--stage: {config['method']} has the stages {names}, got {self.stage_only!r}")
+            todo = [i for i, s in enumerate(stages) if self.stage_only in (None, s.name)]
+            logger.total = sum(stages[i].iters for i in todo)
+            if logger._bar is not None:
+                logger._bar.total = logger.total
+            return self._run_stages(method, ctx, stages, todo, resume_ckpt, logger)
+        finally:
+            logger.close()
+
+    def _resume_checkpoint(self):
+        if not self.resume:
+            return None
+        path = os.path.join(self.ckpt_dir, "last.pt") if self.resume is True else os.fspath(self.resume)
+        return load_checkpoint(path)
+
+    def _stage_init(self, ctx, stages, index):
+        """The network stage `index` starts from: the config's init for the first stage, else the
+        previous stage's network (saved as checkpoints/<stage>.pt)."""
+        if index == 0 or (self.stage_only is not None and self.config.get("init")):
+            return ctx.build_model()
+        path = os.path.join(self.ckpt_dir, f"{stages[index - 1].name}.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"stage {stages[index].name!r} starts from the previous stage's network, "
+                                    f"but {path} is not there (run that stage first, or give --init)")
+        model = ctx.build_model(init=False)
+        model.load_state_dict(load_checkpoint(path)["model"])
+        return model
+
+    def _run_stages(self, method, ctx, stages, todo, resume_ckpt, logger):
+        config = self.config
+        train = config["train"]
+        eval_every, ckpt_every = int(train.get("eval_every") or 0), int(train.get("ckpt_every") or 0)
+        state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}}
+        first, start_iter = 0, 0
+        if resume_ckpt is not None:
+            first = todo.index(resume_ckpt["stage"])
+            start_iter = resume_ckpt["stage_iter"]
+            state.update({k: resume_ckpt["trainer"][k] for k in ("global_iter", "best", "stage_results")})
+            logger.message(f"resuming at stage {stages[resume_ckpt['stage']].name!r}, iteration {start_iter}")
+        logger.set_position(state["global_iter"])
+        result = None
+        for pos in range(first, len(todo)):
+            index = todo[pos]
+            stage = stages[index]
+            resuming = resume_ckpt is not None and pos == first
+            model = self._stage_init(ctx, stages, index)
+            t_setup = time.perf_counter()
+            method.start_stage(stage, model, resume=resuming)
+            state["setup_s"][stage.name] = round(time.perf_counter() - t_setup, 3)
+            begin = 0
+            if resuming:
+                method.model.load_state_dict(resume_ckpt["model"])
+                method.load_state_dict(resume_ckpt["method"])
+                ctx.source_stream.load_state_dict(resume_ckpt["streams"]["source"])
+                if ctx.target_stream is not None and resume_ckpt["streams"].get("target"):
+                    ctx.target_stream.load_state_dict(resume_ckpt["streams"]["target"])
+                _set_rng(resume_ckpt["rng"])
+                begin = start_iter
+            logger.set_description(stage.name)
+            method.model.train()
+            for it in range(begin, stage.iters):
+                t0 = time.perf_counter()
+                lrs = _apply_schedule(method.optimizers, it, stage.iters)
+                batch = {"source": next(ctx.source_stream)}
+                if ctx.target_stream is not None:
+                    batch["target"] = next(ctx.target_stream)
+                losses = method.step(batch, it, stage.iters)
+                losses = {k: float(v) for k, v in losses.items()}
+                dt = time.perf_counter() - t0
+                state["times"].append(dt)
+                state["global_iter"] += 1
+                logger.log_iteration(state["global_iter"], stage.name, it + 1, losses, lrs, dt)
+                done = it + 1
+                if eval_every and done % eval_every == 0 and done < stage.iters:
+                    self._evaluate(method, ctx, stage, state, logger, keep_best=True)
+                if ckpt_every and done % ckpt_every == 0 and done < stage.iters:
+                    self._save(method, ctx, index, done, state, "last.pt")
+            method.end_stage(stage)
+            if len(stages) > 1:
+                self._save(method, ctx, index, stage.iters, state, f"{stage.name}.pt")
+            result = self._evaluate(method, ctx, stage, state, logger, keep_best=bool(eval_every))
+            state["stage_results"][stage.name] = {"miou": result["miou"], "iters": stage.iters}
+            self._save(method, ctx, index, stage.iters, state, "last.pt")
+            self._panels(method.model, ctx, stage.name)
+        return self._finish(method, ctx, result, state, stages, todo)
+
+    # ---------------------------------------------------------------------------------------------
+    def _save(self, method, ctx, stage_index, stage_iter, state, name):
+        streams = {"source": ctx.source_stream.state_dict(),
+                   "target": None if ctx.target_stream is None else ctx.target_stream.state_dict()}
+        save_checkpoint(os.path.join(self.ckpt_dir, name), method.model, iter=state["global_iter"],
+                        stage=stage_index, stage_iter=stage_iter, method=method.state_dict(), streams=streams,
+                        rng=_get_rng(), eval_input_size=self.config["eval"].get("input_size"),
+                        method_name=self.config["method"],
+                        trainer={k: state[k] for k in ("global_iter", "best", "stage_results")})
+
+    def _evaluate(self, method, ctx, stage, state, logger, keep_best):
+        ev = self.config["eval"]
+        val = ctx.val
+        if ev.get("max_images"):
+            val = torch.utils.data.Subset(val, range(min(int(ev["max_images"]), len(val))))
+        result = evaluate_model(method.model, val, input_size=ev.get("input_size"), device=ctx.device,
+                                classes=int(ev.get("classes", 19)))
+        logger.log_scalars("val", {"miou": result["miou"]}, state["global_iter"])
+        logger.message(f"  [{stage.name}] iter {state['global_iter']}: target val mIoU {result['miou']:.2f}")
+        if keep_best and (state["best"] is None or result["miou"] > state["best"]["miou"]):
+            state["best"] = {"miou": result["miou"], "iter": state["global_iter"], "stage": stage.name,
+                             "per_class_iou": _per_class(result)}
+            self._save(method, ctx, [s.name for s in method.stages()].index(stage.name), 0, state, "best.pt")
+        return result
+
+    def _panels(self, model, ctx, stage_name):
+        """A PNG of image | ground truth | prediction for the first val images."""
+        n = int(self.config["train"].get("panels") or 0)
+        if n <= 0:
+            return
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        n = min(n, len(ctx.val))
+        fig, axes = plt.subplots(n, 3, figsize=(9, 1.6 * n + 0.4), squeeze=False)
+        model.eval()
+        try:
+            for i in range(n):
+                sample = ctx.val[i]
+                logits = predict(model, sample["image"], input_size=self.config["eval"].get("input_size"),
+                                 device=ctx.device, output_size=tuple(sample["image"].shape[-2:]))
+                views = (sample["image"].permute(1, 2, 0).numpy(), colorize(sample["label"].numpy()),
+                         colorize(logits.argmax(0).cpu().numpy()))
+                for ax, im, title in zip(axes[i], views, ("image", "ground truth", "prediction")):
+                    ax.imshow(im)
+                    ax.set_axis_off()
+                    if i == 0:
+                        ax.set_title(title, fontsize=9)
+        finally:
+            model.train()
+        fig.tight_layout()
+        folder = os.path.join(self.out_dir, "panels")
+        os.makedirs(folder, exist_ok=True)
+        fig.savefig(os.path.join(folder, f"{stage_name}.png"), dpi=80)
+        plt.close(fig)
+
+    def _finish(self, method, ctx, result, state, stages, todo):
+        times = state["times"][3:] or state["times"]
+        metrics = {
+            "method": self.config["method"],
+            "miou": result["miou"],
+            "per_class_iou": _per_class(result),
+            "iters": sum(stages[i].iters for i in todo),
+            "backend": self.config["backend"],
+            "sec_per_iter": round(statistics.median(times), 5) if times else None,
+            "seed": int(self.config["seed"]),
+            "stages": state["stage_results"],
+            "stage_setup_s": state["setup_s"],
+            "last": {"miou": result["miou"], "checkpoint": "checkpoints/last.pt"},
+        }
+        if state["best"] is not None:
+            metrics["best"] = {**state["best"], "checkpoint": "checkpoints/best.pt"}
+        if "miou13" in result:
+            metrics["miou13"] = result["miou13"]
+        path = os.path.join(self.out_dir, "metrics.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(metrics, f, indent=2)
+        os.replace(path + ".tmp", path)
+        return metrics
+
+
+def _per_class(result):
+    """IoU by class name (None where the class never occurs in prediction or ground truth)."""
+    return {name: (None if math.isnan(v) else round(v, 3)) for name, v in result["iou"].items()}
+
+
+def _apply_schedule(optimizers, it, iters):
+    lrs = {}
+    for name, opt in optimizers.items():
+        factor = (1.0 - it / iters) ** opt.power if opt.schedule == "poly" else 1.0
+        for g in opt.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        lrs[name] = opt.param_groups[0]["lr"]
+    return lrs
+
+
+def _get_rng():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), None))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,31 @@
+"""The methods, by name: `METHODS[name]` is the class, `build_method(config, ctx)` an instance.
+
+source_only and oracle bound the comparison; dann, adaptsegnet, cbst, contrastive and proda adapt.
+Each module reads like its paper's loss; see ../shared/SPEC.md part 2 and the docstrings.
+"""
+import importlib
+
+__all__ = ["METHODS", "METHOD_NAMES", "method_class", "build_method"]
+
+#: name -> "module:Class", imported on first use
+METHODS = {
+    "source_only": "udafast.methods.source_only:SourceOnly",
+    "oracle": "udafast.methods.oracle:Oracle",
+    "dann": "udafast.methods.dann:DANN",
+    "adaptsegnet": "udafast.methods.adaptsegnet:AdaptSegNet",
+    "cbst": "udafast.methods.cbst:CBST",
+    "contrastive": "udafast.methods.contrastive:Contrastive",
+    "proda": "udafast.methods.proda:ProDA",
+}
+METHOD_NAMES = tuple(METHODS)
+
+
+def method_class(name):
+    if name not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {name!r}")
+    module, cls = METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_method(config, ctx):
+    return method_class(config["method"])(config, ctx)

@@ -1,0 +1,171 @@
+"""What every method is to the trainer.
+
+The trainer draws a batch from each domain and hands it to `method.step(batch, it, iters)`, which
+computes the method's loss, steps its optimisers and returns the losses to log. A method runs
+one or more stages (`stages()`: CBST's rounds, ProDA's warm-up / stage 1 / 2 / 3); at the start of
+each, `start_stage` sets up the network to train (`self.model`) and its optimisers, and may pass
+over the target set through `ctx` (pseudo-labels, prototypes). Everything a method adapts beyond the
+network's weights (optimisers, teacher, discriminators, prototypes, memory bank, thresholds) lives
+in `self.modules` / `self.optimizers` / `extra_state()` and travels with the checkpoint.
+"""
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from udafast.data.labels import IGNORE_INDEX
+from udafast.engine.config import merge
+
+__all__ = ["Method", "Stage", "seg_loss", "upsample", "EMATeacher", "build_optimizer"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A training stage: `iters` iterations under one network and one set of optimisers."""
+    name: str
+    iters: int
+
+
+def upsample(logits, size):
+    """Logits to `size` (H, W), bilinear with align_corners=True as the authors' code does."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def seg_loss(logits, labels, ignore_index=IGNORE_INDEX):
+    """Cross-entropy of logits (upsampled to the labels' size) over the labelled pixels; 0 with a
+    gradient path when no pixel is labelled (rather than NaN)."""
+    logits = upsample(logits, labels.shape[-2:])
+    if not bool((labels != ignore_index).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+
+def build_optimizer(groups, spec):
+    """An optimiser over param `groups` from an `optimizer:` config entry (sgd or adam; lr, momentum,
+    weight_decay, betas). Each group keeps its starting lr as `initial_lr` for the schedule."""
+    name = spec.get("name", "sgd")
+    for g in groups:
+        g.setdefault("lr", spec["lr"])
+        g["initial_lr"] = g["lr"]
+    if name == "sgd":
+        opt = torch.optim.SGD(groups, lr=spec["lr"], momentum=spec.get("momentum", 0.9),
+                              weight_decay=spec.get("weight_decay", 0.0))
+    elif name == "adam":
+        opt = torch.optim.Adam(groups, lr=spec["lr"], betas=tuple(spec.get("betas", (0.9, 0.999))),
+                               weight_decay=spec.get("weight_decay", 0.0))
+    else:
+        raise ValueError(f"optimizer.name: expected 'sgd' or 'adam', got {name!r}")
+    opt.schedule = spec.get("schedule", "poly")
+    opt.power = float(spec.get("power", 0.9))
+    if opt.schedule not in ("poly", "constant"):
+        raise ValueError(f"optimizer.schedule: expected 'poly' or 'constant', got {opt.schedule!r}")
+    return opt
+
+
+class EMATeacher:
+    """A copy of the student whose weights are an exponential moving average of the student's
+    (buffers such as BatchNorm statistics are copied), kept in eval mode."""
+
+    def __init__(self, student):
+        self.model = copy.deepcopy(student)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, student, momentum):
+        for t, s in zip(self.model.parameters(), student.parameters()):
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+        for t, s in zip(self.model.buffers(), student.buffers()):
+            t.copy_(s)
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+
+class Method:
+    """Base of the methods; see the module docstring. Subclasses set `name`, `defaults` (their
+    config section's keys and values), and implement `step` (and, with stages, `stages` /
+    `start_stage`)."""
+
+    name = "method"
+    defaults = {}
+    #: the method trains on target labels (the oracle): only then are they loaded
+    uses_target_labels = False
+    #: the method draws target batches at all
+    uses_target = True
+    #: the network's options this method needs (e.g. ProDA's feature head), merged over the config's
+    model_overrides = {}
+
+    def __init__(self, config, ctx):
+        self.config = config
+        section = config.get(self.name) or {}
+        unknown = sorted(set(section) - set(self.defaults))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown option(s) {', '.join(unknown)}; known: {sorted(self.defaults)}")
+        self.options = merge(self.defaults, section)
+        self.ctx = ctx
+        self.device = ctx.device
+        self.backend = ctx.backend
+        self.model = None
+        self.modules = {}      # name -> nn.Module or EMATeacher, saved with the checkpoint
+        self.optimizers = {}   # name -> optimizer (see build_optimizer), scheduled by the trainer
+        self.generator = torch.Generator(device="cpu").manual_seed(int(config.get("seed", 0)) + 7919)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def stages(self):
+        return [Stage("train", int(self.config["train"]["iters"]))]
+
+    def start_stage(self, stage, model, resume=False):
+        """Set up `stage`, given the network it starts from (the init or the previous stage's).
+        `resume`: a checkpoint will be loaded right after, so skip work whose result it holds."""
+        self.model = model
+        self.optimizers = {"model": build_optimizer(model.param_groups(self.config["optimizer"]["lr"]),
+                                                    self.config["optimizer"])}
+
+    def end_stage(self, stage):
+        """Called after the last iteration of `stage` (before its evaluation)."""
+
+    # -- the step -------------------------------------------------------------------------------
+    def step(self, batch, it, iters):
+        """One iteration on `batch = {"source": ..., "target": ...}` (images in [0, 1] on the CPU)
+        at iteration `it` of `iters` of the stage -> {loss name: float}."""
+        raise NotImplementedError
+
+    def normalize(self, images, model=None):
+        """Images in [0, 1] -> the network's input on the run's device."""
+        from udafast.data.transforms import normalize
+        model = model or self.model
+        return normalize(images.to(self.device, non_blocking=True), getattr(model, "normalization", "imagenet"))
+
+    # -- state ----------------------------------------------------------------------------------
+    def extra_state(self):
+        """Adaptation state beyond modules and optimisers (tensors, dicts, plain values)."""
+        return {}
+
+    def load_extra_state(self, state):
+        pass
+
+    def state_dict(self):
+        return {"modules": {k: m.state_dict() for k, m in self.modules.items()},
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "generator": self.generator.get_state(),
+                "extra": self.extra_state()}
+
+    def load_state_dict(self, state):
+        missing = (set(self.modules) ^ set(state["modules"])) | (set(self.optimizers) ^ set(state["optimizers"]))
+        if missing:
+            raise ValueError(f"{self.name}: checkpoint's method state does not match (modules/optimizers "
+                             f"{sorted(missing)})")
+        for k, m in self.modules.items():
+            m.load_state_dict(state["modules"][k])
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][k])
+        self.generator.set_state(state["generator"])
+        self.load_extra_state(state["extra"])
