@@ -104,3 +104,27 @@ class TinySeg(nn.Module):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def tiny_run_config(method="source_only", **sections):
+    """A run config for a few iterations of `method` on 32x64 synthetic scenes with a narrow small
+    network on one thread (seconds per run); `sections` are merged over it."""
+    from udafast.engine.runs import resolve_config
+    return resolve_config(tiny_config_file(**sections), method)
+
+
+def tiny_config_file(**sections):
+    """The config-file form of `tiny_run_config` (before a method is resolved)."""
+    from udafast.engine.config import merge
+    scenes = {"size": [32, 64], "cache": True}
+    base = {
+        "threads": 1,
+        "model": {"name": "small", "num_classes": 19, "width": 4, "feature_dim": 32},
+        "data": {"source": {"name": "synthetic", "split": "train", "options": {"domain": "source", "length": 8, **scenes}},
+                 "target": {"name": "synthetic", "split": "train", "options": {"domain": "target", "length": 8, **scenes}},
+                 "val": {"name": "synthetic", "split": "val", "options": {"domain": "target", "length": 3, **scenes}},
+                 "batch_size": 2},
+        "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
+        "train": {"iters": 2, "panels": 1},
+    }
+    return merge(base, sections)

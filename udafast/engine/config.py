@@ -45,7 +45,8 @@ DEFAULTS = {
     "optimizer": {"name": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
                   "schedule": "poly", "power": 0.9},
     # stage_iters: when set, every stage of a multi-stage method runs that many iterations (quick checks)
-    "train": {"iters": 1000, "stage_iters": None, "eval_every": 0, "ckpt_every": 0, "panels": 4},
+    "train": {"iters": 1000, "stage_iters": None, "eval_every": 0, "ckpt_every": 0, "keep_checkpoints": 2,
+              "panels": 4},
     # input_size (width, height) of the network at evaluation; None = the images' own size
     "eval": {"input_size": None, "classes": 19, "max_images": None},
 }

@@ -28,10 +28,6 @@ def resolve_config(file_config, method, overrides=()):
     file_config = copy.deepcopy(file_config or {})
     per_method = file_config.pop("methods", {}) or {}
     preset = file_config.pop("preset", None)
-    unknown = sorted(set(file_config) - set(DEFAULTS) - set(METHOD_NAMES))
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {', '.join(unknown)}; known: {sorted(DEFAULTS)} and the "
-                         f"method sections {list(METHOD_NAMES)}")
     bad = sorted(set(per_method) - set(METHOD_NAMES))
     if bad:
         raise ValueError(f"config: methods: unknown method(s) {', '.join(bad)}")
@@ -39,6 +35,10 @@ def resolve_config(file_config, method, overrides=()):
     config = merge(config, per_method.get(method) or {})
     config["method"] = method
     config = apply_overrides(config, overrides)
+    unknown = sorted(set(config) - set(DEFAULTS) - set(METHOD_NAMES))
+    if unknown:
+        raise ValueError(f"config: unknown key(s) {', '.join(unknown)}; known: {sorted(DEFAULTS)} and the "
+                         f"method sections {list(METHOD_NAMES)}")
     method_class(config["method"])  # validates the name
     if preset is not None:
         config["preset"] = preset

@@ -4,13 +4,15 @@
 
 Per iteration: the learning-rate schedule, a batch per domain, `method.step`, the log; every
 `train.eval_every` iterations an evaluation on target val (keeping `checkpoints/best.pt`), every
-`train.ckpt_every` a checkpoint (`checkpoints/last.pt` is always the newest); after each stage of
+`train.ckpt_every` a checkpoint (`checkpoints/iter_<N>.pt`, the newest `train.keep_checkpoints`
+kept, and `checkpoints/last.pt`, always the newest); after each stage of
 a multi-stage method its network is saved as `checkpoints/<stage>.pt` and evaluated.
 """
 import json
 import math
 import os
 import random
+import shutil
 import statistics
 import time
 
@@ -227,7 +229,7 @@ class Trainer:
                 if eval_every and done % eval_every == 0 and done < stage.iters:
                     self._evaluate(method, ctx, stage, state, logger, keep_best=True)
                 if ckpt_every and done % ckpt_every == 0 and done < stage.iters:
-                    self._save(method, ctx, index, done, state, "last.pt")
+                    self._save_periodic(method, ctx, index, done, state)
             method.end_stage(stage)
             if len(stages) > 1:
                 self._save(method, ctx, index, stage.iters, state, f"{stage.name}.pt")
@@ -246,6 +248,19 @@ class Trainer:
                         rng=_get_rng(), eval_input_size=self.config["eval"].get("input_size"),
                         method_name=self.config["method"],
                         trainer={k: state[k] for k in ("global_iter", "best", "stage_results")})
+
+    def _save_periodic(self, method, ctx, stage_index, stage_iter, state):
+        """iter_<N>.pt, copied to last.pt; only the newest `train.keep_checkpoints` iter files stay."""
+        name = f"iter_{state['global_iter']}.pt"
+        self._save(method, ctx, stage_index, stage_iter, state, name)
+        last = os.path.join(self.ckpt_dir, "last.pt")
+        shutil.copyfile(os.path.join(self.ckpt_dir, name), last + ".tmp")
+        os.replace(last + ".tmp", last)
+        keep = int(self.config["train"].get("keep_checkpoints", 2))
+        kept = sorted((f for f in os.listdir(self.ckpt_dir) if f.startswith("iter_") and f.endswith(".pt")),
+                      key=lambda f: int(f[5:-3]))
+        for old in kept[:-keep] if keep > 0 else kept:
+            os.unlink(os.path.join(self.ckpt_dir, old))
 
     def _evaluate(self, method, ctx, stage, state, logger, keep_best):
         ev = self.config["eval"]

@@ -1,0 +1,103 @@
+"""The trainer end to end on tiny synthetic runs: outputs, checkpoints, resume, label hygiene."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from udafast.engine.runs import run_method
+from udafast.engine.trainer import Trainer
+from udafast.evaluate import load_model
+from udafast.models.checkpoint import load_checkpoint
+
+
+def test_run_writes_every_output(tmp_path):
+    config = tiny_run_config("source_only", train={"iters": 3, "eval_every": 2}, eval={"input_size": [64, 32]})
+    metrics = Trainer(config, tmp_path, progress=False).run()
+    for name in ("config.yaml", "metrics.json", "log.csv", "panels/train.png", "checkpoints/last.pt",
+                 "checkpoints/best.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(metrics))
+    assert set(on_disk) >= {"method", "miou", "per_class_iou", "iters", "backend", "sec_per_iter", "best", "last"}
+    assert on_disk["method"] == "source_only" and on_disk["iters"] == 3 and on_disk["backend"] == "auto"
+    assert 0 <= on_disk["miou"] <= 100 and len(on_disk["per_class_iou"]) == 19
+    assert on_disk["best"]["checkpoint"] == "checkpoints/best.pt"
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [int(r["iter"]) for r in rows] == [1, 2, 3]
+    assert all(float(r["loss_seg"]) > 0 for r in rows)
+    lrs = [float(r["lr_model"]) for r in rows]
+    assert lrs[0] == pytest.approx(1e-3) and lrs[0] > lrs[1] > lrs[2]  # poly
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["iter"] == 3 and ckpt["eval_input_size"] == [64, 32] and ckpt["method_name"] == "source_only"
+    model = load_model(tmp_path / "checkpoints" / "last.pt")
+    assert model.eval_input_size == (64, 32)
+
+
+def final_weights(folder):
+    return load_checkpoint(os.path.join(folder, "checkpoints", "last.pt"))["model"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    config = tiny_run_config("source_only", deterministic=True,
+                             train={"iters": 5, "ckpt_every": 2, "keep_checkpoints": 1, "panels": 0})
+    full = tmp_path / "full"
+    Trainer(config, full, progress=False).run()
+    kept = sorted(os.listdir(full / "checkpoints"))
+    assert kept == ["iter_4.pt", "last.pt"]
+    # a run started over from iteration 4's checkpoint ends with the same weights, bit for bit
+    resumed = tmp_path / "resumed"
+    Trainer(config, resumed, resume=full / "checkpoints" / "iter_4.pt", progress=False).run()
+    a, b = final_weights(full), final_weights(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = list(csv.DictReader(open(resumed / "log.csv")))
+    assert [int(r["iter"]) for r in rows] == [5]
+
+
+def test_resume_missing_checkpoint_names_it(tmp_path):
+    config = tiny_run_config("source_only")
+    with pytest.raises(FileNotFoundError, match="last.pt"):
+        Trainer(config, tmp_path, resume=True, progress=False).run()
+
+
+@pytest.mark.parametrize("name, labelled", [("oracle", True), ("source_only", None), ("adapting", False)])
+def test_target_labels_reach_only_the_oracle(tmp_path, name, labelled):
+    from udafast.engine.logging import RunLogger
+    from udafast.engine.trainer import RunContext
+    from udafast.methods import method_class
+    from udafast.methods.base import Method
+
+    class Adapting(Method):  # any adaptation method: draws target batches, never their labels
+        name = "adapting"
+
+    cls = Adapting if name == "adapting" else method_class(name)
+    config = tiny_run_config("oracle" if name == "adapting" else name)
+    ctx = RunContext(config, str(tmp_path), "cpu", RunLogger(str(tmp_path), 1, progress=False, tensorboard=False), cls)
+    if labelled is None:
+        assert ctx.target is None and ctx.target_stream is None
+    else:
+        assert ctx.target.labelled is labelled
+        assert ("label" in next(ctx.target_stream)) is labelled
+        frames = next(ctx.target_frames(2))
+        assert "label" not in frames and frames["index"].tolist() == [0, 1]
+
+
+def test_init_at_source_only_trains_it_first(tmp_path):
+    config = tiny_run_config("oracle", init="@source_only", pretrain={"iters": 1}, train={"iters": 1, "panels": 0})
+    metrics = run_method(config, tmp_path, log=lambda *_: None)
+    pre = tmp_path / "pretrain_source_only"
+    assert (pre / "metrics.json").is_file()
+    assert json.loads((pre / "metrics.json").read_text())["iters"] == 1
+    assert metrics["method"] == "oracle"
+
+
+def test_bad_method_option_and_stage(tmp_path):
+    with pytest.raises(ValueError, match="unknown option"):
+        Trainer(tiny_run_config("source_only", source_only={"weight": 1}), tmp_path, progress=False).run()
+    with pytest.raises(ValueError, match="--stage"):
+        Trainer(tiny_run_config("source_only"), tmp_path, stage="stage9", progress=False).run()
