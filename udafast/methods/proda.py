@@ -64,6 +64,7 @@ class ProDA(Method):
         "warmup_iters": None, "stage1_iters": None, "stage2_iters": None, "stage3_iters": None,
         # warm-up: output-space adversarial training
         "adv_weight": 0.01, "gan": "lsgan", "disc_lr": 1.0e-4,
+        "disc_ndf": 64,              # discriminator width (64, 128, 256, 512, 1 channels)
         # stage 1 (the authors' code trains every layer at this lr here: no heads x10)
         "stage1_lr": 1.0e-4,
         "tau": 1.0,                  # prototype softmax temperature
@@ -88,7 +89,7 @@ class ProDA(Method):
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
         o = self.options
-        for key in ("warmup_iters", "stage1_iters", "stage2_iters", "stage3_iters", "pass_batch_size"):
+        for key in ("warmup_iters", "stage1_iters", "stage2_iters", "stage3_iters", "pass_batch_size", "disc_ndf"):
             v = o[key]
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"proda.{key}: expected a positive int or None, got {v!r}")
@@ -140,7 +141,8 @@ class ProDA(Method):
             self.model = model
             self.optimizers["model"] = build_optimizer(model.param_groups(spec["lr"]), spec)
             self.adversary = OutputSpaceAdversary(("main",), self.num_classes, self.options["gan"],
-                                                  optimizer={"lr": self.options["disc_lr"]}, device=self.device)
+                                                  optimizer={"lr": self.options["disc_lr"]}, device=self.device,
+                                                  ndf=self.options["disc_ndf"])
             self.adversary.register(self)
         elif stage.name == "stage1":
             self.model = model
