@@ -84,7 +84,9 @@ class RunContext:
     def build_model(self, overrides=None, init=True):
         """A fresh network from the config's `model` (merged with `overrides`) on the device; with
         `init`, loaded with the weights of the config's `init` checkpoint when one is set."""
-        model = build_model(merge(self.config["model"], merge(self.method_cls.model_overrides, overrides or {})))
+        wanted = self.method_cls.model_overrides  # a dict, or a function of the model config giving one
+        wanted = wanted(self.config["model"]) if callable(wanted) else wanted
+        model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
         path = self.config.get("init")
         if init and path:
             ckpt = load_checkpoint(path)

@@ -100,7 +100,8 @@ class Method:
     uses_target_labels = False
     #: the method draws target batches at all
     uses_target = True
-    #: the network's options this method needs (e.g. ProDA's feature head), merged over the config's
+    #: the network's options this method needs (e.g. ProDA's feature head), merged over the config's;
+    #: or a static function of the model config returning them (keys depend on the model's name)
     model_overrides = {}
 
     def __init__(self, config, ctx):
