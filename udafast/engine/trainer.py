@@ -171,14 +171,18 @@ class Trainer:
         return load_checkpoint(path)
 
     def _stage_init(self, ctx, stages, index):
-        """The network stage `index` starts from: the config's init for the first stage, else the
-        previous stage's network (saved as checkpoints/<stage>.pt)."""
-        if index == 0 or (self.stage_only is not None and self.config.get("init")):
+        """The network stage `index` starts from: the config's init for the first stage; else the
+        previous stage's network (checkpoints/<stage>.pt), or, for a stage run alone whose
+        previous stage is not in the run folder, the config's init."""
+        if index == 0:
             return ctx.build_model()
         path = os.path.join(self.ckpt_dir, f"{stages[index - 1].name}.pt")
         if not os.path.isfile(path):
+            if self.stage_only is not None and self.config.get("init"):
+                ctx.log(f"stage {stages[index].name!r}: no {path}; starting from init {self.config['init']}")
+                return ctx.build_model()
             raise FileNotFoundError(f"stage {stages[index].name!r} starts from the previous stage's network, "
-                                    f"but {path} is not there (run that stage first, or give --init)")
+                                    f"but {path} is not there (run that stage first, or give an init)")
         model = ctx.build_model(init=False)
         model.load_state_dict(load_checkpoint(path)["model"])
         return model
