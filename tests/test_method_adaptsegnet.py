@@ -169,6 +169,19 @@ def test_generator_gradients_match_hand_computation(multi_level, gan):
         assert model.aux_classifier.weight not in grads or not grads[model.aux_classifier.weight].any()
 
 
+@pytest.mark.parametrize("scale, size", [(1.0, (64, 128)), (0.5, (32, 64))])
+def test_adv_scale_sets_the_discriminators_input_size(scale, size):
+    method = make_method(multi_level=False, adv_scale=scale)
+    seen = []
+    method.adversary.discriminators["main"].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    g = torch.Generator().manual_seed(1)
+    batch = {"source": {"image": torch.rand(1, 3, 64, 128, generator=g),
+                        "label": torch.randint(0, 19, (1, 64, 128), generator=g)},
+             "target": {"image": torch.rand(1, 3, 64, 128, generator=g)}}
+    method.step(batch, 0, 10)
+    assert seen == [size] * 3   # generator (target), discriminator (source, target)
+
+
 # -- runs --------------------------------------------------------------------------------------------
 def test_trainer_run_writes_metrics(tmp_path):
     metrics = Trainer(tiny_config(iters=3, gan="lsgan"), tmp_path, tensorboard=False).run()
@@ -204,6 +217,7 @@ def test_resume_continues_identically(tmp_path, monkeypatch):
 @pytest.mark.parametrize("section, name", [
     ({"multi_level": "yes"}, "multi_level"), ({"gan": "wgan"}, "gan"), ({"adv_weight_main": -0.001}, "adv_weight_main"),
     ({"adv_weight_aux": "x"}, "adv_weight_aux"), ({"seg_weight_aux": None}, "seg_weight_aux"), ({"ndf": 0}, "ndf"),
+    ({"adv_scale": 0}, "adv_scale"), ({"adv_scale": 1.5}, "adv_scale"),
     ({"discriminator": {"lr": 0}}, "discriminator"), ({"discriminator": {"name": "rmsprop"}}, "discriminator"),
     ({"lambda_adv": 0.001}, "lambda_adv"),
 ])

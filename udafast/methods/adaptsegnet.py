@@ -36,6 +36,9 @@ def _check(options):
         raise ValueError(f"adaptsegnet.gan: expected one of {GANS}, got {options['gan']!r}")
     for key in ("seg_weight_aux", "adv_weight_main", "adv_weight_aux"):
         _number(options, key)
+    scale = options["adv_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
+        raise ValueError(f"adaptsegnet.adv_scale: expected a number in (0, 1], got {scale!r}")
     ndf = options["ndf"]
     if isinstance(ndf, bool) or not isinstance(ndf, int) or ndf <= 0:
         raise ValueError(f"adaptsegnet.ndf: expected a positive integer, got {ndf!r}")
@@ -54,6 +57,9 @@ class AdaptSegNet(Method):
         "adv_weight_main": 0.001,
         "adv_weight_aux": 0.0002,
         "ndf": 64,                  # discriminator width (64, 128, 256, 512, 1 channels)
+        # the discriminators see the predictions upsampled to this fraction of each domain's input
+        # size (the paper: 1, the input size); < 1 only to save time on small runs
+        "adv_scale": 1.0,
         "discriminator": {"name": "adam", "lr": 1.0e-4, "betas": [0.9, 0.99], "weight_decay": 0.0,
                           "schedule": "poly", "power": 0.9},
     }
@@ -74,6 +80,9 @@ class AdaptSegNet(Method):
     def _levels(self, out):
         return {lv: out[_OUTPUTS[lv]] for lv in self.levels}
 
+    def _adv_size(self, images):
+        return tuple(max(1, round(n * self.options["adv_scale"])) for n in images.shape[-2:])
+
     def step(self, batch, it, iters):
         source, target = batch["source"], batch["target"]
         o = self.options
@@ -92,7 +101,7 @@ class AdaptSegNet(Method):
         loss.backward()
 
         # generator, target half: fool the (frozen) discriminators
-        target_size = tuple(target["image"].shape[-2:])
+        target_size = self._adv_size(target["image"])
         out_t = self._levels(self.model(self.normalize(target["image"])))
         adv = self.adversary.generator_loss(out_t, target_size)
         loss = sum(o[f"adv_weight_{lv}"] * adv[lv] for lv in self.levels)
@@ -100,7 +109,7 @@ class AdaptSegNet(Method):
         opt.step()
 
         # discriminators: one step per level on the detached predictions
-        d = self.adversary.discriminator_step(out_s, out_t, tuple(source["image"].shape[-2:]), target_size)
+        d = self.adversary.discriminator_step(out_s, out_t, self._adv_size(source["image"]), target_size)
         losses.update({f"adv_{lv}": adv[lv] for lv in self.levels})
         losses.update({f"d_{lv}": d[lv] for lv in self.levels})
         return {k: v.detach() for k, v in losses.items()}
