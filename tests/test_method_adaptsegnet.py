@@ -1,0 +1,232 @@
+"""AdaptSegNet: the adversarial losses (vanilla and LS-GAN) against hand values, the generator's
+gradients against a hand computation of CE_main + 0.1 CE_aux + adv terms, the discriminators kept
+out of the generator step, 1 vs 2 levels, a short Trainer run, resume, and option checks."""
+import json
+import math
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import udafast.engine.trainer as trainer_module
+from udafast.engine.runs import resolve_config
+from udafast.engine.trainer import Trainer
+from udafast.methods.adaptsegnet import AdaptSegNet
+from udafast.methods.adversarial import OutputSpaceAdversary
+from udafast.methods.base import Stage
+from udafast.models import build_model
+from udafast.models.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _synthetic(domain, split, length):
+    return {"name": "synthetic", "split": split, "options": {"domain": domain, "length": length, "size": [32, 64]}}
+
+
+def tiny_config(iters=3, **section):
+    return resolve_config({
+        "model": {"name": "small", "num_classes": 19, "width": 4, "feature_dim": 16},
+        "data": {"source": _synthetic("source", "train", 8), "target": _synthetic("target", "train", 8),
+                 "val": _synthetic("target", "val", 4), "batch_size": 2},
+        "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "poly", "power": 0.9},
+        "train": {"iters": iters, "panels": 0},
+        "threads": 1,
+        "adaptsegnet": {"ndf": 8, **section},
+    }, "adaptsegnet")
+
+
+def make_method(**section):
+    config = tiny_config(**section)
+    method = AdaptSegNet(config, SimpleNamespace(device=torch.device("cpu"), backend="reference"))
+    method.start_stage(Stage("train", 10), build_model(config["model"]))
+    return method
+
+
+def tiny_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"source": {"image": torch.rand(2, 3, 32, 64, generator=g),
+                       "label": torch.randint(0, 19, (2, 32, 64), generator=g)},
+            "target": {"image": torch.rand(2, 3, 32, 64, generator=g)}}
+
+
+def _up(x, size):
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+
+
+# -- the adversarial losses -----------------------------------------------------------------------
+@pytest.mark.parametrize("gan", ["vanilla", "lsgan"])
+def test_generator_loss_values_and_no_discriminator_gradient(gan):
+    adv = OutputSpaceAdversary(("main",), 5, gan=gan, ndf=4)
+    d = adv.discriminators["main"]
+    logits = torch.randn(2, 5, 8, 16, requires_grad=True)
+    loss = adv.generator_loss({"main": logits}, (32, 64))["main"]
+    with torch.no_grad():
+        out = d(F.softmax(_up(logits, (32, 64)), dim=1))
+    # toward the source label 0: BCE = softplus(d), squared error = d^2
+    hand = F.softplus(out).mean() if gan == "vanilla" else (out ** 2).mean()
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    loss.backward()
+    assert all(p.grad is None for p in d.parameters())
+    assert all(p.requires_grad for p in d.parameters())
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("gan", ["vanilla", "lsgan"])
+def test_generator_gradient_pushes_target_toward_source_label(gan):
+    adv = OutputSpaceAdversary(("main",), 5, gan=gan, ndf=4)
+    d = adv.discriminators["main"]
+    logits = torch.randn(2, 5, 32, 64, requires_grad=True)
+    score = lambda x: d(F.softmax(x, dim=1)).mean().item()  # noqa: E731 (D's logit: 0 source, 1 target)
+    before = score(logits)
+    adv.generator_loss({"main": logits}, (32, 64))["main"].backward()
+    with torch.no_grad():
+        stepped = logits - 50.0 * logits.grad / logits.grad.norm()
+    target_value = 0.0
+    if gan == "lsgan":   # squared error: D's output moves toward 0
+        assert abs(score(stepped) - target_value) < abs(before - target_value)
+    else:                # BCE toward label 0: D's logit decreases
+        assert score(stepped) < before
+
+
+@pytest.mark.parametrize("gan", ["vanilla", "lsgan"])
+def test_discriminator_loss_values(gan):
+    adv = OutputSpaceAdversary(("main", "aux"), 5, gan=gan, ndf=4)
+    src = {lv: torch.randn(2, 5, 4, 8) for lv in ("main", "aux")}
+    tgt = {lv: torch.randn(1, 5, 4, 8) for lv in ("main", "aux")}
+    hand = {}
+    with torch.no_grad():
+        for lv, d in adv.discriminators.items():
+            ds, dt = d(F.softmax(_up(src[lv], (32, 64)), 1)), d(F.softmax(_up(tgt[lv], (32, 96)), 1))
+            if gan == "vanilla":   # 0.5 BCE(source, 0) + 0.5 BCE(target, 1)
+                hand[lv] = 0.5 * F.softplus(ds).mean() + 0.5 * F.softplus(-dt).mean()
+            else:                  # 0.5 MSE(source, 0) + 0.5 MSE(target, 1)
+                hand[lv] = 0.5 * (ds ** 2).mean() + 0.5 * ((dt - 1) ** 2).mean()
+    before = {lv: [p.clone() for p in d.parameters()] for lv, d in adv.discriminators.items()}
+    losses = adv.discriminator_step(src, tgt, (32, 64), (32, 96))
+    for lv in ("main", "aux"):
+        assert losses[lv].item() == pytest.approx(hand[lv].item(), rel=1e-6)
+        assert any(not torch.equal(a, b) for a, b in zip(before[lv], adv.discriminators[lv].parameters()))
+
+
+# -- the method -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("multi_level, levels", [(True, {"main", "aux"}), (False, {"main"})])
+def test_levels_make_their_discriminators(multi_level, levels):
+    method = make_method(multi_level=multi_level)
+    assert set(method.modules) == {f"disc_{lv}" for lv in levels}
+    assert set(method.optimizers) == {"model", "disc"}
+    disc = method.optimizers["disc"]
+    assert isinstance(disc, torch.optim.Adam) and disc.param_groups[0]["betas"] == (0.9, 0.99)
+    assert disc.param_groups[0]["initial_lr"] == 1e-4
+    losses = method.step(tiny_batch(), 0, 10)
+    assert set(losses) == {f"{k}_{lv}" for k in ("seg", "adv", "d") for lv in levels}
+    assert all(math.isfinite(float(v)) for v in losses.values())
+
+
+@pytest.mark.parametrize("multi_level, gan", [(True, "vanilla"), (False, "vanilla"), (True, "lsgan")])
+def test_generator_gradients_match_hand_computation(multi_level, gan):
+    w = {"seg_weight_aux": 0.3, "adv_weight_main": 0.5, "adv_weight_aux": 0.2}  # large: the adv terms show
+    method = make_method(multi_level=multi_level, gan=gan, **w)
+    discs = {lv: [p.clone() for p in d.parameters()] for lv, d in method.adversary.discriminators.items()}
+    grads = {}
+    opt = method.optimizers["model"]
+    opt.step = lambda: grads.update({p: p.grad.clone() for g in opt.param_groups for p in g["params"]
+                                     if p.grad is not None})
+    batch = tiny_batch()
+    method.step(batch, 0, 10)
+
+    # hand: the same loss with the discriminators as they were during the generator step
+    model = method.model
+    for lv, d in method.adversary.discriminators.items():
+        with torch.no_grad():
+            for p, old in zip(d.parameters(), discs[lv]):
+                p.copy_(old)
+    out_s = model(method.normalize(batch["source"]["image"]))
+    out_t = model(method.normalize(batch["target"]["image"]))
+    labels = batch["source"]["label"]
+    adv_label = F.binary_cross_entropy_with_logits if gan == "vanilla" else F.mse_loss
+
+    def adv(lv, key):
+        out = method.adversary.discriminators[lv](F.softmax(_up(out_t[key], (32, 64)), 1))
+        return adv_label(out, torch.zeros_like(out))
+    loss = F.cross_entropy(_up(out_s["logits"], (32, 64)), labels) + w["adv_weight_main"] * adv("main", "logits")
+    if multi_level:
+        loss = loss + w["seg_weight_aux"] * F.cross_entropy(_up(out_s["aux"], (32, 64)), labels) \
+            + w["adv_weight_aux"] * adv("aux", "aux")
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = torch.autograd.grad(loss, params, materialize_grads=True)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(grads.get(p, torch.zeros_like(p)), e, rtol=1e-4, atol=1e-7)
+    if not multi_level:
+        assert model.aux_classifier.weight not in grads or not grads[model.aux_classifier.weight].any()
+
+
+@pytest.mark.parametrize("scale, size", [(1.0, (64, 128)), (0.5, (32, 64))])
+def test_adv_scale_sets_the_discriminators_input_size(scale, size):
+    method = make_method(multi_level=False, adv_scale=scale)
+    seen = []
+    method.adversary.discriminators["main"].register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[-2:])))
+    g = torch.Generator().manual_seed(1)
+    batch = {"source": {"image": torch.rand(1, 3, 64, 128, generator=g),
+                        "label": torch.randint(0, 19, (1, 64, 128), generator=g)},
+             "target": {"image": torch.rand(1, 3, 64, 128, generator=g)}}
+    method.step(batch, 0, 10)
+    assert seen == [size] * 3   # generator (target), discriminator (source, target)
+
+
+# -- runs --------------------------------------------------------------------------------------------
+def test_trainer_run_writes_metrics(tmp_path):
+    metrics = Trainer(tiny_config(iters=3, gan="lsgan"), tmp_path, tensorboard=False).run()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["method"] == "adaptsegnet" and saved["iters"] == 3
+    assert math.isfinite(saved["miou"]) and saved["miou"] == metrics["miou"]
+    assert "d_aux" in (tmp_path / "log.csv").read_text()
+
+
+def test_resume_continues_identically(tmp_path, monkeypatch):
+    config = tiny_config(iters=4)
+    config["train"]["ckpt_every"] = 2
+    save = trainer_module.save_checkpoint
+
+    def keep_mid(path, *args, **kw):
+        save(path, *args, **kw)
+        if kw.get("stage_iter") == 2:
+            shutil.copy(path, tmp_path / "mid.pt")
+    monkeypatch.setattr(trainer_module, "save_checkpoint", keep_mid)
+    Trainer(config, tmp_path / "full", tensorboard=False).run()
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
+    Trainer(config, tmp_path / "resumed", resume=tmp_path / "mid.pt", tensorboard=False).run()
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for name in ("disc_main", "disc_aux"):
+        da, db = a["method"]["modules"][name], b["method"]["modules"][name]
+        assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da), name
+
+
+# -- options -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("section, name", [
+    ({"multi_level": "yes"}, "multi_level"), ({"gan": "wgan"}, "gan"), ({"adv_weight_main": -0.001}, "adv_weight_main"),
+    ({"adv_weight_aux": "x"}, "adv_weight_aux"), ({"seg_weight_aux": None}, "seg_weight_aux"), ({"ndf": 0}, "ndf"),
+    ({"adv_scale": 0}, "adv_scale"), ({"adv_scale": 1.5}, "adv_scale"),
+    ({"discriminator": {"lr": 0}}, "discriminator"), ({"discriminator": {"name": "rmsprop"}}, "discriminator"),
+    ({"lambda_adv": 0.001}, "lambda_adv"),
+])
+def test_bad_options_raise_naming_the_option(section, name):
+    with pytest.raises(ValueError, match=name):
+        AdaptSegNet(tiny_config(**section), SimpleNamespace(device=torch.device("cpu"), backend="reference"))
+
+
+def test_partial_discriminator_section_keeps_the_defaults():
+    method = make_method(discriminator={"lr": 2e-4})
+    g = method.optimizers["disc"].param_groups[0]
+    assert g["initial_lr"] == 2e-4 and g["betas"] == (0.9, 0.99)
