@@ -49,9 +49,12 @@ def _seed_dir(out, seed, several):
     return os.path.join(out, f"seed_{seed}") if several else out
 
 
-def run_method(config, out_dir, *, stage=None, resume=None, progress=None, source_run=None, log=print):
+def run_method(config, out_dir, *, stage=None, resume=None, progress=None, source_run=None, source_config=None,
+               log=print):
     """Train `config` into `out_dir` -> its metrics. An `init` of "@source_only" is the source-only
-    run `source_run` (a run folder), trained first into `out_dir/pretrain_source_only` when not given."""
+    run `source_run` (a run folder); when not given, one is trained first into
+    `out_dir/pretrain_source_only` with `source_config` (the source_only config of the same file;
+    default: this config as source_only), its `train` section updated with `pretrain`."""
     from udafast.engine.trainer import Trainer
     config = copy.deepcopy(config)
     if config.get("init") == SOURCE_INIT:
@@ -59,8 +62,8 @@ def run_method(config, out_dir, *, stage=None, resume=None, progress=None, sourc
             source_run = os.path.join(out_dir, "pretrain_source_only")
             if not os.path.isfile(os.path.join(source_run, "metrics.json")):
                 log(f"{config['method']} starts from a source-only network: training it into {source_run}")
-                pre = copy.deepcopy(config)
-                pre["method"], pre["init"] = "source_only", None
+                pre = copy.deepcopy(source_config or config)
+                pre["method"], pre["init"], pre["seed"] = "source_only", None, config["seed"]
                 pre["train"] = merge(pre["train"], config.get("pretrain") or {})
                 Trainer(pre, source_run, progress=progress).run()
         config["init"] = os.path.join(source_run, "checkpoints", "last.pt")
