@@ -1,0 +1,315 @@
+"""CBST (udafast.methods.cbst): thresholds and pseudo-labels against their definitions on a hand-made
+target set, the schedules, the stored labels file, rare-class mining, and short Trainer runs."""
+import copy
+import json
+import math
+import os
+import shutil
+import types
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from udafast.engine.config import DEFAULTS, merge
+from udafast.engine.data import BatchStream, TrainView
+from udafast.engine.trainer import RunContext, Trainer
+from udafast.methods.cbst import CBST, _RoundExtras, portion_schedule, rare_classes, source_fraction, subsample_mask
+
+C = 4
+
+
+class PixelNet(nn.Module):
+    """Per-pixel linear logits at the input's resolution (so the labelling passes need no resampling
+    and the test can recompute the probabilities exactly)."""
+    normalization = "imagenet"
+
+    def __init__(self, classes=C, scale=2.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.backbone = nn.Conv2d(3, classes, 1)
+        with torch.no_grad():
+            self.backbone.weight.copy_(torch.randn(self.backbone.weight.shape, generator=g) * scale)
+            self.backbone.bias.copy_(torch.randn(classes, generator=g) * scale / 2)
+
+    def forward(self, x):
+        return {"logits": self.backbone(x)}
+
+    def param_groups(self, lr):
+        return [{"params": list(self.parameters()), "lr": lr}]
+
+
+class FakeContext:
+    """The parts of RunContext that CBST uses, over a hand-made target set of `n` images h x w."""
+
+    def __init__(self, out_dir, n=5, h=8, w=12, n_source=40, batch_size=2, crop=(4, 8)):
+        g = torch.Generator().manual_seed(2)
+        self.device, self.backend, self.out_dir = torch.device("cpu"), "reference", str(out_dir)
+        self.target = [{"image": torch.rand(3, h, w, generator=g), "name": f"t{i}"} for i in range(n)]
+        self.source = list(range(n_source))
+        self.target_view = TrainView(crop=crop, flip=0.0)
+        self.source_stream = types.SimpleNamespace(batch_size=batch_size)
+        self.target_stream = BatchStream(self.target, 2, self.target_view, seed=5)
+        self.subsets, self.messages = [], []
+
+    target_frames = RunContext.target_frames
+
+    def set_source_subset(self, indices):
+        self.subsets.append(list(indices))
+
+    def log(self, text):
+        self.messages.append(text)
+
+
+def config(**section):
+    cfg = merge(DEFAULTS, {"method": "cbst", "model": {"name": "small", "num_classes": C},
+                           "optimizer": {"name": "sgd", "lr": 1e-3}, "train": {"iters": 3}})
+    cfg["cbst"] = section
+    return cfg
+
+
+def make(tmp_path, ctx=None, **section):
+    ctx = ctx or FakeContext(tmp_path)
+    return CBST(config(**section), ctx), ctx
+
+
+def start(method, round_index=0, resume=False, model=None):
+    stage = method.stages()[round_index]
+    method.start_stage(stage, model or PixelNet(), resume=resume)
+    return stage
+
+
+# -- the definitions, written out ------------------------------------------------------------------
+def expected_probs(ctx, model):
+    from udafast.data.transforms import normalize
+    images = torch.stack([s["image"] for s in ctx.target])
+    with torch.no_grad():
+        return torch.softmax(model(normalize(images, "imagenet"))["logits"], dim=1)
+
+
+def expected_thresholds(probs, portion, every, bins):
+    """SPEC 1.1's streaming threshold over every `every`-th pixel of each class's list per image."""
+    conf, pred = probs.amax(1), probs.argmax(1)
+    lists = {c: [] for c in range(C)}
+    for b in range(probs.shape[0]):
+        flat_c, flat_p = conf[b].reshape(-1).tolist(), pred[b].reshape(-1).tolist()
+        for c in range(C):
+            lists[c].extend([x for x, p in zip(flat_c, flat_p) if p == c][::every])
+    out = []
+    for c in range(C):
+        values = sorted(lists[c], reverse=True)
+        n = math.floor(len(values) * portion)
+        if n < 1:
+            out.append(1.0)
+            continue
+        exact = values[n - 1]
+        out.append(min(math.floor(exact * bins), bins - 1) / bins)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def expected_labels(probs, thresholds):
+    k = thresholds.clamp(min=torch.finfo(torch.float32).tiny)
+    p = probs.numpy()
+    labels = np.full(p.shape[:1] + p.shape[2:], 255, dtype=np.uint8)
+    for b in range(p.shape[0]):
+        for y in range(p.shape[2]):
+            for x in range(p.shape[3]):
+                ratios = [np.float32(p[b, c, y, x]) / np.float32(k[c]) for c in range(C)]
+                best = int(np.argmax(ratios))  # first maximum
+                if ratios[best] >= 1:
+                    labels[b, y, x] = best
+    return labels
+
+
+# -- tests -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("every", [1, 2, 4])
+def test_subsample_mask_keeps_every_nth_pixel_of_each_class_per_image(every):
+    pred = torch.randint(0, C, (3, 5, 7))
+    pred[0, 0, :3] = 255
+    keep = subsample_mask(pred, C, every)
+    for b in range(3):
+        flat, kept = pred[b].reshape(-1), keep[b].reshape(-1)
+        for c in range(C):
+            positions = torch.nonzero(flat == c).reshape(-1)
+            assert kept[positions].tolist() == [i % every == 0 for i in range(positions.numel())]
+        assert not kept[flat == 255].any()
+
+
+@pytest.mark.parametrize("round_index,bins,every,scale", [(0, 65536, 4, 2.0), (2, 64, 1, 2.0), (6, 2, 4, 0.3)])
+def test_thresholds_and_labels_equal_the_definition(tmp_path, round_index, bins, every, scale):
+    method, ctx = make(tmp_path, rounds=7, bins=bins, subsample=every)
+    model = PixelNet(scale=scale)
+    start(method, round_index, model=model)
+    probs = expected_probs(ctx, model)
+    portion = portion_schedule(round_index)
+    thresholds = expected_thresholds(probs, portion, every, bins)
+    assert torch.equal(method.thresholds, thresholds)
+    if bins == 2:  # a threshold in the lowest bin is 0.0: labelled as with a tiny positive threshold
+        assert (thresholds == 0).any()
+    stored = np.load(method.labels_path(round_index))
+    labels = expected_labels(probs, thresholds)
+    assert stored.dtype == np.uint8 and np.array_equal(stored, labels)
+    counts = np.bincount(labels[labels != 255], minlength=C)
+    assert method.label_counts.tolist() == counts.tolist()
+    assert method.rare == rare_classes(torch.from_numpy(counts), 3)
+
+
+def test_portion_and_source_fraction_schedules():
+    assert [round(portion_schedule(t), 6) for t in range(8)] == [0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.5]
+    assert [round(source_fraction(t), 6) for t in (0, 1, 4, 12, 13, 30)] == [0.03, 0.0325, 0.04, 0.06, 0.06, 0.06]
+    assert portion_schedule(3, 0.5, 0.1, 0.6) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("fraction,n_source,batch,expected", [(0.03, 1000, 8, 30), (0.03, 100, 8, 8),
+                                                              (0.5, 10, 2, 5), (0.03, 3, 4, 3)])
+def test_source_subset_size_and_seeding(tmp_path, fraction, n_source, batch, expected):
+    ctx = FakeContext(tmp_path, n_source=n_source, batch_size=batch)
+    method, _ = make(tmp_path, ctx, source_start=fraction, source_max=max(fraction, 0.06), rounds=2)
+    a, b = method._draw_subset(0), method._draw_subset(1)
+    assert len(a) == expected and len(set(a.tolist())) == expected and max(a.tolist()) < n_source
+    assert torch.equal(a, method._draw_subset(0))
+    if expected < n_source:
+        assert not torch.equal(a, b[:len(a)])
+    start(method)
+    assert ctx.subsets[-1] == a.tolist()
+
+
+def test_labels_file_complete_reused_on_resume_and_nothing_else_written(tmp_path, monkeypatch):
+    method, ctx = make(tmp_path)
+    start(method)
+    path = method.labels_path(0)
+    assert sorted(os.listdir(os.path.dirname(path))) == ["round0_labels.npy"]  # no probabilities, no temp file
+    assert np.load(path).shape == (5, 8, 12)
+    state = copy.deepcopy(method.extra_state())
+    first = np.load(path).copy()
+
+    def fail(*a, **k):
+        raise AssertionError("recomputed")
+
+    resumed, ctx2 = make(tmp_path)
+    monkeypatch.setattr(resumed, "_thresholds_pass", fail)
+    start(resumed, resume=True)
+    resumed.load_extra_state(state)
+    assert torch.equal(resumed.thresholds, method.thresholds) and resumed.rare == method.rare
+    assert ctx2.subsets[-1] == ctx.subsets[-1]
+    assert np.array_equal(np.load(path), first)
+    # an incomplete file (wrong shape, as a crash would leave only a temp file) is recomputed on resume
+    np.save(path, np.zeros((2, 8, 12), np.uint8))
+    again, _ = make(tmp_path)
+    start(again, resume=True)
+    assert np.array_equal(np.load(path), first)
+    # without resume, the labels are always recomputed from the given network
+    other, _ = make(tmp_path)
+    monkeypatch.setattr(other, "_thresholds_pass", fail)
+    with pytest.raises(AssertionError, match="recomputed"):
+        start(other)
+
+
+@pytest.mark.parametrize("counts,k,expected", [([5, 0, 2, 9], 3, [2, 0, 3]), ([0, 0, 4, 4], 3, [2, 3]),
+                                               ([1, 1, 1, 1], 2, [0, 1]), ([3, 2, 1, 0], 0, [])])
+def test_rare_classes_are_the_smallest_labelled_shares(counts, k, expected):
+    assert rare_classes(torch.tensor(counts), k) == expected
+
+
+def test_extras_label_and_crop_centres_on_rare_class_pixels(tmp_path):
+    method, ctx = make(tmp_path, mine_chance=1.0)
+    start(method)
+    stored = np.load(method.labels_path(0))
+    extras = ctx.target_stream.extras
+    assert isinstance(extras, _RoundExtras) and extras.rare == method.rare and method.rare
+    centred = 0
+    for epoch in range(4):
+        ctx.target_stream.epoch = epoch
+        for i in range(len(ctx.target)):
+            e = extras(i)
+            assert e["label"].dtype == torch.int64 and np.array_equal(e["label"].numpy(), stored[i])
+            if any((stored[i] == c).any() for c in method.rare):
+                y, x = e["crop_center"]
+                assert stored[i][y, x] in method.rare
+                centred += 1
+            else:
+                assert e["crop_center"] is None
+            assert e["crop_center"] == extras(i)["crop_center"]  # deterministic per (round, index, epoch)
+    assert centred > 0
+    # pickled for a loader worker: the same extras for the epoch it was made in
+    import pickle
+    clone = pickle.loads(pickle.dumps(extras))
+    assert clone(2)["crop_center"] == extras(2)["crop_center"]
+    # mine_chance 0: no crop centres
+    never, ctx0 = make(tmp_path / "never", mine_chance=0.0)
+    start(never)
+    assert all(ctx0.target_stream.extras(i)["crop_center"] is None for i in range(5))
+    # the stream's batches carry the pseudo-labels
+    batch = next(ctx.target_stream)
+    assert batch["label"].shape == (2, 4, 8)
+
+
+@pytest.mark.parametrize("option,value", [("rounds", 0), ("iters_per_round", 0), ("subsample", 0),
+                                          ("portion_start", 0.6), ("portion_max", 1.5), ("source_start", 0.0),
+                                          ("source_step", -0.1), ("mine_chance", 1.5), ("bins", 3),
+                                          ("rare_classes", -1), ("label_batch_size", 0), ("rounds", 2.5)])
+def test_bad_options_raise(tmp_path, option, value):
+    with pytest.raises(ValueError, match=option):
+        make(tmp_path, **{option: value})
+
+
+def test_unknown_option_raises(tmp_path):
+    with pytest.raises(ValueError, match="unknown option"):
+        make(tmp_path, portion=0.3)
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+def tiny_config(init=None):
+    synth = {"name": "synthetic", "split": "train", "options": {"size": [32, 64], "length": 8}}
+    return merge(DEFAULTS, {
+        "method": "cbst", "threads": 1, "init": init, "model": {"name": "small", "num_classes": 19, "width": 8},
+        "data": {"source": merge(synth, {"options": {"domain": "source"}}),
+                 "target": merge(synth, {"options": {"domain": "target"}}),
+                 "val": {"name": "synthetic", "split": "val", "options": {"domain": "target", "size": [32, 64],
+                                                                          "length": 4}},
+                 "target_view": {"crop": [16, 32]}, "batch_size": 2},
+        "optimizer": {"name": "adam", "lr": 1e-3, "schedule": "constant"},
+        "train": {"iters": 2, "panels": 0},
+        "cbst": {"rounds": 2, "source_start": 0.5, "source_max": 0.5},
+    })
+
+
+@pytest.fixture(scope="module")
+def source_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("source_only")
+    cfg = tiny_config()
+    cfg.update(method="source_only")
+    cfg["train"]["iters"] = 3
+    Trainer(cfg, folder, tensorboard=False).run()
+    return str(folder / "checkpoints" / "last.pt")
+
+
+def test_trainer_two_rounds_and_resume_mid_round(tmp_path, source_checkpoint, monkeypatch):
+    cfg = tiny_config(init=source_checkpoint)
+    saved = Trainer._save
+
+    def save_and_keep(self, method, ctx, stage_index, stage_iter, state, name):
+        saved(self, method, ctx, stage_index, stage_iter, state, name)
+        if name == "last.pt" and stage_index == 1 and stage_iter == 1:
+            shutil.copy(os.path.join(self.ckpt_dir, name), os.path.join(self.ckpt_dir, "mid.pt"))
+
+    monkeypatch.setattr(Trainer, "_save", save_and_keep)
+    cfg["train"]["ckpt_every"] = 1
+    metrics = Trainer(cfg, tmp_path / "run", tensorboard=False).run()
+    assert set(metrics["stages"]) == {"round0", "round1"} and math.isfinite(metrics["miou"])
+    with open(tmp_path / "run" / "metrics.json") as f:
+        assert json.load(f)["stages"]["round1"]["iters"] == 2
+    assert sorted(os.listdir(tmp_path / "run" / "cbst")) == ["round0_labels.npy", "round1_labels.npy"]
+    final = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    mid = torch.load(tmp_path / "run" / "checkpoints" / "mid.pt", weights_only=True)
+    assert mid["method"]["extra"]["round"] == 1
+
+    resumed = Trainer(cfg, tmp_path / "run", resume=str(tmp_path / "run" / "checkpoints" / "mid.pt"),
+                      tensorboard=False).run()
+    again = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert resumed["miou"] == metrics["miou"]
+    for k, v in final["model"].items():
+        assert torch.equal(v, again["model"][k]), k
+    for k in ("thresholds", "subset", "label_counts"):
+        assert torch.equal(final["method"]["extra"][k], again["method"]["extra"][k])
