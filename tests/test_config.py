@@ -17,6 +17,8 @@ def test_merge_is_deep_and_copies():
 @pytest.mark.parametrize("text, keys, value", [
     ("train.iters=5", ["train", "iters"], 5),
     ("optimizer.lr=2.5e-4", ["optimizer", "lr"], 2.5e-4),
+    ("optimizer.lr=1e-3", ["optimizer", "lr"], 1e-3),
+    ("name=deeplab", ["name"], "deeplab"),
     ("init=null", ["init"], None),
     ("eval.input_size=[1024, 512]", ["eval", "input_size"], [1024, 512]),
     ("data.source.root=/a=b", ["data", "source", "root"], "/a=b"),

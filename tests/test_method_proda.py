@@ -249,7 +249,7 @@ def test_model_overrides_by_model_name():
 
 
 @pytest.mark.parametrize("option, value", [
-    ("gan", "wgan"), ("stage1_iters", 0), ("disc_ndf", 0), ("tau", 0), ("kl_weight", -1), ("distill_threshold", 1.5),
+    ("gan", "wgan"), ("stage1_iters", 0), ("disc_ndf", 0), ("adv_scale", 0), ("adv_scale", 1.5), ("tau", 0), ("kl_weight", -1), ("distill_threshold", 1.5),
     ("code_kl_softmax", "yes"), ("proto_min_pixels", 0), ("nonsense", 1),
 ])
 def test_bad_options_raise(tmp_path, option, value):

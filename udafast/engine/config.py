@@ -125,6 +125,12 @@ def parse_override(text):
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; a number is what anyone typing it means
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     return keys, value
 
 

@@ -16,7 +16,7 @@ __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summ
            "format_results", "compare_backends", "COMPARED"]
 
 #: the methods `--method all` compares, in table order
-COMPARED = ("source_only", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "oracle")
+COMPARED = ("source_only", "adabn", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "oracle")
 #: an `init` value naming another method's run of the same comparison and seed
 SOURCE_INIT = "@source_only"
 

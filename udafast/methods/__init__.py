@@ -1,6 +1,7 @@
 """The methods, by name: `METHODS[name]` is the class, `build_method(config, ctx)` an instance.
 
-source_only and oracle bound the comparison; dann, adaptsegnet, cbst, contrastive and proda adapt.
+source_only and oracle bound the comparison; dann, adaptsegnet, cbst, contrastive and proda adapt;
+adabn (target BatchNorm statistics, no training) is a control for how much of a gap is statistics.
 Each module reads like its paper's loss; see ../shared/SPEC.md part 2 and the docstrings.
 """
 import importlib
@@ -16,6 +17,7 @@ METHODS = {
     "cbst": "udafast.methods.cbst:CBST",
     "contrastive": "udafast.methods.contrastive:Contrastive",
     "proda": "udafast.methods.proda:ProDA",
+    "adabn": "udafast.methods.adabn:AdaBN",
 }
 METHOD_NAMES = tuple(METHODS)
 

@@ -14,7 +14,7 @@ Tsai et al., "Learning to Adapt Structured Output Space for Semantic Segmentatio
 (https://github.com/wasidennis/AdaptSegNet). The code's quirks (ASPP summing two dilations,
 frozen BatchNorm affines) are the network's options `model.aspp` / `model.freeze_bn_affine`.
 """
-from udafast.methods.adversarial import GANS, OutputSpaceAdversary
+from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import Method, seg_loss
 
 __all__ = ["AdaptSegNet"]
@@ -36,9 +36,7 @@ def _check(options):
         raise ValueError(f"adaptsegnet.gan: expected one of {GANS}, got {options['gan']!r}")
     for key in ("seg_weight_aux", "adv_weight_main", "adv_weight_aux"):
         _number(options, key)
-    scale = options["adv_scale"]
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1:
-        raise ValueError(f"adaptsegnet.adv_scale: expected a number in (0, 1], got {scale!r}")
+    check_scale(options["adv_scale"], "adaptsegnet.adv_scale")
     ndf = options["ndf"]
     if isinstance(ndf, bool) or not isinstance(ndf, int) or ndf <= 0:
         raise ValueError(f"adaptsegnet.ndf: expected a positive integer, got {ndf!r}")
@@ -81,7 +79,7 @@ class AdaptSegNet(Method):
         return {lv: out[_OUTPUTS[lv]] for lv in self.levels}
 
     def _adv_size(self, images):
-        return tuple(max(1, round(n * self.options["adv_scale"])) for n in images.shape[-2:])
+        return scaled_size(images, self.options["adv_scale"])
 
     def step(self, batch, it, iters):
         source, target = batch["source"], batch["target"]

@@ -11,10 +11,29 @@ import torch.nn.functional as F
 from udafast.methods.base import build_optimizer, upsample
 from udafast.models.heads import Discriminator
 
-__all__ = ["OutputSpaceAdversary", "SOURCE_LABEL", "TARGET_LABEL", "GANS"]
+__all__ = ["OutputSpaceAdversary", "SOURCE_LABEL", "TARGET_LABEL", "GANS", "scaled_size", "check_scale"]
 
 SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0
 GANS = ("vanilla", "lsgan")
+
+
+#: the discriminator's five stride-2 4x4 convs need at least this many pixels per side
+MIN_DISCRIMINATOR_SIZE = 32
+
+
+def scaled_size(images, scale):
+    """The size the discriminators see the predictions at: the input's (H, W) times `scale` (1 = the
+    papers'; less makes the discriminators cheaper), but not below MIN_DISCRIMINATOR_SIZE."""
+    h, w = images.shape[-2:]
+    if min(h, w) < MIN_DISCRIMINATOR_SIZE:
+        raise ValueError(f"images: the discriminators need inputs of at least {MIN_DISCRIMINATOR_SIZE} pixels "
+                         f"per side, got {h}x{w} (use a larger crop)")
+    return tuple(max(round(n * scale), MIN_DISCRIMINATOR_SIZE) for n in (h, w))
+
+
+def check_scale(value, name):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name}: expected a number in (0, 1], got {value!r}")
 
 
 def _gan_loss(logits, label, gan):

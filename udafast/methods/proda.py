@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import strong_augment, warp_like
 from udafast.engine.config import merge
-from udafast.methods.adversarial import GANS, OutputSpaceAdversary
+from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import EMATeacher, Method, Stage, build_optimizer, seg_loss, upsample
 from udafast.ops import class_feature_sums, kl_loss, prototype_rectify, prototype_softmax, sce_loss, update_prototypes
 
@@ -65,6 +65,7 @@ class ProDA(Method):
         # warm-up: output-space adversarial training
         "adv_weight": 0.01, "gan": "lsgan", "disc_lr": 1.0e-4,
         "disc_ndf": 64,              # discriminator width (64, 128, 256, 512, 1 channels)
+        "adv_scale": 1.0,            # the discriminator sees predictions at this fraction of the input size
         # stage 1 (the authors' code trains every layer at this lr here: no heads x10)
         "stage1_lr": 1.0e-4,
         "tau": 1.0,                  # prototype softmax temperature
@@ -106,6 +107,7 @@ class ProDA(Method):
         if isinstance(o["proto_min_pixels"], bool) or not isinstance(o["proto_min_pixels"], int) \
                 or o["proto_min_pixels"] < 1:
             raise ValueError(f"proda.proto_min_pixels: expected a positive int, got {o['proto_min_pixels']!r}")
+        check_scale(o["adv_scale"], "proda.adv_scale")
         if o["gan"] not in GANS:
             raise ValueError(f"proda.gan: expected one of {GANS}, got {o['gan']!r}")
         for key in ("distill_source_ce", "code_kl_softmax"):
@@ -229,11 +231,13 @@ class ProDA(Method):
         opt.zero_grad(set_to_none=True)
         src_out, loss_src = self._source_ce(source)
         tgt_out = self.model(self.normalize(target["image"]))
-        adv = self.adversary.generator_loss({"main": tgt_out["logits"]}, target["image"].shape[-2:])["main"]
+        scale = self.options["adv_scale"]
+        adv = self.adversary.generator_loss({"main": tgt_out["logits"]}, scaled_size(target["image"], scale))["main"]
         (loss_src + self.options["adv_weight"] * adv).backward()
         opt.step()
         disc = self.adversary.discriminator_step({"main": src_out["logits"]}, {"main": tgt_out["logits"]},
-                                                 source["image"].shape[-2:], target["image"].shape[-2:])["main"]
+                                                 scaled_size(source["image"], scale),
+                                                 scaled_size(target["image"], scale))["main"]
         return {"seg": loss_src.detach(), "adv": adv.detach(), "disc": disc}
 
     def _views(self, images):

@@ -1,0 +1,23 @@
+"""Every method trains one iteration per stage with DeepLabV2-ResNet101 (the papers' network), on
+tiny synthetic frames: the shapes, heads and options of the real configs fit together."""
+import pytest
+
+from conftest import tiny_run_config
+from udafast.engine.runs import run_method
+from udafast.methods import METHOD_NAMES
+
+# the heads the methods add to the network sit on its 2048-deep stride-8 features; the small
+# network of the embedded benchmark never exercises those widths
+SECTIONS = {"dann": {"dann": {"hidden": 64}}, "adaptsegnet": {"adaptsegnet": {"ndf": 8}},
+            "proda": {"proda": {"disc_ndf": 8}}, "contrastive": {"contrastive": {"bank_start": 0, "loss_start": 0}}}
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_method_trains_deeplabv2(method, tmp_path):
+    config = tiny_run_config(method, model={"name": "deeplabv2_r101", "num_classes": 19},
+                             train={"iters": 1, "stage_iters": 1, "panels": 0}, pretrain={"iters": 1},
+                             eval={"max_images": 1}, **SECTIONS.get(method, {}))
+    if method in ("cbst", "proda", "contrastive"):
+        config["init"] = "@source_only"
+    metrics = run_method(config, tmp_path, log=lambda *_: None)
+    assert 0 <= metrics["miou"] <= 100
