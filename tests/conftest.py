@@ -106,6 +106,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: on a shared 2-core machine OpenMP's second thread mostly
+    waits (ResNet-101 forwards run ~5x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_run_config(method="source_only", **sections):
     """A run config for a few iterations of `method` on 32x64 synthetic scenes with a narrow small
     network on one thread (seconds per run); `sections` are merged over it."""

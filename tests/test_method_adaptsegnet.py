@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_run_config
 import udafast.engine.trainer as trainer_module
-from udafast.engine.runs import resolve_config
 from udafast.engine.trainer import Trainer
 from udafast.methods.adaptsegnet import AdaptSegNet
 from udafast.methods.adversarial import OutputSpaceAdversary
@@ -20,28 +20,11 @@ from udafast.models import build_model
 from udafast.models.checkpoint import load_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _synthetic(domain, split, length):
-    return {"name": "synthetic", "split": split, "options": {"domain": domain, "length": length, "size": [32, 64]}}
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(iters=3, **section):
-    return resolve_config({
-        "model": {"name": "small", "num_classes": 19, "width": 4, "feature_dim": 16},
-        "data": {"source": _synthetic("source", "train", 8), "target": _synthetic("target", "train", 8),
-                 "val": _synthetic("target", "val", 4), "batch_size": 2},
-        "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0, "schedule": "poly", "power": 0.9},
-        "train": {"iters": iters, "panels": 0},
-        "threads": 1,
-        "adaptsegnet": {"ndf": 8, **section},
-    }, "adaptsegnet")
+    return tiny_run_config("adaptsegnet", train={"iters": iters, "panels": 0}, adaptsegnet={"ndf": 8, **section})
 
 
 def make_method(**section):

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_run_config
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import strong_augment, warp_like
 from udafast.engine.config import merge
-from udafast.engine.runs import resolve_config
 from udafast.engine.trainer import RunContext, Trainer
 from udafast.methods import method_class
 from udafast.methods.base import Stage
@@ -22,18 +22,8 @@ from udafast.ops import kl_loss, prototype_softmax, sce_loss
 
 def tiny_config(**sections):
     """A few iterations of each stage on 32x64 synthetic scenes with a narrow small network."""
-    scenes = {"size": [32, 64], "cache": True}
-    base = {
-        "threads": 1,
-        "model": {"name": "small", "num_classes": 19, "width": 4, "feature_dim": 32},
-        "data": {"source": {"name": "synthetic", "split": "train", "options": {"domain": "source", "length": 8, **scenes}},
-                 "target": {"name": "synthetic", "split": "train", "options": {"domain": "target", "length": 6, **scenes}},
-                 "val": {"name": "synthetic", "split": "val", "options": {"domain": "target", "length": 2, **scenes}},
-                 "batch_size": 2},
-        "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 0.0},
-        "train": {"iters": 2, "panels": 0},
-    }
-    return resolve_config(merge(base, sections), "proda")
+    return tiny_run_config("proda", **merge({"data": {"target": {"options": {"length": 6}}, "val": {"options": {"length": 2}}},
+                                              "train": {"panels": 0}}, sections))
 
 
 class _Log:

@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import time
 
-from udafast.engine.config import DEFAULTS, merge, read_config
+from udafast.engine.config import DEFAULTS, merge
 from udafast.methods import METHOD_NAMES, method_class
 
 __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summarize", "write_results",
