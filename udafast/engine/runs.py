@@ -17,6 +17,8 @@ __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summ
 
 #: the methods `--method all` compares, in table order
 COMPARED = ("source_only", "adabn", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "oracle")
+#: bounds and controls rather than adaptation methods (grey in the chart)
+CONTROLS = ("source_only", "adabn", "oracle")
 #: an `init` value naming another method's run of the same comparison and seed
 SOURCE_INIT = "@source_only"
 
@@ -181,10 +183,10 @@ def _chart(results, path):
             means.append(s["miou_mean"])
             stds.append(s["miou_std"])
             colours.append("#9ecae1")
-        labels.append(name)
+        labels.append(f"{name}\n{list(stages)[-1]}" if stages else name)
         means.append(m["miou_mean"])
         stds.append(m["miou_std"])
-        colours.append("#3182bd" if name not in ("source_only", "oracle") else "#969696")
+        colours.append("#969696" if name in CONTROLS else "#3182bd")
     fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(labels)), 3.6))
     ax.bar(range(len(labels)), means, yerr=stds, color=colours, capsize=3)
     ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=0)
