@@ -13,10 +13,10 @@ SECTIONS = {"dann": {"dann": {"hidden": 64}}, "adaptsegnet": {"adaptsegnet": {"n
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
-def test_method_trains_deeplabv2(method, tmp_path):
-    config = tiny_run_config(method, model={"name": "deeplabv2_r101", "num_classes": 19},
-                             train={"iters": 1, "stage_iters": 1, "panels": 0}, pretrain={"iters": 1},
+def test_method_trains_deeplabv2(method, tmp_path, one_thread):
+    config = tiny_run_config(method, train={"iters": 1, "stage_iters": 1, "panels": 0}, pretrain={"iters": 1},
                              eval={"max_images": 1}, **SECTIONS.get(method, {}))
+    config["model"] = {"name": "deeplabv2_r101", "num_classes": 19}
     if method in ("cbst", "proda", "contrastive"):
         config["init"] = "@source_only"
     metrics = run_method(config, tmp_path, log=lambda *_: None)

@@ -89,13 +89,17 @@ class RunContext:
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
         path = self.config.get("init")
         if init and path:
-            ckpt = load_checkpoint(path)
-            missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
-            if unexpected or [k for k in missing if not k.startswith(("feature_head", "classifier"))]:
-                raise ValueError(f"init: {path} does not fit the model (missing {missing[:5]}, "
-                                 f"unexpected {unexpected[:5]})")
-            if missing:
-                self.log(f"init: {path} has no weights for {len(missing)} head tensors; they start fresh")
+            # the backbone must come whole from the init; heads the init has in another form (e.g.
+            # ProDA's feature head after a DeepLabV2 source network) start fresh
+            state, own = load_checkpoint(path)["model"], model.state_dict()
+            fits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+            lost = [k for k in own if k.startswith("backbone.") and k not in fits]
+            if lost:
+                raise ValueError(f"init: {path} does not fit the model's backbone (e.g. {lost[:3]})")
+            model.load_state_dict(fits, strict=False)
+            fresh = sorted({k.split(".")[0] for k in own if k not in fits})
+            if fresh:
+                self.log(f"init: {path} has no weights of this shape for {', '.join(fresh)}; they start fresh")
         return model.to(self.device)
 
     def set_source_subset(self, indices):
