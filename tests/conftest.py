@@ -138,3 +138,16 @@ def tiny_config_file(**sections):
         "train": {"iters": 2, "panels": 1},
     }
     return merge(base, sections)
+
+
+def run_and_resume(config, tmp_path, at=2):
+    """Run `config` with a checkpoint every `at` iterations, then a second run resumed from its
+    iter_<at>.pt -> the last checkpoints of both (dicts), for bit-exact resume tests."""
+    from udafast.engine.trainer import Trainer
+    from udafast.models.checkpoint import load_checkpoint
+    config = dict(config, train=dict(config["train"], ckpt_every=at))
+    Trainer(config, tmp_path / "full", tensorboard=False, progress=False).run()
+    Trainer(config, tmp_path / "resumed", resume=tmp_path / "full" / "checkpoints" / f"iter_{at}.pt",
+            tensorboard=False, progress=False).run()
+    return (load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt"),
+            load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt"))

@@ -3,21 +3,18 @@ gradients against a hand computation of CE_main + 0.1 CE_aux + adv terms, the di
 out of the generator step, 1 vs 2 levels, a short Trainer run, resume, and option checks."""
 import json
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_run_config
-import udafast.engine.trainer as trainer_module
+from conftest import run_and_resume, tiny_run_config
 from udafast.engine.trainer import Trainer
 from udafast.methods.adaptsegnet import AdaptSegNet
 from udafast.methods.adversarial import OutputSpaceAdversary
 from udafast.methods.base import Stage
 from udafast.models import build_model
-from udafast.models.checkpoint import load_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -174,21 +171,8 @@ def test_trainer_run_writes_metrics(tmp_path):
     assert "d_aux" in (tmp_path / "log.csv").read_text()
 
 
-def test_resume_continues_identically(tmp_path, monkeypatch):
-    config = tiny_config(iters=4)
-    config["train"]["ckpt_every"] = 2
-    save = trainer_module.save_checkpoint
-
-    def keep_mid(path, *args, **kw):
-        save(path, *args, **kw)
-        if kw.get("stage_iter") == 2:
-            shutil.copy(path, tmp_path / "mid.pt")
-    monkeypatch.setattr(trainer_module, "save_checkpoint", keep_mid)
-    Trainer(config, tmp_path / "full", tensorboard=False).run()
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
-    Trainer(config, tmp_path / "resumed", resume=tmp_path / "mid.pt", tensorboard=False).run()
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+def test_resume_continues_identically(tmp_path):
+    a, b = run_and_resume(tiny_config(iters=4), tmp_path)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for name in ("disc_main", "disc_aux"):

@@ -2,20 +2,17 @@
 step's gradients against a hand computation, a short Trainer run, resume, and option checks."""
 import json
 import math
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_run_config
-import udafast.engine.trainer as trainer_module
+from conftest import run_and_resume, tiny_run_config
 from udafast.engine.trainer import Trainer
 from udafast.methods.base import Stage
 from udafast.methods.dann import DANN, domain_loss, grad_reverse, grl_lambda
 from udafast.models import build_model
-from udafast.models.checkpoint import load_checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,21 +131,8 @@ def test_trainer_run_writes_metrics(tmp_path):
     assert "domain" in log and "lambda" in log
 
 
-def test_resume_continues_identically(tmp_path, monkeypatch):
-    config = tiny_config(iters=4)
-    config["train"]["ckpt_every"] = 2
-    save = trainer_module.save_checkpoint
-
-    def keep_mid(path, *args, **kw):
-        save(path, *args, **kw)
-        if kw.get("stage_iter") == 2:
-            shutil.copy(path, tmp_path / "mid.pt")
-    monkeypatch.setattr(trainer_module, "save_checkpoint", keep_mid)
-    Trainer(config, tmp_path / "full", tensorboard=False).run()
-    monkeypatch.setattr(trainer_module, "save_checkpoint", save)
-    Trainer(config, tmp_path / "resumed", resume=tmp_path / "mid.pt", tensorboard=False).run()
-    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+def test_resume_continues_identically(tmp_path):
+    a, b = run_and_resume(tiny_config(iters=4), tmp_path)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     ca, cb = a["method"]["modules"]["domain_classifier"], b["method"]["modules"]["domain_classifier"]
