@@ -151,3 +151,11 @@ def run_and_resume(config, tmp_path, at=2):
             tensorboard=False, progress=False).run()
     return (load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt"),
             load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt"))
+
+
+def tiny_domain_batch(seed=0):
+    """A step's batch of 2 random 32x64 source images with labels and 2 target images."""
+    g = torch.Generator().manual_seed(seed)
+    return {"source": {"image": torch.rand(2, 3, 32, 64, generator=g),
+                       "label": torch.randint(0, 19, (2, 32, 64), generator=g)},
+            "target": {"image": torch.rand(2, 3, 32, 64, generator=g)}}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_and_resume, tiny_run_config
+from conftest import run_and_resume, tiny_domain_batch, tiny_run_config
 from udafast.engine.trainer import Trainer
 from udafast.methods.adaptsegnet import AdaptSegNet
 from udafast.methods.adversarial import OutputSpaceAdversary
@@ -29,13 +29,6 @@ def make_method(**section):
     method = AdaptSegNet(config, SimpleNamespace(device=torch.device("cpu"), backend="reference"))
     method.start_stage(Stage("train", 10), build_model(config["model"]))
     return method
-
-
-def tiny_batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"source": {"image": torch.rand(2, 3, 32, 64, generator=g),
-                       "label": torch.randint(0, 19, (2, 32, 64), generator=g)},
-            "target": {"image": torch.rand(2, 3, 32, 64, generator=g)}}
 
 
 def _up(x, size):
@@ -106,7 +99,7 @@ def test_levels_make_their_discriminators(multi_level, levels):
     disc = method.optimizers["disc"]
     assert isinstance(disc, torch.optim.Adam) and disc.param_groups[0]["betas"] == (0.9, 0.99)
     assert disc.param_groups[0]["initial_lr"] == 1e-4
-    losses = method.step(tiny_batch(), 0, 10)
+    losses = method.step(tiny_domain_batch(), 0, 10)
     assert set(losses) == {f"{k}_{lv}" for k in ("seg", "adv", "d") for lv in levels}
     assert all(math.isfinite(float(v)) for v in losses.values())
 
@@ -120,7 +113,7 @@ def test_generator_gradients_match_hand_computation(multi_level, gan):
     opt = method.optimizers["model"]
     opt.step = lambda: grads.update({p: p.grad.clone() for g in opt.param_groups for p in g["params"]
                                      if p.grad is not None})
-    batch = tiny_batch()
+    batch = tiny_domain_batch()
     method.step(batch, 0, 10)
 
     # hand: the same loss with the discriminators as they were during the generator step

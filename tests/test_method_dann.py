@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import run_and_resume, tiny_run_config
+from conftest import run_and_resume, tiny_domain_batch, tiny_run_config
 from udafast.engine.trainer import Trainer
 from udafast.methods.base import Stage
 from udafast.methods.dann import DANN, domain_loss, grad_reverse, grl_lambda
@@ -28,13 +28,6 @@ def make_method(**section):
     model = build_model(config["model"])
     method.start_stage(Stage("train", 10), model)
     return method
-
-
-def tiny_batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"source": {"image": torch.rand(2, 3, 32, 64, generator=g),
-                       "label": torch.randint(0, 19, (2, 32, 64), generator=g)},
-            "target": {"image": torch.rand(2, 3, 32, 64, generator=g)}}
 
 
 # -- the gradient reversal layer and the schedule --------------------------------------------------
@@ -87,7 +80,7 @@ def _captured_step(method, batch, it, iters):
 @pytest.mark.parametrize("weight, fixed", [(0.5, None), (0.5, 0.3), (2.0, 0.0)])
 def test_step_gradients_match_hand_computation(weight, fixed):
     method = make_method(weight=weight, grl_lambda=fixed)
-    batch = tiny_batch()
+    batch = tiny_domain_batch()
     it, iters = 3, 10
     lambd = fixed if fixed is not None else grl_lambda(it / iters)
     grads, losses = _captured_step(method, batch, it, iters)

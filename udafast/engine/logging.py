@@ -34,6 +34,12 @@ class RunLogger:
             from tqdm import tqdm
             self._bar = tqdm(total=total_iters, dynamic_ncols=True, file=sys.stderr, smoothing=0.1)
 
+    def set_total(self, total):
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
     def set_position(self, done):
         if self._bar is not None:
             self._bar.n = done

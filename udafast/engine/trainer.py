@@ -161,9 +161,7 @@ class Trainer:
             if self.stage_only is not None and self.stage_only not in names:
                 raise ValueError(f"--stage: {config['method']} has the stages {names}, got {self.stage_only!r}")
             todo = [i for i, s in enumerate(stages) if self.stage_only in (None, s.name)]
-            logger.total = sum(stages[i].iters for i in todo)
-            if logger._bar is not None:
-                logger._bar.total = logger.total
+            logger.set_total(sum(stages[i].iters for i in todo))
             return self._run_stages(method, ctx, stages, todo, resume_ckpt, logger)
         finally:
             logger.close()
@@ -237,13 +235,13 @@ class Trainer:
                 logger.log_iteration(state["global_iter"], stage.name, it + 1, losses, lrs, dt)
                 done = it + 1
                 if eval_every and done % eval_every == 0 and done < stage.iters:
-                    self._evaluate(method, ctx, stage, state, logger, keep_best=True)
+                    self._evaluate(method, ctx, index, stage, state, logger, keep_best=True)
                 if ckpt_every and done % ckpt_every == 0 and done < stage.iters:
                     self._save_periodic(method, ctx, index, done, state)
             method.end_stage(stage)
             if len(stages) > 1:
                 self._save(method, ctx, index, stage.iters, state, f"{stage.name}.pt")
-            result = self._evaluate(method, ctx, stage, state, logger, keep_best=bool(eval_every))
+            result = self._evaluate(method, ctx, index, stage, state, logger, keep_best=bool(eval_every))
             state["stage_results"][stage.name] = {"miou": result["miou"], "iters": stage.iters}
             self._save(method, ctx, index, stage.iters, state, "last.pt")
             self._panels(method.model, ctx, stage.name)
@@ -272,7 +270,7 @@ class Trainer:
         for old in kept[:-keep] if keep > 0 else kept:
             os.unlink(os.path.join(self.ckpt_dir, old))
 
-    def _evaluate(self, method, ctx, stage, state, logger, keep_best):
+    def _evaluate(self, method, ctx, stage_index, stage, state, logger, keep_best):
         ev = self.config["eval"]
         val = ctx.val
         if ev.get("max_images"):
@@ -284,7 +282,7 @@ class Trainer:
         if keep_best and (state["best"] is None or result["miou"] > state["best"]["miou"]):
             state["best"] = {"miou": result["miou"], "iter": state["global_iter"], "stage": stage.name,
                              "per_class_iou": _per_class(result)}
-            self._save(method, ctx, [s.name for s in method.stages()].index(stage.name), 0, state, "best.pt")
+            self._save(method, ctx, stage_index, 0, state, "best.pt")
         return result
 
     def _panels(self, model, ctx, stage_name):
