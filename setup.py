@@ -28,7 +28,8 @@ def extensions():
         torch.version.cuda is not None and CUDA_HOME is not None
     )
     march = os.environ.get("UDAFAST_MARCH", "native")
-    cxx_flags = ["-O3", "-fopenmp", "-std=c++17"]
+    # no -std flag: BuildExtension adds the standard this torch was built with (C++20 from 2.14)
+    cxx_flags = ["-O3", "-fopenmp"]
     if march:
         cxx_flags.append(f"-march={march}")
     extra_compile_args = {"cxx": cxx_flags}
@@ -37,7 +38,8 @@ def extensions():
         extension = CUDAExtension
         sources += cuda_sources
         define_macros.append(("WITH_CUDA", None))
-        extra_compile_args["nvcc"] = ["-O3", "--use_fast_math", "-std=c++17"]
+        # no --use_fast_math: SPEC 1.1 asks for IEEE division, and the losses for accurate exp/log
+        extra_compile_args["nvcc"] = ["-O3"]
     else:
         extension = CppExtension
     module = extension(

@@ -11,12 +11,13 @@ from udafast.ops import _backend
 
 def fast_backends(op, device="cpu"):
     """The non-reference backends that can run `op` in this process (native when built; Triton
-    only in the interpreter process, TRITON_INTERPRET=1)."""
+    only in the interpreter process, TRITON_INTERPRET=1, where `-m triton` selects its cases)."""
     found = []
     if _backend.native_unavailable_reason(op, device) is None:
         found.append("native")
-    if os.environ.get("TRITON_INTERPRET", "0") == "1" and _backend.triton_unavailable_reason(op, device) is None:
-        found.append("triton")
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if (interpreting or device == "cuda") and _backend.triton_unavailable_reason(op, device) is None:
+        found.append(pytest.param("triton", marks=pytest.mark.triton))
     return found
 
 

@@ -35,7 +35,9 @@ def _(scores, labels, num_classes, k, ignore_index):
 def _(features, prototypes, tau, log):
     b, _, h, w = features.shape
     shape = (b, prototypes.shape[0], h, w)
-    return features.new_empty(shape), features.new_empty(shape)
+    # float16/bfloat16 features (CUDA) keep float32 distances for the backward
+    reduced = features.dtype in (torch.float16, torch.bfloat16)
+    return features.new_empty(shape), features.new_empty(shape, dtype=torch.float32 if reduced else features.dtype)
 
 
 @torch.library.register_fake(lib + "prototype_softmax_backward")
