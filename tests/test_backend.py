@@ -64,3 +64,24 @@ def test_info_prints_versions_and_backends():
     assert f"torch   {torch.__version__}" in result.stdout
     for op in ("class_thresholds", "topk_per_class", "prototype_softmax", "sce_loss", "kl_loss"):
         assert op in result.stdout
+
+
+@pytest.mark.parametrize(
+    "native, triton, expected",
+    [(True, True, "native"), (False, True, "triton"), (True, False, "native"), (False, False, "reference")],
+)
+def test_auto_on_cuda_follows_the_table_then_falls_back(monkeypatch, native, triton, expected):
+    monkeypatch.setattr(_backend, "native_has_kernel", lambda op, device_type: native)
+    monkeypatch.setattr(_backend, "triton_available", lambda op, device_type: triton)
+    monkeypatch.setitem(_backend.CUDA_AUTO, "sce_loss", "native")
+    assert _backend.auto_choice("sce_loss", "cuda") == expected
+    monkeypatch.setitem(_backend.CUDA_AUTO, "sce_loss", "triton")
+    flipped = {"native": "triton" if triton else "native", "triton": "triton", "reference": "reference"}
+    assert _backend.auto_choice("sce_loss", "cuda") == flipped[expected]
+
+
+def test_cuda_auto_table_names_every_op_and_a_fast_backend():
+    from udafast.info import OPS
+
+    assert set(_backend.CUDA_AUTO) == set(OPS)
+    assert set(_backend.CUDA_AUTO.values()) <= {"native", "triton"}

@@ -47,7 +47,7 @@ def report():
         for device in devices:
             native = status(_backend.native_unavailable_reason(op, device))
             triton = status(_backend.triton_unavailable_reason(op, device))
-            auto = "native" if _backend.native_has_kernel(op, device) else "reference"
+            auto = _backend.auto_choice(op, device)
             lines.append(f"{op:<22} {device:<7} {auto:<10} {native:<7} {triton}")
     lines += [""] + [f"[{i}] {reason}" for i, reason in enumerate(reasons, 1)]
     return "\n".join(lines)
