@@ -1,0 +1,298 @@
+// SPEC 1.4, KL(target || softmax(logits)) over valid pixels on CUDA.
+//
+// The numerics follow csrc/cpu/kl_loss.cpp term by term; the layout is sce_loss.cu's: NCHW logits
+// and targets (made contiguous), one thread per pixel walking its C classes with a stride of
+// H * W elements, so a warp reads 32 consecutive values of each class row.
+//
+// Forward (per pixel): pass 1 the max, pass 2 the sum of exp(z - max), pass 3 (valid pixels only)
+// sum_c t_c (log t_c - log q_c), t log t = 0 where t == 0. It writes the per-pixel log-sum-exp.
+// Loss sum without float atomics and without a host sync: per-thread sums in double, a fixed
+// shuffle tree per block into one partial per block (KL in double, valid count in int64), and a
+// one-block finalize kernel that adds the partials in a fixed order and writes the loss and
+// num_valid to device memory (bitwise reproducible for a given shape).
+//
+// Backward, one thread per pixel: pass 1 q = exp(z - lse), its sum and sum_c t_c; pass 2
+// grad = s (q total / sum - t) with s = grad_loss / (n C) read from device memory; invalid pixels
+// write 0 without reading their logits.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+namespace {
+
+constexpr int kThreads = 256;  // threads per block (the block reduction assumes exactly this)
+constexpr int kWarps = kThreads / 32;
+constexpr int kPixPerThread = 4;  // forward: pixels per thread, so fewer partials to finalize
+constexpr int64_t kPixPerBlock = static_cast<int64_t>(kThreads) * kPixPerThread;
+
+// float for float / float16 / bfloat16, double for double
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+// Sums v and count over the block (blockDim.x == kThreads) with a fixed tree: warp shuffles, then
+// the kWarps warp totals by the first warp. The totals are valid in thread 0.
+__device__ __forceinline__ void block_sum(double& v, long long& count) {
+  __shared__ double shared_v[kWarps];
+  __shared__ long long shared_count[kWarps];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    v += __shfl_down_sync(0xffffffffu, v, offset);
+    count += __shfl_down_sync(0xffffffffu, count, offset);
+  }
+  if (lane == 0) {
+    shared_v[warp] = v;
+    shared_count[warp] = count;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? shared_v[lane] : 0.0;
+    count = lane < kWarps ? shared_count[lane] : 0LL;
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      v += __shfl_down_sync(0xffffffffu, v, offset);
+      count += __shfl_down_sync(0xffffffffu, count, offset);
+    }
+  }
+}
+
+// Per block b: partial[b] = sum over its valid pixels of sum_c t_c (log t_c - log q_c), counts[b] =
+// its valid pixels (mask == nullptr: every pixel). lse[pixel] = max + log(sum exp(z - max)).
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    kl_forward_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ target,
+                      const bool* __restrict__ mask, int64_t C, int64_t S, int64_t P, acc_t* __restrict__ lse,
+                      double* __restrict__ partial, int64_t* __restrict__ counts) {
+  double kl_sum = 0.0;
+  long long valid = 0;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kPixPerBlock + threadIdx.x;
+  for (int k = 0; k < kPixPerThread; ++k) {
+    const int64_t pixel = first + static_cast<int64_t>(k) * kThreads;
+    if (pixel >= P) break;
+    const int64_t b = pixel / S;
+    const int64_t s = pixel - b * S;
+    const scalar_t* z = logits + b * C * S + s;  // class c at z[c * S]
+    const scalar_t* t = target + b * C * S + s;
+    // pass 1: max (NaN never selected, as the CPU's tile_max)
+    acc_t mx = -static_cast<acc_t>(INFINITY);
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t v = static_cast<acc_t>(z[c * S]);
+      mx = v > mx ? v : mx;
+    }
+    // pass 2: the sum of exp(z - max)
+    acc_t sum = 0;
+    for (int64_t c = 0; c < C; ++c) sum += exp_acc(static_cast<acc_t>(z[c * S]) - mx);
+    const acc_t ls = log_acc(sum);
+    lse[pixel] = mx + ls;
+    if (mask == nullptr || mask[pixel]) {
+      // pass 3: t (log t - log q), log q = (z - max) - log(sum); t log t = 0 where t == 0
+      acc_t kl = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t tc = static_cast<acc_t>(t[c * S]);
+        const acc_t log_q = (static_cast<acc_t>(z[c * S]) - mx) - ls;
+        if (tc != acc_t(0)) kl += tc * (log_acc(tc) - log_q);
+      }
+      kl_sum += static_cast<double>(kl);
+      ++valid;
+    }
+  }
+  block_sum(kl_sum, valid);
+  if (threadIdx.x == 0) {
+    partial[blockIdx.x] = kl_sum;
+    counts[blockIdx.x] = static_cast<int64_t>(valid);
+  }
+}
+
+// One block: adds the nb partials in a fixed order and writes loss = KL / (n C) (0 when n == 0)
+// and num_valid = n.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    kl_finalize_kernel(const double* __restrict__ partial, const int64_t* __restrict__ counts, int64_t nb, int64_t C,
+                       acc_t* __restrict__ loss, int64_t* __restrict__ num_valid) {
+  double kl = 0.0;
+  long long valid = 0;
+  for (int64_t i = threadIdx.x; i < nb; i += kThreads) {
+    kl += partial[i];
+    valid += static_cast<long long>(counts[i]);
+  }
+  block_sum(kl, valid);
+  if (threadIdx.x == 0) {
+    const double denominator = static_cast<double>(valid) * static_cast<double>(C);
+    *loss = static_cast<acc_t>(denominator > 0 ? kl / denominator : 0.0);
+    *num_valid = static_cast<int64_t>(valid);
+  }
+}
+
+// q = exp(z - lse) divided by its sum over the classes: the division removes the rounding of the
+// stored lse (a relative error of up to |lse| * 2^-24 in float32, common to the pixel's classes).
+// grad = s (q_j sum_c t_c - t_j), s = grad_loss / (n C) (0 when n C == 0), 0 on invalid pixels.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    kl_backward_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ target,
+                       const bool* __restrict__ mask, const acc_t* __restrict__ lse,
+                       const void* __restrict__ grad_loss, bool grad_loss_double,
+                       const int64_t* __restrict__ num_valid, int64_t C, int64_t S, int64_t P,
+                       scalar_t* __restrict__ grad) {
+  const int64_t pixel = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (pixel >= P) return;
+  const int64_t b = pixel / S;
+  const int64_t s = pixel - b * S;
+  scalar_t* out = grad + b * C * S + s;
+  if (mask != nullptr && !mask[pixel]) {
+    for (int64_t c = 0; c < C; ++c) out[c * S] = static_cast<scalar_t>(acc_t(0));
+    return;
+  }
+  const double go = grad_loss_double ? *static_cast<const double*>(grad_loss)
+                                     : static_cast<double>(*static_cast<const float*>(grad_loss));
+  const double denominator = static_cast<double>(*num_valid) * static_cast<double>(C);
+  const acc_t scale = static_cast<acc_t>(denominator > 0 ? go / denominator : 0.0);
+
+  const scalar_t* z = logits + b * C * S + s;
+  const scalar_t* t = target + b * C * S + s;
+  const acc_t lse_p = lse[pixel];
+  // pass 1: the normaliser and total = sum_c t_c (the targets need not sum to 1)
+  acc_t sum = 0, total = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    sum += exp_acc(static_cast<acc_t>(z[c * S]) - lse_p);
+    total += static_cast<acc_t>(t[c * S]);
+  }
+  // q_j * total = exp(z_j - lse) * (total / sum): the normalisation folded into one factor
+  total = total / sum;
+  // pass 2: the gradient
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t q = exp_acc(static_cast<acc_t>(z[c * S]) - lse_p);
+    out[c * S] = static_cast<scalar_t>(scale * (q * total - static_cast<acc_t>(t[c * S])));
+  }
+}
+
+at::ScalarType acc_dtype(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_shapes(const char* op, const at::Tensor& logits, const at::Tensor& target,
+                  const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(logits.dim() == 4 && target.sizes() == logits.sizes(), op,
+              ": logits and target_probs [B, C, H, W]");
+  TORCH_CHECK(logits.is_cuda() && target.device() == logits.device(), op,
+              ": logits and target_probs must be on the same CUDA device");
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": valid_mask must be bool");
+    TORCH_CHECK(mask->dim() == 3 && mask->size(0) == logits.size(0) && mask->size(1) == logits.size(2) &&
+                    mask->size(2) == logits.size(3),
+                op, ": valid_mask must be [B, H, W]");
+    TORCH_CHECK(mask->device() == logits.device(), op, ": valid_mask must be on the logits' device");
+  }
+}
+
+// The mask as a contiguous bool tensor; none when every pixel is valid.
+std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return std::nullopt;
+  return mask->contiguous();
+}
+
+unsigned int grid_size(int64_t blocks) {
+  TORCH_CHECK(blocks <= static_cast<int64_t>(std::numeric_limits<int>::max()), "kl_loss: too many pixels");
+  return static_cast<unsigned int>(blocks);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_loss_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                                           const std::optional<at::Tensor>& mask_in) {
+  check_shapes("kl_loss", logits_in, target_in, mask_in);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = target_in.to(logits.scalar_type()).contiguous();
+  const std::optional<at::Tensor> mask = contiguous_mask(mask_in);
+  const int64_t B = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
+  const int64_t S = H * W, P = B * S;
+  const auto acc_options = logits.options().dtype(acc_dtype(logits.scalar_type()));
+  at::Tensor loss = at::empty({}, acc_options);
+  at::Tensor lse = at::empty({B, H, W}, acc_options);
+  at::Tensor num_valid = at::empty({}, logits.options().dtype(at::kLong));
+  const int64_t nb = (P + kPixPerBlock - 1) / kPixPerBlock;
+  at::Tensor partial = at::empty({nb}, logits.options().dtype(at::kDouble));
+  at::Tensor counts = at::empty({nb}, logits.options().dtype(at::kLong));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "kl_loss_cuda", [&] {
+    using acc_t = typename AccOf<scalar_t>::type;
+    if (nb > 0) {
+      kl_forward_kernel<scalar_t, acc_t><<<grid_size(nb), kThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), mask ? mask->data_ptr<bool>() : nullptr, C, S,
+          P, lse.data_ptr<acc_t>(), partial.data_ptr<double>(), counts.data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    kl_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(partial.data_ptr<double>(), counts.data_ptr<int64_t>(), nb,
+                                                         C, loss.data_ptr<acc_t>(), num_valid.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse, num_valid};
+}
+
+at::Tensor kl_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
+                                 const at::Tensor& target_in, const std::optional<at::Tensor>& mask_in,
+                                 const at::Tensor& lse_in, const at::Tensor& num_valid_in) {
+  check_shapes("kl_loss_backward", logits_in, target_in, mask_in);
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == logits_in.size(0) && lse_in.size(1) == logits_in.size(2) &&
+                  lse_in.size(2) == logits_in.size(3),
+              "kl_loss_backward: lse [B, H, W]");
+  TORCH_CHECK(grad_loss_in.numel() == 1 && num_valid_in.numel() == 1,
+              "kl_loss_backward: grad_loss and num_valid must hold one element");
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Device device = logits_in.device();
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor target = target_in.to(logits.scalar_type()).contiguous();
+  const std::optional<at::Tensor> mask = contiguous_mask(mask_in);
+  const at::ScalarType acc = acc_dtype(logits.scalar_type());
+  const at::Tensor lse = lse_in.to(device, acc).contiguous();
+  // grad_loss and num_valid stay on the device: read by the kernel (float or double grad_loss)
+  at::Tensor grad_loss = grad_loss_in;
+  if (grad_loss.device() != device ||
+      (grad_loss.scalar_type() != at::kFloat && grad_loss.scalar_type() != at::kDouble)) {
+    grad_loss = grad_loss.to(device, acc);
+  }
+  at::Tensor num_valid = num_valid_in;
+  if (num_valid.device() != device || num_valid.scalar_type() != at::kLong) num_valid = num_valid.to(device, at::kLong);
+  const int64_t B = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
+  const int64_t S = H * W, P = B * S;
+  // the gradient takes the logits' layout (as the fake kernel's empty_like); the kernel writes NCHW
+  at::Tensor grad = at::empty_like(logits_in);
+  at::Tensor out = grad.is_contiguous() ? grad : at::empty_like(logits);
+  if (P > 0 && C > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const bool go_double = grad_loss.scalar_type() == at::kDouble;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "kl_loss_backward_cuda", [&] {
+      using acc_t = typename AccOf<scalar_t>::type;
+      kl_backward_kernel<scalar_t, acc_t><<<grid_size((P + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+          logits.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), mask ? mask->data_ptr<bool>() : nullptr,
+          lse.data_ptr<acc_t>(), grad_loss.data_ptr(), go_double, num_valid.data_ptr<int64_t>(), C, S, P,
+          out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (!out.is_same(grad)) grad.copy_(out);
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(udafast, CUDA, m) {
+  m.impl("kl_loss", &kl_loss_cuda);
+  m.impl("kl_loss_backward", &kl_loss_backward_cuda);
+}
