@@ -38,6 +38,14 @@ def reference_softmax(features, prototypes, tau, log, grad=None):
     return out, f.grad
 
 
+def raw_op(backend, op):
+    """The backend's op with the compiled signature (prototype_softmax also returns the distances)."""
+    if backend == "triton":
+        from udafast.kernels import LAUNCHERS
+        return LAUNCHERS[op]
+    return getattr(torch.ops.udafast, op)
+
+
 def fast_softmax(features, prototypes, tau, log, backend, grad=None):
     f = features.detach().clone().requires_grad_(grad is not None)
     out = prototype_softmax(f, prototypes, tau, log=log, backend=backend)
@@ -98,7 +106,8 @@ def test_distances_output_and_extreme_logits(backend, dtype):
     # the saturated case is float64 and the float32 one milder.
     scale, tau = (10.0, 0.05) if dtype == torch.float64 else (2.0, 0.5)
     features, prototypes = make(1, 16, 6, 7, 19, dtype, scale=scale)
-    out, distances = torch.ops.udafast.prototype_softmax(features, prototypes, tau, False)
+    out, distances = raw_op(backend, "prototype_softmax")(features, prototypes, tau, False)
+    assert distances.dtype == dtype
     ref_d = torch.linalg.vector_norm(features[:, None].double() - prototypes.double()[None, :, :, None, None], dim=2)
     assert_close_spec(distances, ref_d, "distances")
     assert_close_spec(out, reference_softmax(features, prototypes, tau, False)[0], "out")
@@ -156,34 +165,36 @@ def test_empty_inputs(backend):
         assert sums.shape == (shape[0], 19, 8) and (sums == 0).all() and (counts == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("log", [False, True])
-def test_gradcheck_native(log):
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+def test_gradcheck(backend, log):
     features, prototypes = make(2, 5, 3, 4, 6, dtype=torch.float64, scale=1.0)
     features[1, :, 2, 1] = prototypes[2] + 1e-3  # close to a prototype, still differentiable
     features.requires_grad_()
+    # the interpreter pays ~0.1 s a launch: Triton checks J against random projections (fast_mode)
+    # rather than column by column (~400 launches, minutes)
     assert torch.autograd.gradcheck(
-        lambda f: prototype_softmax(f, prototypes, 0.7, log=log, backend="native"), (features,)
+        lambda f: prototype_softmax(f, prototypes, 0.7, log=log, backend=backend), (features,),
+        fast_mode=backend == "triton",
     )
 
 
-def test_opcheck():
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    namespace = torch.ops.udafast_triton if backend == "triton" else torch.ops.udafast
     features, prototypes = make(2, 6, 3, 5, 4)
     soft = torch.rand(2, 4, 3, 5)
     labels = torch.randint(0, 5, (2, 3, 5))
-    out, distances = torch.ops.udafast.prototype_softmax(features, prototypes, 1.0, False)
+    out, distances = namespace.prototype_softmax(features, prototypes, 1.0, False)
     grad = torch.randn_like(out)
     features.requires_grad_()
     checks = [
-        (torch.ops.udafast.prototype_softmax.default, (features, prototypes, 1.0, False)),
-        (torch.ops.udafast.prototype_softmax.default, (features, prototypes, 2.0, True)),
-        (torch.ops.udafast.prototype_softmax_backward.default,
+        (namespace.prototype_softmax.default, (features, prototypes, 1.0, False)),
+        (namespace.prototype_softmax.default, (features, prototypes, 2.0, True)),
+        (namespace.prototype_softmax_backward.default,
          (grad, out, distances, features.detach(), prototypes, 1.0, False)),
-        (torch.ops.udafast.prototype_rectify.default, (features.detach(), prototypes, soft, 1.0)),
-        (torch.ops.udafast.class_feature_sums.default, (features.detach(), labels, 4, 4)),
+        (namespace.prototype_rectify.default, (features.detach(), prototypes, soft, 1.0)),
+        (namespace.class_feature_sums.default, (features.detach(), labels, 4, 4)),
     ]
     for op, args in checks:
         torch.library.opcheck(op, args)
@@ -205,6 +216,26 @@ def test_torch_compile(backend):
     eager.sum().backward()
     assert torch.equal(out, eager)
     assert torch.equal(f.grad, e.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_rectify_and_sums(backend):
+    features, prototypes = make(2, 16, 5, 7, 19)
+    soft = torch.rand(2, 19, 5, 7)
+    labels = torch.randint(0, 20, (2, 5, 7))
+
+    def step(f):
+        pseudo = prototype_rectify(f, prototypes, soft, 1.3, backend=backend)
+        sums, counts = class_feature_sums(f, labels, 19, ignore_index=19, backend=backend)
+        return pseudo, sums, counts
+
+    ops.set_validation(False)
+    try:
+        compiled = torch.compile(step, fullgraph=True)(features)
+    finally:
+        ops.set_validation(True)
+    for got, eager in zip(compiled, step(features), strict=True):
+        assert got.dtype == eager.dtype and torch.equal(got, eager)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -253,6 +284,7 @@ def test_rectify_ties_first_maximum(backend):
     assert (prototype_rectify(features, prototypes, soft, backend=backend) == 3).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None)
 @given(
     c=st.integers(1, 9),
@@ -261,14 +293,13 @@ def test_rectify_ties_first_maximum(backend):
     tau=st.floats(0.2, 5.0),
     seed=st.integers(0, 2**16),
 )
-def test_rectify_property(c, d, n, tau, seed):
+def test_rectify_property(backend, c, d, n, tau, seed):
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(1, d, 1, n, generator=generator, dtype=torch.float64)
     prototypes = torch.randn(c, d, generator=generator, dtype=torch.float64)
     soft = torch.rand(1, c, 1, n, generator=generator, dtype=torch.float64)
-    for backend in BACKENDS:
-        got = prototype_rectify(features, prototypes, soft, tau, backend=backend)
-        assert torch.equal(got, reference.prototype_rectify(features, prototypes, soft, tau))
+    got = prototype_rectify(features, prototypes, soft, tau, backend=backend)
+    assert torch.equal(got, reference.prototype_rectify(features, prototypes, soft, tau))
 
 
 # ---- class_feature_sums and update_prototypes ----
@@ -325,6 +356,7 @@ def test_class_feature_sums_accuracy_large(backend):
     assert_close_spec(sums, features.double().sum((2, 3))[:, None].expand(1, 2, 3) * torch.tensor([1.0, 0.0])[None, :, None])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None)
 @given(
     c=st.integers(1, 8),
@@ -332,18 +364,17 @@ def test_class_feature_sums_accuracy_large(backend):
     seed=st.integers(0, 2**16),
     ignore=st.sampled_from([255, 0, -1]),
 )
-def test_class_feature_sums_property(c, n, seed, ignore):
+def test_class_feature_sums_property(backend, c, n, seed, ignore):
     generator = torch.Generator().manual_seed(seed)
     features = torch.randn(2, 3, 1, n, generator=generator, dtype=torch.float64)
     labels = torch.randint(0, c + 1, (2, 1, n), generator=generator)
     labels[labels == c] = 255 if ignore == 255 else ignore
     if ignore != 255:
         labels[labels == 255] = ignore
-    for backend in BACKENDS:
-        sums, counts = class_feature_sums(features, labels, c, ignore_index=ignore, backend=backend)
-        ref_sums, ref_counts = reference.class_feature_sums(features, labels, c, ignore)
-        assert torch.equal(counts, ref_counts)
-        assert_close_spec(sums, ref_sums, "sums")
+    sums, counts = class_feature_sums(features, labels, c, ignore_index=ignore, backend=backend)
+    ref_sums, ref_counts = reference.class_feature_sums(features, labels, c, ignore)
+    assert torch.equal(counts, ref_counts)
+    assert_close_spec(sums, ref_sums, "sums")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
