@@ -8,10 +8,16 @@ from conftest import assert_close_spec, assert_grad_close_spec, assert_reproduci
 from udafast.ops.kl_loss import kl_loss
 
 BACKENDS = fast_backends("kl_loss")
+TRITON = [b for b in BACKENDS if getattr(b, "values", [b])[0] == "triton"]
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no fast backend for kl_loss in this build")
 
 GRAD_OUT = 3.7  # the loss is scaled before backward so that grad_loss != 1
 MASKS = ["none", "partial", "all_false", "all_true"]
+
+
+def compiled_ops(backend):
+    """The namespace of the backend's compiled ops (the same signatures and outputs)."""
+    return torch.ops.udafast if backend == "native" else torch.ops.udafast_triton
 
 
 def make_mask(kind, b, h, w):
@@ -119,6 +125,27 @@ def test_extreme_logits(backend, scale):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturated_one_hot_targets(backend, dtype, request):
+    """Confident students (gaps of 5..22 between the top logit and the rest) and one-hot targets on
+    the top class: the KL is about log1p(sum of the other probabilities), tiny but resolved. (Beyond
+    a gap of about 25 the float64 reference itself loses the digits: log_softmax cancels there too.)"""
+    if backend == "native" and dtype == torch.float32:
+        # log(sum exp(z - max)) rounds to 0 in float32 once the top probability rounds to 1 (a gap
+        # of about 16; the relative error passes 1e-5 from a gap of about 6)
+        request.applymarker(pytest.mark.xfail(strict=True, reason="native float32 kl_loss forms log(sum) of "
+                                              "saturated pixels (kernels/kl_loss.py: classes below the max, log1p)"))
+    b, c, h, w = 2, 5, 6, 7
+    gap = 5 + 17 * torch.rand(b, c, h, w, dtype=torch.float64)
+    top = torch.randint(0, c, (b, 1, h, w))
+    is_top = torch.arange(c).view(1, c, 1, 1) == top
+    logits = torch.where(is_top, 0.0, -gap).to(dtype)
+    target = is_top.to(dtype)
+    loss, grad = check_against_reference(logits, target, make_mask("partial", b, h, w), backend)
+    assert loss.item() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_student_equals_teacher(backend):
     """t = softmax(logits): the loss is (close to) 0 and so is the gradient."""
     logits = torch.randn(2, 19, 6, 10, dtype=torch.float64) * 2
@@ -145,62 +172,103 @@ def test_bitwise_reproducible(backend):
     assert_reproducible(lambda: loss_and_grad(logits, target, mask, backend))
 
 
-def test_lse_and_count():
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("tile", [(64, 2048), (4096, 512)], ids=["2-pixel-tiles", "gpu-tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_tile_sizes(backend, tile, dtype, monkeypatch):
+    """Other tilings than the interpreter's default: tiles of 2 pixels (tiles that do not divide a
+    plane; more programs than a finalize block of 4 partials, the last block partial) and the GPU's."""
+    import udafast.kernels.kl_loss
+    import udafast.kernels.sce_loss as module  # the tiling of both losses
+    monkeypatch.setattr(module, "TILE_ELEMENTS", tile[0])
+    monkeypatch.setattr(module, "MAX_BLOCK_P", tile[1])
+    monkeypatch.setattr(udafast.kernels.kl_loss, "FINALIZE_BLOCK", 4)
+    shape = (2, 19, 3, 7)
+    logits = torch.randn(shape, dtype=dtype) * 3
+    target = make_target(shape, dtype=dtype)
+    check_against_reference(logits, target, make_mask("partial", 2, 3, 7), backend)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_reduced_precision(backend, dtype):
+    """SPEC 1.5 for float16/bfloat16 (CUDA only in the public API; the op itself, on CPU under
+    the interpreter): float32 loss, gradient in the logits' dtype, the max abs errors against the
+    float64 reference at most twice the reference's own in that precision."""
+    from udafast.ops import reference
+    shape = (2, 19, 13, 21)
+    logits = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype)
+    target = make_target(shape, dtype=dtype)
+    mask = make_mask("partial", 2, 13, 21)
+
+    def run(fn, x, t):
+        x = x.detach().clone().requires_grad_()
+        out = fn(x, t, mask)
+        loss = out[0] if isinstance(out, tuple) else out
+        (loss * GRAD_OUT).backward()
+        return loss.detach(), x.grad
+
+    loss, grad = run(torch.ops.udafast_triton.kl_loss, logits, target)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    ref_loss, ref_grad = run(reference.kl_loss, logits.double(), target.double())
+    low_loss, low_grad = run(reference.kl_loss, logits, target)
+    assert (loss.double() - ref_loss).abs() <= 2 * (low_loss.double() - ref_loss).abs()
+    assert (grad.double() - ref_grad).abs().max() <= 2 * (low_grad.double() - ref_grad).abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_and_count(backend):
     """The compiled op's extra outputs: the per-pixel log-sum-exp and the valid-pixel count."""
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+    ops = compiled_ops(backend)
     logits = torch.randn(2, 19, 6, 7) * 5
     mask = make_mask("partial", 2, 6, 7)
-    _, lse, count = torch.ops.udafast.kl_loss(logits, make_target(logits.shape), mask)
+    _, lse, count = ops.kl_loss(logits, make_target(logits.shape), mask)
     assert count.dtype == torch.int64 and count.item() == int(mask.sum())
     assert_close_spec(lse, torch.logsumexp(logits.double(), 1), "lse")
-    assert torch.ops.udafast.kl_loss(logits, make_target(logits.shape), None)[2].item() == 2 * 6 * 7
+    assert ops.kl_loss(logits, make_target(logits.shape), None)[2].item() == 2 * 6 * 7
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(
     b=st.integers(1, 2), c=st.integers(1, 20), h=st.integers(1, 9), w=st.integers(1, 70),
     scale=st.sampled_from([0.1, 3.0, 30.0]), zeros=st.sampled_from([0.0, 0.3]),
     normalised=st.booleans(), mask=st.sampled_from(MASKS),
 )
 @settings(max_examples=25, deadline=None)
-def test_property_matches_reference(b, c, h, w, scale, zeros, normalised, mask):
+def test_property_matches_reference(backend, b, c, h, w, scale, zeros, normalised, mask):
     shape = (b, c, h, w)
     logits = torch.randn(shape) * scale
     target = make_target(shape, zeros=zeros, normalised=normalised)
-    for backend in BACKENDS:
-        check_against_reference(logits, target, make_mask(mask, b, h, w), backend)
+    check_against_reference(logits, target, make_mask(mask, b, h, w), backend)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask", ["none", "partial"])
-def test_gradcheck(mask):
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+def test_gradcheck(backend, mask):
     shape = (2, 5, 3, 4)
     logits = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     target = make_target(shape, normalised=False, dtype=torch.float64)
     valid_mask = make_mask(mask, 2, 3, 4)
-    assert torch.autograd.gradcheck(lambda x: kl_loss(x, target, valid_mask=valid_mask, backend="native"), (logits,))
+    assert torch.autograd.gradcheck(lambda x: kl_loss(x, target, valid_mask=valid_mask, backend=backend), (logits,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("mask", ["none", "partial"])
-def test_opcheck(mask):
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+def test_opcheck(backend, mask):
     logits = torch.randn(2, 19, 5, 6, requires_grad=True)
     target = make_target(logits.shape)
-    torch.library.opcheck(torch.ops.udafast.kl_loss.default, (logits, target, make_mask(mask, 2, 5, 6)))
+    torch.library.opcheck(compiled_ops(backend).kl_loss.default, (logits, target, make_mask(mask, 2, 5, 6)))
 
 
-def test_compile_fullgraph():
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
     shape = (2, 19, 8, 11)
     logits = torch.randn(shape) * 3
     target = make_target(shape)
     mask = make_mask("partial", 2, 8, 11)
 
     def step(x):
-        return kl_loss(x, target, valid_mask=mask, backend="native")
+        return kl_loss(x, target, valid_mask=mask, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
     x_eager = logits.clone().requires_grad_()

@@ -11,6 +11,7 @@ from conftest import assert_close_spec, assert_grad_close_spec, assert_reproduci
 from udafast.ops.sce_loss import sce_loss
 
 BACKENDS = fast_backends("sce_loss")
+TRITON = [b for b in BACKENDS if getattr(b, "values", [b])[0] == "triton"]
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no fast backend for sce_loss in this build")
 
 GRAD_OUT = 3.7  # the loss is scaled before backward so that grad_loss != 1
@@ -23,6 +24,11 @@ def no_validation():
     udafast.ops.set_validation(False)
     yield
     udafast.ops.set_validation(before)
+
+
+def compiled_ops(backend):
+    """The namespace of the backend's compiled ops (the same signatures and outputs)."""
+    return torch.ops.udafast if backend == "native" else torch.ops.udafast_triton
 
 
 def make_target(b, c, h, w, ignore_fraction=0.2):
@@ -191,58 +197,94 @@ def test_bitwise_reproducible(backend):
     assert_reproducible(lambda: loss_and_grad(logits, target, backend, reg_weight=0.1))
 
 
-def test_lse_and_count():
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("tile", [(64, 2048), (4096, 512)], ids=["2-pixel-tiles", "gpu-tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_tile_sizes(backend, tile, dtype, monkeypatch):
+    """Other tilings than the interpreter's default: tiles of 2 pixels (tiles that do not divide a
+    plane; more programs than a finalize block of 4 partials, the last block partial) and the GPU's."""
+    import udafast.kernels.sce_loss as module
+    monkeypatch.setattr(module, "TILE_ELEMENTS", tile[0])
+    monkeypatch.setattr(module, "MAX_BLOCK_P", tile[1])
+    monkeypatch.setattr(module, "FINALIZE_BLOCK", 4)
+    logits = torch.randn(2, 19, 3, 7, dtype=dtype) * 4
+    target = make_target(2, 19, 3, 7)
+    check_against_reference(logits, target, backend, alpha=0.1, beta=1.0, reg_weight=0.1)
+
+
+@pytest.mark.parametrize("backend", TRITON)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_reduced_precision(backend, dtype):
+    """SPEC 1.5 for float16/bfloat16 (CUDA only in the public API; the op itself, on CPU under
+    the interpreter): float32 loss, gradient in the logits' dtype, the max abs errors against the
+    float64 reference at most twice the reference's own in that precision."""
+    logits = (torch.randn(2, 19, 13, 21, dtype=torch.float64) * 3).to(dtype)
+    target = make_target(2, 19, 13, 21)
+    args = (target, 0.1, 1.0, 0.1, 255)
+
+    def run(fn, x):
+        x = x.detach().clone().requires_grad_()
+        out = fn(x, *args)
+        loss = out[0] if isinstance(out, tuple) else out
+        (loss * GRAD_OUT).backward()
+        return loss.detach(), x.grad
+
+    loss, grad = run(torch.ops.udafast_triton.sce_loss, logits)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    ref_loss, ref_grad = run(udafast.ops.reference.sce_loss, logits.double())
+    low_loss, low_grad = run(udafast.ops.reference.sce_loss, logits)
+    assert (loss.double() - ref_loss).abs() <= 2 * (low_loss.double() - ref_loss).abs()
+    assert (grad.double() - ref_grad).abs().max() <= 2 * (low_grad.double() - ref_grad).abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lse_and_count(backend):
     """The compiled op's extra outputs: the per-pixel log-sum-exp and the valid-pixel count."""
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
     logits = torch.randn(2, 19, 6, 7) * 5
     target = make_target(2, 19, 6, 7)
-    _, lse, count = torch.ops.udafast.sce_loss(logits, target, 0.1, 1.0, 0.0, 255)
+    _, lse, count = compiled_ops(backend).sce_loss(logits, target, 0.1, 1.0, 0.0, 255)
     assert count.dtype == torch.int64 and count.item() == int((target != 255).sum())
     assert_close_spec(lse, torch.logsumexp(logits.double(), 1), "lse")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(
     b=st.integers(1, 2), c=st.integers(1, 20), h=st.integers(1, 9), w=st.integers(1, 70),
     scale=st.sampled_from([0.1, 3.0, 30.0]), ignore_fraction=st.sampled_from([0.0, 0.3, 1.0]),
     weights=st.sampled_from(WEIGHTS),
 )
 @settings(max_examples=25, deadline=None)
-def test_property_matches_reference(b, c, h, w, scale, ignore_fraction, weights):
+def test_property_matches_reference(backend, b, c, h, w, scale, ignore_fraction, weights):
     logits = torch.randn(b, c, h, w) * scale
     target = make_target(b, c, h, w, ignore_fraction)
     alpha, beta, reg_weight = weights
-    for backend in BACKENDS:
-        check_against_reference(logits, target, backend, alpha=alpha, beta=beta, reg_weight=reg_weight)
+    check_against_reference(logits, target, backend, alpha=alpha, beta=beta, reg_weight=reg_weight)
 
 
-def test_gradcheck():
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck(backend):
     logits = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
     target = make_target(2, 5, 3, 4, 0.3)
     assert torch.autograd.gradcheck(
-        lambda x: sce_loss(x, target, alpha=0.3, beta=1.0, reg_weight=0.2, backend="native"), (logits,)
+        lambda x: sce_loss(x, target, alpha=0.3, beta=1.0, reg_weight=0.2, backend=backend), (logits,)
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_opcheck(dtype):
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+def test_opcheck(backend, dtype):
     logits = torch.randn(2, 19, 5, 6, dtype=dtype, requires_grad=True)
     target = make_target(2, 19, 5, 6)
-    torch.library.opcheck(torch.ops.udafast.sce_loss.default, (logits, target, 0.1, 1.0, 0.1, 255))
+    torch.library.opcheck(compiled_ops(backend).sce_loss.default, (logits, target, 0.1, 1.0, 0.1, 255))
 
 
-def test_compile_fullgraph(no_validation):
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend, no_validation):
     logits = torch.randn(2, 19, 8, 11) * 3
     target = make_target(2, 19, 8, 11)
 
     def step(x):
-        return sce_loss(x, target, alpha=0.1, beta=1.0, reg_weight=0.1, backend="native")
+        return sce_loss(x, target, alpha=0.1, beta=1.0, reg_weight=0.1, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
     x_eager = logits.clone().requires_grad_()
