@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 import udafast.ops as U
 from udafast.ops import reference
+from udafast.ops._dispatch import launch
 from conftest import assert_reproducible, fast_backends, noncontiguous
 
 THRESHOLD_BACKENDS = fast_backends("class_thresholds")
@@ -276,7 +277,7 @@ def test_histogram_bad_values_and_strided_counts(backend, bins, no_validation):
     conf[0, 15:20] = -0.25
     conf[0, 20:25] = 1.5  # above 1 lands in the last bin, as min(floor(x * bins), bins - 1) says
     counts = torch.zeros(bins, 19, dtype=torch.int64).t()  # a transposed, non-contiguous view
-    torch.ops.udafast.class_histogram_add_(counts, noncontiguous(conf), noncontiguous(pred), 255)
+    launch("class_histogram_add_", backend, None, counts, noncontiguous(conf), noncontiguous(pred), 255)
     keep = (conf == conf) & (conf >= 0)
     expected = torch.zeros(19, bins, dtype=torch.int64)
     reference.class_histogram_add_(expected, conf[keep], pred[keep], 255)
@@ -403,15 +404,18 @@ def test_labels_reproducible_across_threads(backend):
 # ---------------------------------------------------------------- torch.library / torch.compile
 
 
-@pytest.mark.skipif(not THRESHOLD_BACKENDS or "native" not in THRESHOLD_BACKENDS, reason="native not built")
-def test_opcheck():
+@pytest.mark.parametrize("backend", THRESHOLD_BACKENDS)
+def test_opcheck(backend):
+    """The compiled ops (torch.ops.udafast) and the Triton custom ops (torch.ops.udafast_triton):
+    schemas, fake kernels and mutation declared as they behave."""
+    ops = torch.ops.udafast if backend == "native" else torch.ops.udafast_triton
     conf, pred = make_inputs((2, 17, 9), 19)
-    torch.library.opcheck(torch.ops.udafast.class_thresholds.default, (conf, pred, 19, 0.5, 255))
-    torch.library.opcheck(torch.ops.udafast.class_thresholds.default, (conf.double(), pred.to(torch.uint8), 19, 1.0, 255))
+    torch.library.opcheck(ops.class_thresholds.default, (conf, pred, 19, 0.5, 255))
+    torch.library.opcheck(ops.class_thresholds.default, (conf.double(), pred.to(torch.uint8), 19, 1.0, 255))
     counts = torch.zeros(19, 32, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.udafast.class_histogram_add_.default, (counts, conf, pred, 255))
+    torch.library.opcheck(ops.class_histogram_add_.default, (counts, conf, pred, 255))
     probs = make_probs((2, 19, 5, 7), torch.float32)
-    torch.library.opcheck(torch.ops.udafast.cbst_pseudo_labels.default, (probs, torch.rand(19) + 0.1, 255))
+    torch.library.opcheck(ops.cbst_pseudo_labels.default, (probs, torch.rand(19) + 0.1, 255))
 
 
 @pytest.mark.parametrize("backend", THRESHOLD_BACKENDS)
@@ -425,3 +429,27 @@ def test_compile_fullgraph(backend, no_validation):
 
     compiled = torch.compile(pseudo_label, fullgraph=True)
     assert torch.equal(compiled(conf, pred, probs), pseudo_label(conf, pred, probs))
+
+
+# ---------------------------------------------------------------- Triton: radix plans
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("digits", [4, 7, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_digit_widths(digits, dtype, monkeypatch):
+    """The radix select with each digit width the cost model can pick (16 for large inputs, 4 for
+    very many classes), on ties, signed zeros and values a few ulps apart."""
+    if "triton" not in [getattr(b, "values", [b])[0] for b in THRESHOLD_BACKENDS]:
+        pytest.skip("Triton is not available in this process")
+    from udafast.kernels import _radix
+
+    monkeypatch.setattr(_radix, "MIN_DIGIT_BITS", digits)
+    monkeypatch.setattr(_radix, "MAX_DIGIT_BITS", digits)
+    conf, pred = make_inputs((3000,), 5, dtype, levels=7)
+    conf[:40] = -0.0
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    conf[40:300] = (torch.tensor(0.9, dtype=dtype).view(bits) + torch.arange(260, dtype=bits) % 37).view(dtype)
+    for portion in (0.0, 0.01, 0.3, 1.0):
+        out = U.class_thresholds(conf, pred, 5, portion, backend="triton")
+        assert_equal(out, exact_thresholds(conf, pred, 5, portion))

@@ -187,21 +187,20 @@ def test_bitwise_reproducible_and_thread_independent(backend):
     assert_same(topk_per_class(scores, labels, 19, 256, backend=backend), expected(scores, labels, 19, 256))
 
 
-def test_opcheck():
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    """The compiled op (torch.ops.udafast) and the Triton custom op (torch.ops.udafast_triton)."""
+    op = (torch.ops.udafast if backend == "native" else torch.ops.udafast_triton).topk_per_class.default
     scores = torch.randn(333)
     labels = make_labels(333, 19)
-    torch.library.opcheck(torch.ops.udafast.topk_per_class.default, (scores, labels, 19, 8, 255))
-    torch.library.opcheck(torch.ops.udafast.topk_per_class.default, (scores.double()[:0], labels[:0], 3, 2, 255))
+    torch.library.opcheck(op, (scores, labels, 19, 8, 255))
+    torch.library.opcheck(op, (scores.double()[:0], labels[:0], 3, 2, 255))
 
 
-def test_compile_fullgraph():
-    if "native" not in BACKENDS:
-        pytest.skip("native backend not built")
-
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
     def select(scores, labels):
-        return topk_per_class(scores, labels, 19, 32, backend="native", validate=False)
+        return topk_per_class(scores, labels, 19, 32, backend=backend, validate=False)
 
     scores = torch.randn(127 * 33)
     labels = make_labels(127 * 33, 19)
@@ -209,6 +208,7 @@ def test_compile_fullgraph():
     assert_same(compiled(scores, labels), select(scores, labels))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=25, deadline=None)
 @given(
     n=st.integers(0, 300),
@@ -218,7 +218,7 @@ def test_compile_fullgraph():
     seed=st.integers(0, 2**31 - 1),
     float64=st.booleans(),
 )
-def test_property_matches_reference(n, num_classes, k, distinct, seed, float64):
+def test_property_matches_reference(backend, n, num_classes, k, distinct, seed, float64):
     generator = torch.Generator().manual_seed(seed)
     dtype = torch.float64 if float64 else torch.float32
     # few distinct values, signed zeros among them, so that ties are the rule
@@ -226,8 +226,7 @@ def test_property_matches_reference(n, num_classes, k, distinct, seed, float64):
     scores = pool[torch.randint(0, distinct, (n,), generator=generator)]
     labels = torch.randint(0, num_classes + 1, (n,), generator=generator)
     labels[labels == num_classes] = 255
-    for backend in BACKENDS:
-        assert_same(topk_per_class(scores, labels, num_classes, k, backend=backend), expected(scores, labels, num_classes, k))
+    assert_same(topk_per_class(scores, labels, num_classes, k, backend=backend), expected(scores, labels, num_classes, k))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -253,3 +252,49 @@ def test_memory_bank_matches_reference(backend, size, per_class):
     c = int(torch.argmax(count))
     n_new = min(int(count[c]), size)
     assert torch.equal(fast.get(c)[:n_new], features[index[c, :n_new]])
+
+
+# ---------------------------------------------------------------- Triton: radix plans and placement
+
+
+def _has_triton():
+    return "triton" in [getattr(b, "values", [b])[0] for b in BACKENDS]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("digits", [4, 7, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_digit_widths(digits, dtype, monkeypatch):
+    """The radix select with each digit width the cost model can pick (16 for large inputs, 4 for
+    very many classes): ties broken on the position digits, signed zeros, infinities."""
+    if not _has_triton():
+        pytest.skip("Triton is not available in this process")
+    from udafast.kernels import _radix
+
+    monkeypatch.setattr(_radix, "MIN_DIGIT_BITS", digits)
+    monkeypatch.setattr(_radix, "MAX_DIGIT_BITS", digits)
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 0.5, 1e-300], dtype=dtype)
+    scores = values[torch.randint(0, len(values), (3001,))]
+    scores[::5] = torch.randn(601, dtype=dtype)
+    labels = make_labels(3001, 5)
+    for k in (1, 9, 700):
+        assert_same(topk_per_class(scores, labels, 5, k, backend="triton"), expected(scores, labels, 5, k))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_triton_place_by_sort(dtype, monkeypatch):
+    """Past PLACE_MAX_K the candidate rows are ordered by device sorts instead of pairwise ranks."""
+    if not _has_triton():
+        pytest.skip("Triton is not available in this process")
+    from udafast.kernels import topk_per_class as module
+
+    monkeypatch.setattr(module, "PLACE_MAX_K", 4)
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 0.5], dtype=dtype)
+    scores = values[torch.randint(0, len(values), (2000,))]
+    scores[::3] = torch.randn(667, dtype=dtype)
+    labels = make_labels(2000, 19)
+    for k in (5, 64, 300):
+        assert_same(topk_per_class(scores, labels, 19, k, backend="triton"), expected(scores, labels, 19, k))
+    empty = topk_per_class(scores[:0], labels[:0], 3, 6, backend="triton")
+    assert_same(empty, expected(scores[:0], labels[:0], 3, 6))
