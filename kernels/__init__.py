@@ -21,14 +21,7 @@ def _load_launchers():
         return {}
     launchers = {}
     for hot_path in HOT_PATHS:
-        name = f"{__name__}.{hot_path}"
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # TEMPORARY while the modules are written
-            if exc.name != name:
-                raise
-            continue
-        launchers.update(module.LAUNCHERS)
+        launchers.update(importlib.import_module(f"{__name__}.{hot_path}").LAUNCHERS)
     return launchers
 
 
