@@ -1,8 +1,16 @@
 // SPEC 1.4, KL(target || softmax(logits)) over valid pixels on the CPU.
 //
 // Same layout as sce_loss.cpp: tiles of kTile pixels of an image plane, the C class rows of a
-// tile cache-resident, loops over classes vectorised over the tile's pixels. The forward returns the
-// per-pixel log-sum-exp, so the backward recomputes q = exp(z - lse) in one pass.
+// tile cache-resident, loops over classes vectorised over the tile's pixels.
+//
+// Saturated pixels (as kernels/kl_loss.py): with m the pixel's max and e_c = exp(z_c - m),
+// others = sum of e_c over the classes below the max (ties beyond the first max included: the
+// first max is left out once) is summed directly, never formed as sum(e) - 1, and
+// log(sum(e)) = log1p(others) is evaluated accurately for small others. log(sum(e)) itself rounds
+// to 0 in float32 once the top probability rounds to 1 (a gap of about 17 between the top logit and
+// the rest; the relative error passes 1e-5 from a gap of about 6), and the KL of a target on the
+// top class is about `others`. The backward recomputes m and e from the logits (it does not read
+// the forward's lse) and forms q_j T - t_j at the max without the cancelling difference.
 //
 // Loss sum: per-pixel KL in the logits' dtype, summed in double per fixed chunk of kChunk pixels,
 // the chunk partials added in chunk order (bitwise the same for any thread count).
@@ -36,12 +44,23 @@ struct ForwardSums {
   int64_t valid = 0;
 };
 
+// log1p(x) for x >= 0 (or NaN) as log(u) * x / (u - 1), u = 1 + x (Goldberg's formula: u - 1 is
+// exact, and the rounding of u cancels in log(u) / (u - 1)); x where u rounds to 1. Within 1.5 ulp
+// in float and double (measured against long double log1p over [1e-20, 100]), vectorised with the
+// log of vec_math.h.
+template <typename T>
+inline __attribute__((always_inline)) T log1p_nonneg(T x) {
+  const T u = T(1) + x;
+  const T ratio = x / (u - T(1));  // 0 / 0 where u == 1: not selected
+  return select(u == T(1), x, udafast::vec::log(u) * ratio);
+}
+
 template <typename scalar_t>
 void kl_forward_kernel(const scalar_t* logits, const scalar_t* target, const bool* mask, const Geometry& g,
                        scalar_t* lse, std::vector<ForwardSums>& partial) {
   const int64_t C = g.C, S = g.S;
   udafast::tiles::parallel_chunks<scalar_t>(g, [&](int64_t chunk, scalar_t*) {
-    alignas(64) scalar_t mx[kTile], sum[kTile], ls[kTile], kl[kTile];
+    alignas(64) scalar_t mx[kTile], others[kTile], found[kTile], ls[kTile], kl[kTile];
     alignas(64) bool valid[kTile];
     ForwardSums acc;
     for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
@@ -49,15 +68,22 @@ void kl_forward_kernel(const scalar_t* logits, const scalar_t* target, const boo
       const scalar_t* t = target + b * C * S + s0;
       load_mask(mask, b * S + s0, n, valid);
       udafast::vec::tile_max(z, C, S, n, mx);
-      for (int64_t i = 0; i < n; ++i) sum[i] = kl[i] = 0;
+      for (int64_t i = 0; i < n; ++i) others[i] = found[i] = kl[i] = 0;
+      // others = sum of exp(z - max) without the first max (found: 1 once it has been met). An
+      // all-NaN or +inf pixel has d = NaN, so others and the KL are NaN, as with the plain sum.
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = z + c * S;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) sum[i] += udafast::vec::exp(row[i] - mx[i]);
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t d = row[i] - mx[i];
+          const bool first = (d == scalar_t(0)) & (found[i] == scalar_t(0));
+          others[i] += select(first, scalar_t(0), udafast::vec::exp(d));
+          found[i] = select(d == scalar_t(0), scalar_t(1), found[i]);
+        }
       }
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) ls[i] = udafast::vec::log(sum[i]);
-      // t (log t - log q), log q = (z - max) - log(sum); t log t = 0 where t == 0
+      for (int64_t i = 0; i < n; ++i) ls[i] = log1p_nonneg(others[i]);  // log(sum exp(z - max))
+      // t (log t - log q), log q = (z - max) - log1p(others); t log t = 0 where t == 0
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = z + c * S;
         const scalar_t* tc = t + c * S;
@@ -83,47 +109,65 @@ void kl_forward_kernel(const scalar_t* logits, const scalar_t* target, const boo
   });
 }
 
-// q = exp(z - lse) divided by its sum over the classes: the division removes the rounding of the
-// stored lse (a relative error of up to |lse| * 2^-24 in float32, common to the pixel's classes).
+// dKL/dz_j = s (q_j T - t_j), T = sum_c t_c (the targets need not sum to 1), from max and e =
+// exp(z - max) recomputed from the logits as in the forward (the forward's lse is not read; its
+// rounding would enter q). sum(e) = 1 + others. Below the max, q_j T - t_j = e_j (T / sum) - t_j.
+// At the max (e_j = 1) the difference would cancel once q_j rounds to 1; it is formed as
+// ((T - t_j) - t_j others) / sum, T - t_j summed from the other classes: t_rest (the classes below
+// the max) + (t_top - t_j) (t_top: the classes at the max, ties included), as kernels/kl_loss.py.
 template <typename scalar_t>
-void kl_backward_kernel(const scalar_t* logits, const scalar_t* target, const bool* mask, const scalar_t* lse,
-                        const Geometry& g, double scale, scalar_t* grad) {
+void kl_backward_kernel(const scalar_t* logits, const scalar_t* target, const bool* mask, const Geometry& g,
+                        double scale, scalar_t* grad) {
   const int64_t C = g.C, S = g.S;
   const scalar_t s = static_cast<scalar_t>(scale);
-  // prob: exp(z - lse) of the tile's C rows
-  udafast::tiles::parallel_chunks<scalar_t>(g, [&](int64_t chunk, scalar_t* prob) {
-    alignas(64) scalar_t lse_t[kTile], sum[kTile], total[kTile];
+  // e: exp(z - max) of the tile's C rows
+  udafast::tiles::parallel_chunks<scalar_t>(g, [&](int64_t chunk, scalar_t* e) {
+    alignas(64) scalar_t mx[kTile], others[kTile], found[kTile], t_rest[kTile], t_top[kTile], inv[kTile],
+        ratio[kTile], keep[kTile];
     alignas(64) bool valid[kTile];
     for_each_tile(g, chunk, [&](int64_t b, int64_t s0, int64_t n) {
       const scalar_t* z = logits + b * C * S + s0;
       const scalar_t* t = target + b * C * S + s0;
       scalar_t* out = grad + b * C * S + s0;
       load_mask(mask, b * S + s0, n, valid);
+      udafast::vec::tile_max(z, C, S, n, mx);
       for (int64_t i = 0; i < n; ++i) {
-        lse_t[i] = lse[b * S + s0 + i];
-        sum[i] = total[i] = 0;
+        others[i] = found[i] = t_rest[i] = t_top[i] = 0;
+        keep[i] = valid[i] ? scalar_t(1) : scalar_t(0);  // the mask in the gradient's width: the loop vectorises
       }
-      // total = sum_c t_c: the targets need not sum to 1
       for (int64_t c = 0; c < C; ++c) {
         const scalar_t* row = z + c * S;
         const scalar_t* tc = t + c * S;
-        scalar_t* qc = prob + c * kTile;
+        scalar_t* ec = e + c * kTile;
 #pragma omp simd
         for (int64_t i = 0; i < n; ++i) {
-          qc[i] = udafast::vec::exp(row[i] - lse_t[i]);
-          sum[i] += qc[i];
-          total[i] += tc[i];
+          const scalar_t d = row[i] - mx[i];
+          const bool top = d == scalar_t(0);
+          const bool first = top & (found[i] == scalar_t(0));
+          ec[i] = udafast::vec::exp(d);
+          others[i] += select(first, scalar_t(0), ec[i]);
+          found[i] = select(top, scalar_t(1), found[i]);
+          t_rest[i] += select(top, scalar_t(0), tc[i]);
+          t_top[i] += select(top, tc[i], scalar_t(0));
         }
       }
-      // q_j * total = exp(z_j - lse) * (total / sum): the normalisation folded into one factor
 #pragma omp simd
-      for (int64_t i = 0; i < n; ++i) total[i] = total[i] / sum[i];
+      for (int64_t i = 0; i < n; ++i) {
+        inv[i] = scalar_t(1) / (scalar_t(1) + others[i]);
+        ratio[i] = (t_rest[i] + t_top[i]) * inv[i];  // T / sum
+      }
       for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* qc = prob + c * kTile;
+        const scalar_t* row = z + c * S;
+        const scalar_t* ec = e + c * kTile;
         const scalar_t* tc = t + c * S;
         scalar_t* oc = out + c * S;
 #pragma omp simd
-        for (int64_t i = 0; i < n; ++i) oc[i] = select(valid[i], s * (qc[i] * total[i] - tc[i]), scalar_t(0));
+        for (int64_t i = 0; i < n; ++i) {
+          const bool top = (row[i] - mx[i]) == scalar_t(0);
+          const scalar_t below = ec[i] * ratio[i] - tc[i];
+          const scalar_t at_max = ((t_rest[i] + (t_top[i] - tc[i])) - tc[i] * others[i]) * inv[i];
+          oc[i] = select(keep[i] != scalar_t(0), s * select(top, at_max, below), scalar_t(0));
+        }
       }
     });
   });
@@ -169,7 +213,6 @@ at::Tensor kl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& l
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.to(logits.scalar_type()).contiguous();
   const std::optional<at::Tensor> mask = contiguous_mask(mask_in);
-  const at::Tensor lse = lse_in.to(logits.scalar_type()).contiguous();
   const Geometry g{logits.size(0), logits.size(1), logits.size(2) * logits.size(3)};
   const double denominator = static_cast<double>(num_valid.item<int64_t>()) * static_cast<double>(g.C);
   const double scale = denominator > 0 ? grad_loss.item<double>() / denominator : 0.0;
@@ -179,8 +222,7 @@ at::Tensor kl_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& l
   udafast::tiles::advise_huge_pages(out);
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "kl_loss_backward", [&] {
     kl_backward_kernel<scalar_t>(logits.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(),
-                                 mask ? mask->data_ptr<bool>() : nullptr, lse.data_ptr<scalar_t>(), g, scale,
-                                 out.data_ptr<scalar_t>());
+                                 mask ? mask->data_ptr<bool>() : nullptr, g, scale, out.data_ptr<scalar_t>());
   });
   if (!out.is_same(grad)) grad.copy_(out);
   return grad;

@@ -4,16 +4,25 @@
 // and targets (made contiguous), one thread per pixel walking its C classes with a stride of
 // H * W elements, so a warp reads 32 consecutive values of each class row.
 //
-// Forward (per pixel): pass 1 the max, pass 2 the sum of exp(z - max), pass 3 (valid pixels only)
-// sum_c t_c (log t_c - log q_c), t log t = 0 where t == 0. It writes the per-pixel log-sum-exp.
+// Saturated pixels, as the CPU kernel and kernels/kl_loss.py: others = the sum of exp(z - max) over
+// the classes below the max (the first max left out once, further ties counted) is summed
+// directly and log(sum exp(z - max)) taken as log1p(others); log(sum) itself rounds to 0 in float
+// once the top probability rounds to 1, while the KL of a target on the top class is about others.
+//
+// Forward (per pixel): pass 1 the max, pass 2 others, pass 3 (valid pixels only)
+// sum_c t_c (log t_c - log q_c), log q = (z - max) - log1p(others), t log t = 0 where t == 0. It
+// writes the per-pixel log-sum-exp max + log1p(others).
 // Loss sum without float atomics and without a host sync: per-thread sums in double, a fixed
 // shuffle tree per block into one partial per block (KL in double, valid count in int64), and a
 // one-block finalize kernel that adds the partials in a fixed order and writes the loss and
 // num_valid to device memory (bitwise reproducible for a given shape).
 //
-// Backward, one thread per pixel: pass 1 q = exp(z - lse), its sum and sum_c t_c; pass 2
-// grad = s (q total / sum - t) with s = grad_loss / (n C) read from device memory; invalid pixels
-// write 0 without reading their logits.
+// Backward, one thread per pixel (the forward's lse is not read): pass 1 the max, pass 2 others and
+// the target sums t_rest (classes below the max) and t_top (classes at the max), pass 3
+// grad = s (q_j T - t_j), T = t_rest + t_top, with s = grad_loss / (n C) read from device memory:
+// e_j T / (1 + others) - t_j below the max, ((T - t_j) - t_j others) / (1 + others) at the max
+// (T - t_j = t_rest + (t_top - t_j), no cancelling q_j T - t_j once q_j rounds to 1). Invalid
+// pixels write 0 without reading their logits.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -47,6 +56,23 @@ __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float log1p_acc(float x) { return log1pf(x); }
+__device__ __forceinline__ double log1p_acc(double x) { return log1p(x); }
+
+// others = sum of exp(z - mx) over the C classes of a pixel (class c at z[c * S]) without the first
+// class at the max; with an all-NaN or +inf pixel (d = NaN) it is NaN, as the plain sum was.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t sum_of_others(const scalar_t* z, int64_t C, int64_t S, acc_t mx) {
+  acc_t others = 0;
+  bool found = false;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = static_cast<acc_t>(z[c * S]) - mx;
+    const bool top = d == acc_t(0);
+    if (!(top && !found)) others += exp_acc(d);
+    found = found || top;
+  }
+  return others;
+}
 
 // Sums v and count over the block (blockDim.x == kThreads) with a fixed tree: warp shuffles, then
 // the kWarps warp totals by the first warp. The totals are valid in thread 0.
@@ -77,7 +103,7 @@ __device__ __forceinline__ void block_sum(double& v, long long& count) {
 }
 
 // Per block b: partial[b] = sum over its valid pixels of sum_c t_c (log t_c - log q_c), counts[b] =
-// its valid pixels (mask == nullptr: every pixel). lse[pixel] = max + log(sum exp(z - max)).
+// its valid pixels (mask == nullptr: every pixel). lse[pixel] = max + log1p(others).
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     kl_forward_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ target,
@@ -99,13 +125,11 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t v = static_cast<acc_t>(z[c * S]);
       mx = v > mx ? v : mx;
     }
-    // pass 2: the sum of exp(z - max)
-    acc_t sum = 0;
-    for (int64_t c = 0; c < C; ++c) sum += exp_acc(static_cast<acc_t>(z[c * S]) - mx);
-    const acc_t ls = log_acc(sum);
+    // pass 2: others; ls = log(sum exp(z - max)) = log1p(others)
+    const acc_t ls = log1p_acc(sum_of_others<scalar_t, acc_t>(z, C, S, mx));
     lse[pixel] = mx + ls;
     if (mask == nullptr || mask[pixel]) {
-      // pass 3: t (log t - log q), log q = (z - max) - log(sum); t log t = 0 where t == 0
+      // pass 3: t (log t - log q), log q = (z - max) - log1p(others); t log t = 0 where t == 0
       acc_t kl = 0;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t tc = static_cast<acc_t>(t[c * S]);
@@ -143,14 +167,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// q = exp(z - lse) divided by its sum over the classes: the division removes the rounding of the
-// stored lse (a relative error of up to |lse| * 2^-24 in float32, common to the pixel's classes).
-// grad = s (q_j sum_c t_c - t_j), s = grad_loss / (n C) (0 when n C == 0), 0 on invalid pixels.
+// grad = s (q_j T - t_j), s = grad_loss / (n C) (0 when n C == 0), 0 on invalid pixels; see the top
+// of the file for the form of q_j T - t_j at the max.
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
     kl_backward_kernel(const scalar_t* __restrict__ logits, const scalar_t* __restrict__ target,
-                       const bool* __restrict__ mask, const acc_t* __restrict__ lse,
-                       const void* __restrict__ grad_loss, bool grad_loss_double,
+                       const bool* __restrict__ mask, const void* __restrict__ grad_loss, bool grad_loss_double,
                        const int64_t* __restrict__ num_valid, int64_t C, int64_t S, int64_t P,
                        scalar_t* __restrict__ grad) {
   const int64_t pixel = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
@@ -169,19 +191,36 @@ __global__ void __launch_bounds__(kThreads)
 
   const scalar_t* z = logits + b * C * S + s;
   const scalar_t* t = target + b * C * S + s;
-  const acc_t lse_p = lse[pixel];
-  // pass 1: the normaliser and total = sum_c t_c (the targets need not sum to 1)
-  acc_t sum = 0, total = 0;
+  // pass 1: max (NaN never selected, as the forward)
+  acc_t mx = -static_cast<acc_t>(INFINITY);
   for (int64_t c = 0; c < C; ++c) {
-    sum += exp_acc(static_cast<acc_t>(z[c * S]) - lse_p);
-    total += static_cast<acc_t>(t[c * S]);
+    const acc_t v = static_cast<acc_t>(z[c * S]);
+    mx = v > mx ? v : mx;
   }
-  // q_j * total = exp(z_j - lse) * (total / sum): the normalisation folded into one factor
-  total = total / sum;
-  // pass 2: the gradient
+  // pass 2: others (as sum_of_others, the first max left out once), t_rest and t_top (the targets
+  // below and at the max; T = t_rest + t_top, the targets need not sum to 1)
+  acc_t others = 0, t_rest = 0, t_top = 0;
+  bool found = false;
   for (int64_t c = 0; c < C; ++c) {
-    const acc_t q = exp_acc(static_cast<acc_t>(z[c * S]) - lse_p);
-    out[c * S] = static_cast<scalar_t>(scale * (q * total - static_cast<acc_t>(t[c * S])));
+    const acc_t d = static_cast<acc_t>(z[c * S]) - mx;
+    const acc_t tc = static_cast<acc_t>(t[c * S]);
+    const bool top = d == acc_t(0);
+    if (!(top && !found)) others += exp_acc(d);
+    found = found || top;
+    if (top) {
+      t_top += tc;
+    } else {
+      t_rest += tc;
+    }
+  }
+  const acc_t inv = acc_t(1) / (acc_t(1) + others);
+  const acc_t ratio = (t_rest + t_top) * inv;  // T / sum(e)
+  // pass 3: the gradient
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = static_cast<acc_t>(z[c * S]) - mx;
+    const acc_t tc = static_cast<acc_t>(t[c * S]);
+    const acc_t g = d == acc_t(0) ? ((t_rest + (t_top - tc)) - tc * others) * inv : exp_acc(d) * ratio - tc;
+    out[c * S] = static_cast<scalar_t>(scale * g);
   }
 }
 
@@ -260,7 +299,7 @@ at::Tensor kl_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tenso
   const at::Tensor target = target_in.to(logits.scalar_type()).contiguous();
   const std::optional<at::Tensor> mask = contiguous_mask(mask_in);
   const at::ScalarType acc = acc_dtype(logits.scalar_type());
-  const at::Tensor lse = lse_in.to(device, acc).contiguous();
+  // lse_in is not read: the kernel recomputes the max and the sum of the others from the logits
   // grad_loss and num_valid stay on the device: read by the kernel (float or double grad_loss)
   at::Tensor grad_loss = grad_loss_in;
   if (grad_loss.device() != device ||
@@ -281,8 +320,7 @@ at::Tensor kl_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tenso
       using acc_t = typename AccOf<scalar_t>::type;
       kl_backward_kernel<scalar_t, acc_t><<<grid_size((P + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), mask ? mask->data_ptr<bool>() : nullptr,
-          lse.data_ptr<acc_t>(), grad_loss.data_ptr(), go_double, num_valid.data_ptr<int64_t>(), C, S, P,
-          out.data_ptr<scalar_t>());
+          grad_loss.data_ptr(), go_double, num_valid.data_ptr<int64_t>(), C, S, P, out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -123,9 +123,29 @@ def sce_loss(logits, target, alpha=0.1, beta=1.0, reg_weight=0.0, ignore_index=2
     return alpha * ce + beta * rce + reg_weight * reg
 
 
+def _log_softmax_log1p(logits):
+    """log_softmax over dim 1, written as (z - m) - log1p(others): m the pixel's maximum logit,
+    taken at its first argmax, and others = the sum of exp(z_k - m) over the other classes (ties
+    of the maximum included).
+
+    F.log_softmax forms log(sum exp(z - m)) = log(1 + others), which loses the relative accuracy of
+    `others` once it is small (a confident pixel; all of it once others < 1e-16 in float64), while
+    the KL of a target on the top class is about `others`. The argmax class's own z - m is the
+    constant 0, so autograd routes the gradient of m to that class alone: its derivative is summed
+    from the other classes instead of formed as q - 1, which would cancel in the same way."""
+    if logits.shape[1] == 0:
+        return logits  # no class: nothing to normalise (argmax needs one)
+    top = logits.argmax(dim=1, keepdim=True)
+    m = logits.gather(1, top)
+    is_top = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, top, True)
+    d = torch.where(is_top, 0, logits - m)
+    others = torch.where(is_top, 0, d.exp()).sum(dim=1, keepdim=True)
+    return d - torch.log1p(others)
+
+
 def kl_loss(logits, target_probs, valid_mask=None):
     t = target_probs.detach().to(logits.dtype)
-    log_q = F.log_softmax(logits, dim=1)
+    log_q = _log_softmax_log1p(logits)  # log_softmax(logits, dim=1), accurate at any confidence
     pixel = (torch.xlogy(t, t) - t * log_q).sum(dim=1)
     if valid_mask is None:
         valid_mask = torch.ones_like(pixel, dtype=torch.bool)
