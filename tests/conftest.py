@@ -17,6 +17,15 @@ settings.register_profile("explore", derandomize=False)
 settings.load_profile("reproducible")
 
 
+def pytest_configure(config):
+    """UDAFAST_TRITON_AOT=<file> in the TRITON_INTERPRET=1 run: record every Triton kernel variant
+    launched, for `python tests/triton_aot.py <file>` to compile for sm_90 (see that module)."""
+    path = os.environ.get("UDAFAST_TRITON_AOT")
+    if path:
+        import triton_aot
+        config.pluginmanager.register(triton_aot.Recorder(path), "udafast-triton-aot")
+
+
 def fast_backends(op, device="cpu"):
     """The non-reference backends that can run `op` in this process (native when built; Triton
     only in the interpreter process, TRITON_INTERPRET=1, where `-m triton` selects its cases)."""
