@@ -51,8 +51,11 @@ class FakeContext:
         self.source_stream = types.SimpleNamespace(batch_size=batch_size)
         self.target_stream = BatchStream(self.target, 2, self.target_view, seed=5)
         self.subsets, self.messages = [], []
+        self.rank, self.world = 0, 1
 
     target_frames = RunContext.target_frames
+    shared_array = RunContext.shared_array
+    all_reduce_ = RunContext.all_reduce_
 
     def set_source_subset(self, indices):
         self.subsets.append(list(indices))

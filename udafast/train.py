@@ -61,6 +61,14 @@ def build_parser():
     p.add_argument("--ckpt-every", type=int, help="write checkpoints/last.pt every N iterations")
     p.add_argument("--eval-every", type=int, help="evaluate on target val every N iterations, keeping best.pt")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip (and count) updates whose loss or gradients are not finite, instead of stopping")
+    p.add_argument("--grad-accum", type=int, metavar="K", help="micro-batches per update (gradient accumulation)")
+    p.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast (the ops accumulate in float32)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over the batches of every process")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute the backbone's activations in the backward pass (less memory, more time)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, YAML value); repeatable")
     p.add_argument("--results", help="with --method all: write the comparison JSON here (+ .md table, .png chart)")
@@ -100,15 +108,29 @@ def _overrides(args):
     out += [f"{k}={v}" for k, v in simple.items() if v is not None]
     if args.deterministic:
         out.append("deterministic=true")
+    flags = {"train.on_nonfinite=skip": args.skip_nonfinite, "train.sync_bn=true": args.sync_bn,
+             "train.activation_checkpointing=true": args.activation_checkpointing}
+    out += [k for k, on in flags.items() if on]
+    if args.grad_accum is not None:
+        out.append(f"train.grad_accum={args.grad_accum}")
+    if args.amp:
+        out.append(f"train.amp={args.amp}")
     return out + list(args.overrides)
 
 
 def main(argv=None):
+    from udafast.engine import distributed
+    from udafast.engine.trainer import NonFiniteLoss
+
     args = build_parser().parse_args(argv)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun rank 0 reports; the others only train
+        sys.stdout = open(os.devnull, "w")
     try:
         return _main(args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, NonFiniteLoss) as e:
         sys.exit(f"udafast.train: error: {e}")
+    finally:
+        distributed.shutdown()
 
 
 def _main(args):

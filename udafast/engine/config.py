@@ -45,8 +45,12 @@ DEFAULTS = {
     "optimizer": {"name": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
                   "schedule": "poly", "power": 0.9},
     # stage_iters: when set, every stage of a multi-stage method runs that many iterations (quick checks)
+    # grad_accum: micro-batches per update; amp: null or "bf16" (autocast); on_nonfinite: "stop" or
+    # "skip"; sync_bn: BatchNorm over the batches of every process (torchrun); activation_checkpointing:
+    # recompute the backbone's activations in the backward instead of keeping them
     "train": {"iters": 1000, "stage_iters": None, "eval_every": 0, "ckpt_every": 0, "keep_checkpoints": 2,
-              "panels": 4},
+              "panels": 4, "grad_accum": 1, "amp": None, "on_nonfinite": "stop", "sync_bn": False,
+              "activation_checkpointing": False},
     # input_size (width, height) of the network at evaluation; None = the images' own size
     "eval": {"input_size": None, "classes": 19, "max_images": None},
 }

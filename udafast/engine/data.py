@@ -12,7 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from udafast.data import build_dataset
 from udafast.data.labels import IGNORE_INDEX
@@ -196,22 +196,31 @@ class BatchStream:
     """Endless batches of `batch_size` views of `dataset`: each epoch a permutation drawn from
     (seed, epoch), the last incomplete batch dropped; the view of the sample at (epoch, position)
     uses a generator seeded from (seed, epoch, position). `state_dict()` is (epoch, position) of the
-    next batch."""
+    next batch.
 
-    def __init__(self, dataset, batch_size, view, *, seed=0, num_workers=0, extras=None):
+    Under several processes (`rank` of `world`), the epoch's order is `DistributedSampler`'s (the
+    same permutation, every `world`-th sample from `rank`, the tail that does not divide dropped)
+    and positions count in the whole permutation, so one process (`world=1`) sees exactly the
+    single-process stream."""
+
+    def __init__(self, dataset, batch_size, view, *, seed=0, num_workers=0, extras=None, rank=0, world=1):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-        if len(dataset) < batch_size:
-            raise ValueError(f"batch_size: {batch_size} is more than the {len(dataset)} samples of {dataset!r}")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank: expected 0 <= rank < world ({world}), got {rank!r}")
+        if len(dataset) // world < batch_size:
+            raise ValueError(f"batch_size: {batch_size} per process is more than the {len(dataset)} samples of "
+                             f"{dataset!r} shared by {world} process(es)")
         self.dataset, self.batch_size, self.view = dataset, batch_size, view
         self.seed, self.num_workers = int(seed), int(num_workers)
+        self.rank, self.world = int(rank), int(world)
         self.extras = extras
         self.epoch, self.position = 0, 0
         self._iter = None
 
     @property
     def batches_per_epoch(self):
-        return len(self.dataset) // self.batch_size
+        return len(self.dataset) // self.world // self.batch_size
 
     def set_extras(self, extras):
         """Attach (or, with None, detach) per-sample extras; restarts the prefetching."""
@@ -226,11 +235,14 @@ class BatchStream:
         self._iter = None
 
     def _keys(self, epoch, start):
-        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
-        n = self.batches_per_epoch
-        for b in range(start, n):
-            yield [(int(order[b * self.batch_size + j]), (self.seed * 1_000_003 + epoch) * 65_537 + b * self.batch_size + j)
-                   for j in range(self.batch_size)]
+        sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                     seed=self.seed * 1_000_003, drop_last=True)
+        sampler.set_epoch(epoch)  # its permutation is randperm(n) from a generator seeded seed + epoch
+        order = list(sampler)
+        base = (self.seed * 1_000_003 + epoch) * 65_537
+        for b in range(start, self.batches_per_epoch):
+            positions = range(b * self.batch_size, (b + 1) * self.batch_size)
+            yield [(int(order[p]), base + p * self.world + self.rank) for p in positions]
 
     def _epoch_iter(self):
         keys = self._keys(self.epoch, self.position)

@@ -186,7 +186,8 @@ def predict(model, image: torch.Tensor, *, input_size=None, normalization=None, 
 
 
 def evaluate_model(model, dataset, *, input_size=None, device=None, classes: int = 19, normalization=None,
-                   on_prediction: Optional[Callable] = None, progress: Optional[Callable] = None) -> dict:
+                   on_prediction: Optional[Callable] = None, progress: Optional[Callable] = None,
+                   all_reduce: bool = False) -> dict:
     """Score `model` on a labelled `dataset` (samples with "image" [3, H, W] in [0, 1], "label"
     train ids, "name"), per SPEC part 3: each image at the network's `input_size` = (width,
     height) (None: native), logits upsampled with align_corners=True to the full label resolution,
@@ -194,6 +195,7 @@ def evaluate_model(model, dataset, *, input_size=None, device=None, classes: int
 
     `on_prediction(index, sample, pred)` receives each prediction (int64 [H, W] train ids, CPU);
     `progress(done, total)` is called after each image. Returns `scores(...)` plus `num_images`.
+    `all_reduce`: `dataset` is this process's share; the scores are those of every process's.
     """
     class_subsets(classes)
     input_size = _parse_input_size(input_size)
@@ -219,8 +221,12 @@ def evaluate_model(model, dataset, *, input_size=None, device=None, classes: int
                 progress(i + 1, len(dataset))
     finally:
         model.train(was_training)
+    num_images = torch.tensor([len(dataset)], dtype=torch.int64, device=device)
+    if all_reduce:
+        cm.all_reduce()
+        torch.distributed.all_reduce(num_images)
     result = scores(cm.matrix, classes)
-    result["num_images"] = len(dataset)
+    result["num_images"] = int(num_images)
     return result
 
 

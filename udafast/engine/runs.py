@@ -157,8 +157,12 @@ def format_results(results):
 
 
 def write_results(results, path):
-    """`path` (JSON), and beside it the Markdown table (.md) and a bar chart (.png)."""
+    """`path` (JSON), and beside it the Markdown table (.md) and a bar chart (.png); under torchrun,
+    by rank 0 only."""
+    from udafast.engine.distributed import rank
     path = os.fspath(path)
+    if rank() != 0:
+        return path
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     stem = path[:-5] if path.endswith(".json") else path

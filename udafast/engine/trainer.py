@@ -8,6 +8,7 @@ Per iteration: the learning-rate schedule, a batch per domain, `method.step`, th
 kept, and `checkpoints/last.pt`, always the newest); after each stage of
 a multi-stage method its network is saved as `checkpoints/<stage>.pt` and evaluated.
 """
+import contextlib
 import json
 import math
 import os
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from udafast.data.labels import colorize
+from udafast.engine import distributed as dist
 from udafast.engine.config import dump_config, merge
 from udafast.engine.data import BatchStream, TrainView, build_split, collate
 from udafast.engine.evaluation import evaluate_model, predict
@@ -29,10 +31,15 @@ from udafast.methods.base import Stage
 from udafast.models import build_model
 from udafast.models.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["Trainer", "RunContext", "seed_everything"]
+__all__ = ["Trainer", "RunContext", "seed_everything", "NonFiniteLoss"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped at a non-finite loss or gradient (the message names the last good checkpoint)."""
 
 
 def seed_everything(seed):
+    seed = int(seed)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -54,6 +61,8 @@ class RunContext:
         self.device = torch.device(device)
         self.backend = config["backend"]
         self.seed = int(config["seed"])
+        # this process of the run's processes (torchrun); 0 of 1 otherwise
+        self.rank, self.world = dist.rank(), dist.world_size()
         self.logger = logger
         self.method_cls = method_cls
         data = config["data"]
@@ -72,11 +81,11 @@ class RunContext:
         batch_size = int(data["batch_size"])
         workers = int(data.get("num_workers", 0))
         self.source_stream = BatchStream(self.source, batch_size, self.source_view, seed=self.seed * 2 + 1,
-                                         num_workers=workers)
+                                         num_workers=workers, rank=self.rank, world=self.world)
         self.target_stream = None
         if self.target is not None:
             self.target_stream = BatchStream(self.target, batch_size, self.target_view, seed=self.seed * 2 + 2,
-                                             num_workers=workers)
+                                             num_workers=workers, rank=self.rank, world=self.world)
 
     def log(self, text):
         self.logger.message(text)
@@ -87,6 +96,8 @@ class RunContext:
         wanted = self.method_cls.model_overrides  # a dict, or a function of the model config giving one
         wanted = wanted(self.config["model"]) if callable(wanted) else wanted
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
+        if self.world > 1 and self.config["train"].get("sync_bn"):
+            model = dist.convert_sync_batchnorm(model)
         path = self.config.get("init")
         if init and path:
             # the backbone must come whole from the init; heads the init has in another form (e.g.
@@ -106,21 +117,54 @@ class RunContext:
         """Train on these source images only from now on (CBST's source portion)."""
         subset = torch.utils.data.Subset(self.source, list(indices))
         self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
-                                         seed=self.source_stream.seed, num_workers=self.source_stream.num_workers)
+                                         seed=self.source_stream.seed, num_workers=self.source_stream.num_workers,
+                                         rank=self.rank, world=self.world)
 
-    def target_frames(self, batch_size=None, limit=None):
+    def target_frames(self, batch_size=None, limit=None, shard=False):
         """The target training images in order, in the frame of the target view's resize (no
-        random augmentation): batches {"image" [B, 3, H, W] in [0, 1], "index", "name"}."""
+        random augmentation): batches {"image" [B, 3, H, W] in [0, 1], "index", "name"}. With
+        `shard`, only this process's share (every world-th frame from its rank): the pass's results
+        are then combined with `all_reduce_` / written through `shared_array`."""
         batch_size = batch_size or self.target_stream.batch_size
         n = len(self.target) if limit is None else min(limit, len(self.target))
-        for start in range(0, n, batch_size):
+        frames = list(range(self.rank, n, self.world)) if shard else list(range(n))
+        for start in range(0, len(frames), batch_size):
             samples = []
-            for i in range(start, min(n, start + batch_size)):
+            for i in frames[start:start + batch_size]:
                 s = self.target_view.resized(self.target[i])
                 s = {k: v for k, v in s.items() if k != "label"}
                 s["index"] = i
                 samples.append(s)
             yield collate(samples)
+
+    def all_reduce_(self, tensor):
+        """Sum `tensor` over the run's processes, in place (identity in one process)."""
+        return dist.all_reduce_(tensor)
+
+    @contextlib.contextmanager
+    def shared_array(self, path, dtype, shape):
+        """A .npy memmap of `shape` that every process writes its share of (rows of its sharded
+        frames): made by rank 0 as a temporary file beside `path`, renamed to `path` once every
+        process has written, removed if the block fails."""
+        import numpy as np
+        tmp = path[:-len(".npy")] + ".tmp.npy"
+        if self.rank == 0:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape)).flush()
+        dist.barrier()
+        array = np.lib.format.open_memmap(tmp, mode="r+")
+        try:
+            yield array
+            array.flush()
+            del array
+            dist.barrier()
+            if self.rank == 0:
+                os.replace(tmp, path)
+            dist.barrier()
+        except BaseException:
+            if self.rank == 0 and os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 class Trainer:
@@ -136,24 +180,44 @@ class Trainer:
         self.progress = progress
         self.tensorboard = tensorboard
         self.ckpt_dir = os.path.join(self.out_dir, "checkpoints")
+        self.method = None
 
     # ---------------------------------------------------------------------------------------------
     def run(self):
         config = self.config
+        device = dist.init_from_env(config["device"])
+        self.rank, self.world = dist.rank(), dist.world_size()
+        train = config["train"]
+        self.accumulate, self.on_nonfinite, self.amp = train["grad_accum"], train["on_nonfinite"], train["amp"]
+        if isinstance(self.accumulate, bool) or not isinstance(self.accumulate, int) or self.accumulate < 1:
+            raise ValueError(f"train.grad_accum: expected a positive int, got {self.accumulate!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"train.on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
+        if self.amp not in (None, "bf16"):
+            raise ValueError(f"train.amp: expected null or 'bf16', got {self.amp!r}")
+        for key in ("sync_bn", "activation_checkpointing"):
+            if not isinstance(train[key], bool):
+                raise ValueError(f"train.{key}: expected true or false, got {train[key]!r}")
         os.makedirs(self.ckpt_dir, exist_ok=True)
-        dump_config(config, os.path.join(self.out_dir, "config.yaml"))
+        if self.rank == 0:
+            dump_config(config, os.path.join(self.out_dir, "config.yaml"))
         if config.get("threads"):
             torch.set_num_threads(int(config["threads"]))
         if config.get("deterministic"):
             torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(int(config["seed"]))
+        # each process its own random stream (augmentation, dropout); the weights are rank 0's
+        seed_everything(int(config["seed"]) + 1_000_003 * self.rank)
         method_cls = method_class(config["method"])
 
         resume_ckpt = self._resume_checkpoint()
-        logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard)
+        logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard, rank=self.rank)
         try:
-            ctx = RunContext(config, self.out_dir, config["device"], logger, method_cls)
+            ctx = RunContext(config, self.out_dir, device, logger, method_cls)
+            if self.world > 1:
+                logger.message(f"{self.world} processes ({torch.distributed.get_backend()}), "
+                               f"{ctx.source_stream.batch_size} images per domain each")
             method = build_method(config, ctx)
+            self.method = method  # for inspection after the run
             stages = method.stages()
             if config["train"].get("stage_iters"):
                 stages = [Stage(s.name, int(config["train"]["stage_iters"])) for s in stages]
@@ -193,12 +257,13 @@ class Trainer:
         config = self.config
         train = config["train"]
         eval_every, ckpt_every = int(train.get("eval_every") or 0), int(train.get("ckpt_every") or 0)
-        state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}}
+        state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}, "nonfinite_steps": 0}
         first, start_iter = 0, 0
         if resume_ckpt is not None:
             first = todo.index(resume_ckpt["stage"])
             start_iter = resume_ckpt["stage_iter"]
             state.update({k: resume_ckpt["trainer"][k] for k in ("global_iter", "best", "stage_results")})
+            state["nonfinite_steps"] = resume_ckpt["trainer"].get("nonfinite_steps", 0)
             logger.message(f"resuming at stage {stages[resume_ckpt['stage']].name!r}, iteration {start_iter}")
         logger.set_position(state["global_iter"])
         result = None
@@ -218,17 +283,26 @@ class Trainer:
                 if ctx.target_stream is not None and resume_ckpt["streams"].get("target"):
                     ctx.target_stream.load_state_dict(resume_ckpt["streams"]["target"])
                 _set_rng(resume_ckpt["rng"])
+                self._restore_rank_rng(method, resume_ckpt, logger)
                 begin = start_iter
             logger.set_description(stage.name)
             method.model.train()
+            synced = _synced_modules(method)
+            if not resuming:
+                dist.broadcast_state(synced)
+            guards = [dist.StepGuard(name, opt, on_nonfinite=self.on_nonfinite, accumulate=self.accumulate)
+                      for name, opt in method.optimizers.items()]
             for it in range(begin, stage.iters):
                 t0 = time.perf_counter()
                 lrs = _apply_schedule(method.optimizers, it, stage.iters)
-                batch = {"source": next(ctx.source_stream)}
-                if ctx.target_stream is not None:
-                    batch["target"] = next(ctx.target_stream)
-                losses = method.step(batch, it, stage.iters)
-                losses = {k: float(v) for k, v in losses.items()}
+                skipped_before = sum(g.skipped for g in guards)
+                try:
+                    losses = self._iteration(method, ctx, guards, it, stage.iters)
+                except dist.NonFiniteError as e:
+                    raise NonFiniteLoss(self._nonfinite_message(str(e), stage, it)) from None
+                if self.world > 1:
+                    dist.average_buffers(synced)
+                self._check_losses(losses, sum(g.skipped for g in guards) > skipped_before, state, stage, it, logger)
                 dt = time.perf_counter() - t0
                 state["times"].append(dt)
                 state["global_iter"] += 1
@@ -238,6 +312,8 @@ class Trainer:
                     self._evaluate(method, ctx, index, stage, state, logger, keep_best=True)
                 if ckpt_every and done % ckpt_every == 0 and done < stage.iters:
                     self._save_periodic(method, ctx, index, done, state)
+            for guard in guards:
+                guard.remove()
             method.end_stage(stage)
             if len(stages) > 1:
                 self._save(method, ctx, index, stage.iters, state, f"{stage.name}.pt")
@@ -247,20 +323,89 @@ class Trainer:
             self._panels(method.model, ctx, stage.name)
         return self._finish(method, ctx, result, state, stages, todo)
 
+    def _restore_rank_rng(self, method, ckpt, logger):
+        """Under several processes, each takes back its own random state (when the checkpoint was
+        written by as many processes; else they keep fresh, distinct seeds and say so)."""
+        if self.world == 1:
+            return
+        per_rank = ckpt.get("rng_per_rank")
+        if per_rank is not None and len(per_rank) == self.world:
+            _set_rng(per_rank[self.rank])
+            method.generator.set_state(per_rank[self.rank]["method"])
+            return
+        seed_everything(int(self.config["seed"]) + 1_000_003 * self.rank + 7 * int(ckpt["iter"]))
+        logger.message(f"resume: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
+                       f"{self.world}: data order continues, random streams are re-seeded")
+
+    def _iteration(self, method, ctx, guards, it, iters):
+        """One optimiser update: `train.grad_accum` micro-batches through `method.step` (under bf16
+        autocast with `train.amp: bf16`) -> the losses, averaged over micro-batches and processes."""
+        totals = {}
+        for micro in range(self.accumulate):
+            for guard in guards:
+                guard.micro_step = micro
+            batch = {"source": next(ctx.source_stream)}
+            if ctx.target_stream is not None:
+                batch["target"] = next(ctx.target_stream)
+            with self._autocast(ctx.device):
+                losses = method.step(batch, it, iters)
+            for k, v in losses.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / self.accumulate
+        if self.world > 1 and totals:
+            names = sorted(totals)
+            mean = dist.all_reduce_(torch.tensor([totals[k] for k in names], dtype=torch.float64)) / self.world
+            totals = dict(zip(names, mean.tolist()))
+        return totals
+
+    def _autocast(self, device):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def _check_losses(self, losses, skipped, state, stage, it, logger):
+        """Stop on a non-finite loss, or, with `train.on_nonfinite: skip`, count the iteration
+        (the step guards have already refused the update where the gradients were not finite)."""
+        bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
+        if bad and self.on_nonfinite == "stop":
+            raise NonFiniteLoss(self._nonfinite_message(f"non-finite loss ({', '.join(bad)})", stage, it))
+        if bad or skipped:
+            state["nonfinite_steps"] += 1
+            what = f"non-finite loss ({', '.join(bad)})" if bad else "non-finite gradients"
+            logger.message(f"  [{stage.name}] iteration {it + 1}: {what}; "
+                           f"{'update skipped' if skipped else 'update kept (finite gradients)'} "
+                           f"({state['nonfinite_steps']} such iterations so far)")
+
+    def _nonfinite_message(self, what, stage, it):
+        last = os.path.join(self.ckpt_dir, "last.pt")
+        kept = f"the last good checkpoint is {last}" if os.path.isfile(last) else "no checkpoint was written yet"
+        return (f"{what} at stage {stage.name!r} iteration {it + 1}: training stopped before the update; {kept} "
+                f"(resume with --resume; --skip-nonfinite skips such steps instead)")
+
     # ---------------------------------------------------------------------------------------------
     def _save(self, method, ctx, stage_index, stage_iter, state, name):
+        """Rank 0 writes the checkpoint (with every process's random state); the others wait for it."""
         streams = {"source": ctx.source_stream.state_dict(),
                    "target": None if ctx.target_stream is None else ctx.target_stream.state_dict()}
-        save_checkpoint(os.path.join(self.ckpt_dir, name), method.model, iter=state["global_iter"],
-                        stage=stage_index, stage_iter=stage_iter, method=method.state_dict(), streams=streams,
-                        rng=_get_rng(), eval_input_size=self.config["eval"].get("input_size"),
-                        method_name=self.config["method"],
-                        trainer={k: state[k] for k in ("global_iter", "best", "stage_results")})
+        extra = {}
+        if self.world > 1:
+            rng = dict(_get_rng(), method=method.generator.get_state())
+            extra["rng_per_rank"] = [None] * self.world
+            torch.distributed.all_gather_object(extra["rng_per_rank"], rng)
+        if self.rank == 0:
+            save_checkpoint(os.path.join(self.ckpt_dir, name), method.model, iter=state["global_iter"],
+                            stage=stage_index, stage_iter=stage_iter, method=method.state_dict(), streams=streams,
+                            rng=_get_rng(), eval_input_size=self.config["eval"].get("input_size"),
+                            method_name=self.config["method"], world_size=self.world,
+                            trainer={k: state[k] for k in ("global_iter", "best", "stage_results", "nonfinite_steps")},
+                            **extra)
+        dist.barrier()
 
     def _save_periodic(self, method, ctx, stage_index, stage_iter, state):
         """iter_<N>.pt, copied to last.pt; only the newest `train.keep_checkpoints` iter files stay."""
         name = f"iter_{state['global_iter']}.pt"
         self._save(method, ctx, stage_index, stage_iter, state, name)
+        if self.rank != 0:
+            return
         last = os.path.join(self.ckpt_dir, "last.pt")
         shutil.copyfile(os.path.join(self.ckpt_dir, name), last + ".tmp")
         os.replace(last + ".tmp", last)
@@ -275,8 +420,10 @@ class Trainer:
         val = ctx.val
         if ev.get("max_images"):
             val = torch.utils.data.Subset(val, range(min(int(ev["max_images"]), len(val))))
+        if self.world > 1:  # each process scores its share; the confusion matrices are summed
+            val = torch.utils.data.Subset(val, dist.shard(len(val)))
         result = evaluate_model(method.model, val, input_size=ev.get("input_size"), device=ctx.device,
-                                classes=int(ev.get("classes", 19)))
+                                classes=int(ev.get("classes", 19)), all_reduce=self.world > 1)
         logger.log_scalars("val", {"miou": result["miou"]}, state["global_iter"])
         logger.message(f"  [{stage.name}] iter {state['global_iter']}: target val mIoU {result['miou']:.2f}")
         if keep_best and (state["best"] is None or result["miou"] > state["best"]["miou"]):
@@ -288,7 +435,7 @@ class Trainer:
     def _panels(self, model, ctx, stage_name):
         """A PNG of image | ground truth | prediction for the first val images."""
         n = int(self.config["train"].get("panels") or 0)
-        if n <= 0:
+        if n <= 0 or self.rank != 0:
             return
         import matplotlib
         matplotlib.use("Agg")
@@ -329,16 +476,31 @@ class Trainer:
             "stages": state["stage_results"],
             "stage_setup_s": state["setup_s"],
             "last": {"miou": result["miou"], "checkpoint": "checkpoints/last.pt"},
+            "processes": self.world,
+            "nonfinite_steps": state["nonfinite_steps"],
         }
         if state["best"] is not None:
             metrics["best"] = {**state["best"], "checkpoint": "checkpoints/best.pt"}
         if "miou13" in result:
             metrics["miou13"] = result["miou13"]
-        path = os.path.join(self.out_dir, "metrics.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(metrics, f, indent=2)
-        os.replace(path + ".tmp", path)
+        if self.rank == 0:
+            path = os.path.join(self.out_dir, "metrics.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(metrics, f, indent=2)
+            os.replace(path + ".tmp", path)
+        dist.barrier()
         return metrics
+
+
+def _synced_modules(method):
+    """The networks whose weights and buffers must be equal on every process: the trained one and
+    everything in the method's saved state that is (or holds) a module."""
+    modules = [method.model]
+    for m in method.modules.values():
+        m = m if isinstance(m, torch.nn.Module) else getattr(m, "model", None)
+        if isinstance(m, torch.nn.Module) and all(m is not seen for seen in modules):
+            modules.append(m)
+    return modules
 
 
 def _per_class(result):

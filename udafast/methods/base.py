@@ -117,7 +117,9 @@ class Method:
         self.model = None
         self.modules = {}      # name -> nn.Module or EMATeacher, saved with the checkpoint
         self.optimizers = {}   # name -> optimizer (see build_optimizer), scheduled by the trainer
-        self.generator = torch.Generator(device="cpu").manual_seed(int(config.get("seed", 0)) + 7919)
+        # per process under torchrun (augmentation draws differ across shards; rank 0 = one process's)
+        rank = getattr(ctx, "rank", 0)
+        self.generator = torch.Generator(device="cpu").manual_seed(int(config.get("seed", 0)) + 7919 + 1_000_003 * rank)
 
     # -- stages ---------------------------------------------------------------------------------
     def stages(self):

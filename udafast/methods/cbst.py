@@ -229,7 +229,8 @@ class CBST(Method):
     def _draw_subset(self, round_index):
         """A random subset of the source images, from a generator of (run seed, round)."""
         n = len(self.ctx.source)
-        size = min(n, max(self.ctx.source_stream.batch_size, round(self.source_fraction(round_index) * n)))
+        at_least = self.ctx.source_stream.batch_size * getattr(self.ctx, "world", 1)  # a batch per process
+        size = min(n, max(at_least, round(self.source_fraction(round_index) * n)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
         return torch.sort(torch.randperm(n, generator=g)[:size]).values
 
@@ -258,11 +259,12 @@ class CBST(Method):
 
     @torch.no_grad()
     def _probabilities(self):
-        """(indices, softmax [B, C, H, W] in the resized frame) over the target training set."""
+        """(indices, softmax [B, C, H, W] in the resized frame) over the target training set (this
+        process's share of it under several processes)."""
         was_training = self.model.training
         self.model.eval()
         try:
-            for batch in self.ctx.target_frames(self.options["label_batch_size"]):
+            for batch in self.ctx.target_frames(self.options["label_batch_size"], shard=True):
                 logits = self.model(self.normalize(batch["image"]))["logits"]
                 yield batch["index"], F.softmax(upsample(logits, batch["image"].shape[-2:]).float(), dim=1)
         finally:
@@ -275,6 +277,7 @@ class CBST(Method):
             conf, pred = probs.max(dim=1)  # one reduction (4x faster than amax + argmax); first max wins
             keep = subsample_mask(pred, self.num_classes, self.options["subsample"])
             hist.update(conf, torch.where(keep, pred, IGNORE_INDEX))
+        hist.all_reduce()
         return hist.thresholds(portion).cpu()
 
     def _labels_pass(self, thresholds, path):
@@ -285,20 +288,14 @@ class CBST(Method):
         inf or NaN). It becomes the smallest normal float32 instead: every pixel whose probability
         reaches it is still selected, as with 0.0, and p / tiny <= 1 / tiny stays finite, so the
         ratios of such classes still compare by their probabilities."""
-        os.makedirs(self.folder, exist_ok=True)
-        tmp = path[:-len(".npy")] + ".tmp.npy"
-        n = len(self.ctx.target)
-        stored = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(n, *self._frame_size()))
         counts = torch.zeros(self.num_classes, dtype=torch.int64)
         k = thresholds.clamp(min=_TINY).to(self.device)
-        for index, probs in self._probabilities():
-            labels = cbst_pseudo_labels(probs, k, backend=self.backend).cpu()
-            counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=self.num_classes)[:self.num_classes]
-            stored[index.numpy()] = labels.to(torch.uint8).numpy()
-        stored.flush()
-        del stored
-        os.replace(tmp, path)
-        return counts
+        with self.ctx.shared_array(path, np.uint8, (len(self.ctx.target), *self._frame_size())) as stored:
+            for index, probs in self._probabilities():
+                labels = cbst_pseudo_labels(probs, k, backend=self.backend).cpu()
+                counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=self.num_classes)[:self.num_classes]
+                stored[index.numpy()] = labels.to(torch.uint8).numpy()
+        return self.ctx.all_reduce_(counts)
 
     # -- the step -------------------------------------------------------------------------------
     def step(self, batch, it, iters):

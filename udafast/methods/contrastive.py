@@ -210,8 +210,8 @@ class Contrastive(Method):
         conf, pred = F.softmax(upsample(out["logits"], (h, w)), dim=1).max(1)
         labels = _downsample_labels(y_s, (h, w))
         keep = ((pred == labels) & (conf > self.options["bank_threshold"])).reshape(-1)
-        if not bool(keep.any()):
-            return
+        if not bool(keep.any()) and getattr(self.ctx, "world", 1) == 1:
+            return  # (under torch.distributed every process takes part in the push, with or without pixels)
         rows = keep.nonzero().squeeze(1)
         labels = labels.reshape(-1)[rows]
         image = torch.div(rows, h * w, rounding_mode="floor")

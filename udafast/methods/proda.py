@@ -21,6 +21,7 @@ Learning for Domain Adaptive Semantic Segmentation", CVPR 2021 (SPEC part 2). Fo
   weights here): `L = CE(y) + KL(teacher || student)` on the strong view, `y` = the teacher's argmax
   on the weak view where its confidence exceeds 0.95 (else ignored).
 """
+import contextlib
 import os
 
 import numpy as np
@@ -168,7 +169,9 @@ class ProDA(Method):
     @torch.no_grad()
     def _target_pass(self, model, need_prototypes=True):
         """One pass of the warm-up network over the target training frames: writes the soft labels
-        (unless a complete file is there) and returns the initial prototypes [C, D] (or None)."""
+        (unless a complete file is there) and returns the initial prototypes [C, D] (or None).
+        Under several processes each takes its share of the frames; the soft labels go into one
+        shared file and the class sums are added up."""
         path = self.soft_labels_path
         have_soft = _complete(path, len(self.ctx.target), self.num_classes)
         if have_soft and not need_prototypes:
@@ -176,46 +179,48 @@ class ProDA(Method):
             return None
         was_training = model.training
         model.eval()
-        sums = counts = memmap = None
-        tmp = path + ".tmp.npy"
         try:
-            for batch in self.ctx.target_frames(self.options["pass_batch_size"]):
-                out = model(self.normalize(batch["image"], model))
-                logits, features = out["logits"], out["features"]
+            size, dim = self._output_shape(model)
+            sums = torch.zeros(self.num_classes, dim, dtype=torch.float64, device=self.device)
+            counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+            with contextlib.ExitStack() as stack:
+                soft = None
                 if not have_soft:
-                    if memmap is None:
-                        os.makedirs(os.path.dirname(path), exist_ok=True)
-                        memmap = np.lib.format.open_memmap(
-                            tmp, mode="w+", dtype=np.float16,
-                            shape=(len(self.ctx.target), self.num_classes) + tuple(logits.shape[-2:]))
-                    if tuple(logits.shape[-2:]) != memmap.shape[-2:]:
-                        raise ValueError(f"proda: target frames of different sizes ({tuple(logits.shape[-2:])} "
-                                         f"against {memmap.shape[-2:]} at the output stride); set "
-                                         f"data.target_view.resize")
-                    idx = batch["index"].numpy()
-                    memmap[idx] = F.softmax(logits, dim=1).to(torch.float16).cpu().numpy()
-                if need_prototypes:
-                    s, c = class_feature_sums(features.float(), logits.argmax(1), self.num_classes,
-                                              backend=self.backend)
-                    s, c = s.sum(0).double(), c.sum(0)
-                    sums, counts = (s, c) if sums is None else (sums + s, counts + c)
-            if memmap is not None:
-                memmap.flush()
-                del memmap
-                os.replace(tmp, path)
+                    soft = stack.enter_context(self.ctx.shared_array(
+                        path, np.float16, (len(self.ctx.target), self.num_classes) + size))
+                for batch in self.ctx.target_frames(self.options["pass_batch_size"], shard=True):
+                    out = model(self.normalize(batch["image"], model))
+                    logits, features = out["logits"], out["features"]
+                    if soft is not None:
+                        if tuple(logits.shape[-2:]) != size:
+                            raise ValueError(f"proda: target frames of different sizes ({tuple(logits.shape[-2:])} "
+                                             f"against {size} at the output stride); set data.target_view.resize")
+                        soft[batch["index"].numpy()] = F.softmax(logits, dim=1).to(torch.float16).cpu().numpy()
+                    if need_prototypes:
+                        s, c = class_feature_sums(features.float(), logits.argmax(1), self.num_classes,
+                                                  backend=self.backend)
+                        sums += s.sum(0).double()
+                        counts += c.sum(0)
+            if soft is not None:
                 self.ctx.log(f"proda: soft labels of {len(self.ctx.target)} target frames written to {path}")
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
             model.train(was_training)
         if not need_prototypes:
             return None
+        self.ctx.all_reduce_(sums)
+        self.ctx.all_reduce_(counts)
         prototypes = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None].double(),
                                  torch.zeros_like(sums)).float()
         missing = [c for c in range(self.num_classes) if counts[c] == 0]
         if missing:
             self.ctx.log(f"proda: classes {missing} never predicted on the target set; their prototypes start at 0")
         return prototypes
+
+    def _output_shape(self, model):
+        """((h, w) of the logits, feature channels) for the first target frame."""
+        batch = next(self.ctx.target_frames(1, limit=1))
+        out = model(self.normalize(batch["image"], model))
+        return tuple(out["logits"].shape[-2:]), out["features"].shape[1]
 
     # -- the steps ------------------------------------------------------------------------------
     def step(self, batch, it, iters):

@@ -75,11 +75,20 @@ def class_feature_sums(features, labels, num_classes, *, ignore_index=255, backe
 @torch.no_grad()
 def update_prototypes(prototypes, sums, counts, *, momentum=0.9999, min_pixels=10):
     """ProDA's prototype update (SPEC 1.3), in place: for each image in order and each class with
-    at least `min_pixels` pixels in it, eta_c <- momentum * eta_c + (1 - momentum) * mean."""
+    at least `min_pixels` pixels in it, eta_c <- momentum * eta_c + (1 - momentum) * mean.
+
+    Under torch.distributed every process's `sums` and `counts` (the same B everywhere) are
+    gathered and applied in (rank, image) order, so all processes keep the same prototypes."""
     check.ndim("prototypes", prototypes, 2, "[C, D]")
     check.ndim("sums", sums, 3, "[B, C, D]")
     check.same_shape("sums", sums, "[B, C, D]", (sums.shape[0],) + tuple(prototypes.shape))
     check.same_shape("counts", counts, "[B, C]", sums.shape[:2])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+        gathered = [torch.empty_like(sums) for _ in range(world)], [torch.empty_like(counts) for _ in range(world)]
+        torch.distributed.all_gather(gathered[0], sums.contiguous())
+        torch.distributed.all_gather(gathered[1], counts.contiguous())
+        sums, counts = torch.cat(gathered[0]), torch.cat(gathered[1])
     for image_sums, image_counts in zip(sums, counts):
         present = image_counts >= min_pixels
         means = image_sums[present] / image_counts[present].unsqueeze(1).to(image_sums.dtype)

@@ -58,7 +58,10 @@ class ClassMemoryBank:
             scores, labels, self.num_classes, per_class,
             ignore_index=self.ignore_index, backend=self.backend, validate=validate,
         )
-        selected = features.detach().to(self.features)[index.clamp(min=0)]  # [C, per_class, D]
+        if features.shape[0] == 0:  # nothing to offer (a process may have none under torch.distributed)
+            selected = self.features.new_zeros(self.num_classes, per_class, self.dim)
+        else:
+            selected = features.detach().to(self.features)[index.clamp(min=0)]  # [C, per_class, D]
         blocks = [(selected, count)]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
