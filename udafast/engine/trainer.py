@@ -98,6 +98,7 @@ class RunContext:
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
         if self.world > 1 and self.config["train"].get("sync_bn"):
             model = dist.convert_sync_batchnorm(model)
+        model.backbone.activation_checkpointing = bool(self.config["train"].get("activation_checkpointing"))
         path = self.config.get("init")
         if init and path:
             # the backbone must come whole from the init; heads the init has in another form (e.g.
@@ -296,13 +297,18 @@ class Trainer:
                 t0 = time.perf_counter()
                 lrs = _apply_schedule(method.optimizers, it, stage.iters)
                 skipped_before = sum(g.skipped for g in guards)
+                # a skipped update must not leave the step's BatchNorm statistics behind either
+                kept = _buffers(synced, clone=True) if self.on_nonfinite == "skip" else None
                 try:
                     losses = self._iteration(method, ctx, guards, it, stage.iters)
                 except dist.NonFiniteError as e:
                     raise NonFiniteLoss(self._nonfinite_message(str(e), stage, it)) from None
-                if self.world > 1:
+                skipped = sum(g.skipped for g in guards) > skipped_before
+                if skipped:
+                    torch._foreach_copy_(_buffers(synced), kept)
+                elif self.world > 1:
                     dist.average_buffers(synced)
-                self._check_losses(losses, sum(g.skipped for g in guards) > skipped_before, state, stage, it, logger)
+                self._check_losses(losses, skipped, state, stage, it, logger)
                 dt = time.perf_counter() - t0
                 state["times"].append(dt)
                 state["global_iter"] += 1
@@ -501,6 +507,11 @@ def _synced_modules(method):
         if isinstance(m, torch.nn.Module) and all(m is not seen for seen in modules):
             modules.append(m)
     return modules
+
+
+def _buffers(modules, clone=False):
+    out = [b for m in modules for b in m.buffers()]
+    return [b.clone() for b in out] if clone else out
 
 
 def _per_class(result):

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
+from udafast.models.recompute import stage
+
 __all__ = ["ResNetBackbone", "LAYOUTS", "read_backbone_weights", "load_backbone_weights"]
 
 LAYOUTS = ("torchvision", "deeplab")
@@ -85,11 +87,15 @@ class ResNetBackbone(nn.Module):
         layers += [Bottleneck(out, planes, 1, dilation, None, self._stride_in_1x1) for _ in range(1, n)]
         return nn.Sequential(*layers)
 
+    #: recompute each layer's activations in the backward pass (udafast.models.recompute)
+    activation_checkpointing = False
+
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        c3 = self.layer3(x)
-        return c3, self.layer4(c3)
+        on = self.activation_checkpointing
+        x = stage(self.layer2, stage(self.layer1, x, on), on)
+        c3 = stage(self.layer3, x, on)
+        return c3, stage(self.layer4, c3, on)
 
 
 def _first(names, n=5):

@@ -9,6 +9,7 @@ stride-8 layer4 features (2048-d for ResNet-101) that DANN and the contrastive h
 import torch
 import torch.nn as nn
 
+from udafast.models.recompute import stage
 from udafast.models.resnet import ResNetBackbone
 
 __all__ = ["SegmentationModel", "ASPPClassifier", "ProDAFeatureHead", "DeepLabV2", "SmallSegNet", "ASPP_MODES",
@@ -162,9 +163,12 @@ class _SmallBackbone(nn.Module):
         self.layer4 = _conv_bn_relu(4 * width, 8 * width, dilation=2)
         self.out_channels = (4 * width, 8 * width)
 
+    activation_checkpointing = False
+
     def forward(self, x):
-        c3 = self.layer3(self.stem(x))
-        return c3, self.layer4(c3)
+        on = self.activation_checkpointing
+        c3 = stage(self.layer3, stage(self.stem, x, on), on)
+        return c3, stage(self.layer4, c3, on)
 
 
 class SmallSegNet(SegmentationModel):

@@ -38,11 +38,18 @@ def ndim(name, x, dims, shape_doc):
         raise ValueError(f"{name} must have {dims} dims {shape_doc}; got shape {tuple(x.shape)}")
 
 
-def float_dtype(name, x, reduced_on_cuda=False):
-    allowed = FLOAT_DTYPES + (REDUCED_DTYPES if reduced_on_cuda and x.is_cuda else ())
+def float_dtype(name, x, reduced=False):
+    allowed = FLOAT_DTYPES + (REDUCED_DTYPES if reduced else ())
     if x.dtype not in allowed:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed)
         raise ValueError(f"{name} must be of dtype {names}; got {x.dtype}")
+
+
+def widened_on_cpu(x):
+    """float16/bfloat16 off CUDA -> float32 (the CPU kernels and the reference compute in float32
+    there, e.g. under CPU autocast); anything else unchanged. Differentiable: gradients flow back in
+    the input's dtype."""
+    return x.float() if x.dtype in REDUCED_DTYPES and not x.is_cuda else x
 
 
 def int_dtype(name, x):

@@ -14,7 +14,7 @@ def kl_loss(logits, target_probs, *, valid_mask=None, backend="auto"):
     `target_probs` is a constant and need not sum to 1; 0 when no pixel is valid."""
     check_logits(logits)
     check.ndim("target_probs", target_probs, 4, "[B, C, H, W]")
-    check.float_dtype("target_probs", target_probs, reduced_on_cuda=True)
+    check.float_dtype("target_probs", target_probs, reduced=True)
     check.same_shape("target_probs", target_probs, "logits", logits.shape)
     check.same_device(("logits", logits), ("target_probs", target_probs))
     if valid_mask is not None:
@@ -24,6 +24,7 @@ def kl_loss(logits, target_probs, *, valid_mask=None, backend="auto"):
         b, _, h, w = logits.shape
         check.same_shape("valid_mask", valid_mask, "[B, H, W]", (b, h, w))
         check.same_device(("logits", logits), ("valid_mask", valid_mask))
+    logits, target_probs = check.widened_on_cpu(logits), check.widened_on_cpu(target_probs)
     chosen = resolve("kl_loss", backend, logits.device)
     out = launch("kl_loss", chosen, reference.kl_loss, logits, target_probs.detach(), valid_mask)
     return out if chosen == "reference" else out[0]

@@ -10,8 +10,8 @@ from udafast.ops._dispatch import launch
 def _check_features_prototypes(features, prototypes):
     check.ndim("features", features, 4, "[B, D, H, W]")
     check.ndim("prototypes", prototypes, 2, "[C, D]")
-    check.float_dtype("features", features, reduced_on_cuda=True)
-    check.float_dtype("prototypes", prototypes, reduced_on_cuda=True)
+    check.float_dtype("features", features, reduced=True)
+    check.float_dtype("prototypes", prototypes, reduced=True)
     check.same_device(("features", features), ("prototypes", prototypes))
     if prototypes.shape[1] != features.shape[1]:
         raise ValueError(
@@ -27,13 +27,15 @@ def prototype_softmax(features, prototypes, tau=1.0, *, log=False, backend="auto
     tau = check.tau(tau)
     if not isinstance(log, bool):
         raise ValueError(f"log must be a bool; got {log!r}")
+    dtype = features.dtype
+    features = check.widened_on_cpu(features)
     chosen = resolve("prototype_softmax", backend, features.device)
     out = launch(
         "prototype_softmax", chosen, reference.prototype_softmax,
         features, prototypes.detach().to(features.dtype), tau, log,
     )
     # the compiled kernels also return the distances, which their backward reuses
-    return out if chosen == "reference" else out[0]
+    return (out if chosen == "reference" else out[0]).to(dtype)
 
 
 def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="auto"):
@@ -42,9 +44,10 @@ def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="au
     check.ndim("soft_labels", soft_labels, 4, "[B, C, H, W]")
     b, _, h, w = features.shape
     check.same_shape("soft_labels", soft_labels, "[B, C, H, W]", (b, prototypes.shape[0], h, w))
-    check.float_dtype("soft_labels", soft_labels, reduced_on_cuda=True)
+    check.float_dtype("soft_labels", soft_labels, reduced=True)
     check.same_device(("features", features), ("soft_labels", soft_labels))
     tau = check.tau(tau)
+    features = check.widened_on_cpu(features)
     chosen = resolve("prototype_rectify", backend, features.device)
     return launch(
         "prototype_rectify", chosen, reference.prototype_rectify,

@@ -7,7 +7,7 @@ from udafast.ops._dispatch import launch
 
 def check_logits(logits):
     check.ndim("logits", logits, 4, "[B, C, H, W]")
-    check.float_dtype("logits", logits, reduced_on_cuda=True)
+    check.float_dtype("logits", logits, reduced=True)
 
 
 def sce_loss(logits, target, *, alpha=0.1, beta=1.0, reg_weight=0.0, ignore_index=255, backend="auto", validate=None):
@@ -26,6 +26,7 @@ def sce_loss(logits, target, *, alpha=0.1, beta=1.0, reg_weight=0.0, ignore_inde
     ignore_index = check.ignore_index(ignore_index)
     if check.values_checked(validate):
         check.labels_in_range("target", target, c, ignore_index)
+    logits = check.widened_on_cpu(logits)
     chosen = resolve("sce_loss", backend, logits.device)
     out = launch("sce_loss", chosen, reference.sce_loss, logits, target, alpha, beta, reg_weight, ignore_index)
     # the compiled kernels also return the per-pixel log-sum-exp and valid count for their backward

@@ -1,0 +1,121 @@
+"""Trainer options for reliability and scale, in one process: non-finite losses (stop with the last
+good checkpoint intact, or skip and count), gradient accumulation, bf16 autocast, activation
+checkpointing."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_run_config
+from udafast.engine.data import BatchStream
+from udafast.engine.trainer import NonFiniteLoss, Trainer
+from udafast.methods.base import Method
+from udafast.models import build_model
+from udafast.models.checkpoint import load_checkpoint
+
+
+@pytest.fixture
+def nan_images_at(monkeypatch):
+    """From the given call on, Method.normalize returns NaN images (a numerical fault mid-run)."""
+    def install(first_bad_call, last_bad_call=None):
+        calls = {"n": 0}
+        original = Method.normalize
+
+        def normalize(self, images, model=None):
+            calls["n"] += 1
+            out = original(self, images, model)
+            bad = calls["n"] >= first_bad_call and (last_bad_call is None or calls["n"] <= last_bad_call)
+            return out * float("nan") if bad else out
+        monkeypatch.setattr(Method, "normalize", normalize)
+    return install
+
+
+def run(tmp_path, method="source_only", **train):
+    config = tiny_run_config(method, deterministic=True, train={"iters": 4, "panels": 0, **train})
+    return Trainer(config, tmp_path, progress=False, tensorboard=False).run()
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, nan_images_at):
+    nan_images_at(3)  # source_only normalises one batch per iteration: iteration 3 goes bad
+    with pytest.raises(NonFiniteLoss, match=r"iteration 3.*last good checkpoint is .*last\.pt"):
+        run(tmp_path, ckpt_every=1)
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["iter"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_skip_nonfinite_skips_and_counts_the_bad_updates(tmp_path, nan_images_at):
+    nan_images_at(2, 3)
+    metrics = run(tmp_path, on_nonfinite="skip")
+    assert metrics["nonfinite_steps"] == 2 and math.isfinite(metrics["miou"])
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    # weights and BatchNorm statistics untouched by the skipped steps
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    log = open(tmp_path / "log.csv").read()
+    assert "nan" in log.lower()
+    assert json.loads((tmp_path / "metrics.json").read_text())["nonfinite_steps"] == 2
+
+
+def test_the_cli_reports_a_non_finite_loss(tmp_path, nan_images_at, capsys):
+    from udafast.train import main
+    nan_images_at(1)
+    with pytest.raises(SystemExit) as stop:
+        main(["--method", "source_only", "--config", "synthetic", "--model", "small", "--iters", "2",
+              "--batch-size", "2", "--out", str(tmp_path), "--set", "data.source.options.length=4",
+              "--set", "data.val.options.length=2", "--set", "model.width=4", "--set", "train.panels=0"])
+    assert "non-finite" in str(stop.value.code) and "no checkpoint was written yet" in str(stop.value.code)
+
+
+def test_gradient_accumulation_averages_its_micro_batches(tmp_path, monkeypatch):
+    """Each batch drawn twice: two micro-batches of the same images must give the update of one
+    (the mean of two equal gradients; a sum, or a zero_grad between them, would not)."""
+    sgd = {"name": "sgd", "lr": 0.01, "momentum": 0.0, "weight_decay": 0.0}
+
+    def train(folder, **options):
+        config = tiny_run_config("source_only", deterministic=True, optimizer=sgd,
+                                 train={"iters": 2, "panels": 0, **options})
+        Trainer(config, folder, progress=False, tensorboard=False).run()
+        return load_checkpoint(folder / "checkpoints" / "last.pt")
+
+    single = train(tmp_path / "single")
+    original = BatchStream.__next__
+
+    def each_batch_twice(self):
+        repeat = self.__dict__.pop("_repeat", None)
+        if repeat is not None:
+            return repeat
+        self._repeat = original(self)
+        return self._repeat
+    monkeypatch.setattr(BatchStream, "__next__", each_batch_twice)
+    accumulated = train(tmp_path / "accumulated", grad_accum=2)
+    params = dict(build_model(single["config"]).named_parameters())
+    for name in params:  # BatchNorm statistics saw each batch twice; the weights must not
+        assert torch.equal(single["model"][name], accumulated["model"][name]), name
+
+
+@pytest.mark.parametrize("method", ["source_only", "proda"])
+def test_bf16_autocast_trains(tmp_path, method):
+    metrics = run(tmp_path, method=method, amp="bf16", iters=2, stage_iters=2)
+    assert math.isfinite(metrics["miou"])
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    assert all(v.dtype != torch.bfloat16 for v in state.values())  # weights stay float32
+
+
+def test_activation_checkpointing_gives_the_same_run(tmp_path):
+    plain = run(tmp_path / "plain", iters=3)
+    recomputed = run(tmp_path / "recomputed", iters=3, activation_checkpointing=True)
+    a = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "recomputed" / "checkpoints" / "last.pt")["model"]
+    for k in a:  # parameters and BatchNorm statistics (counted once per batch) alike
+        assert torch.equal(a[k], b[k]), k
+    assert plain["miou"] == recomputed["miou"]
+
+
+@pytest.mark.parametrize("key, value", [("grad_accum", 0), ("amp", "fp8"), ("on_nonfinite", "ignore"),
+                                        ("sync_bn", "yes"), ("activation_checkpointing", 1)])
+def test_bad_training_options_name_the_key(tmp_path, key, value):
+    with pytest.raises(ValueError, match=f"train.{key}"):
+        run(tmp_path, **{key: value})
