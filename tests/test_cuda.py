@@ -416,3 +416,21 @@ def test_selections_take_at_most_three_launches(n, no_validation):
     assert 1 <= len(launches) <= 3, launches
     launches = kernel_launches(lambda: ops.topk_per_class(conf, lab, 19, 256, backend="native"))
     assert 1 <= len(launches) <= 3, launches
+
+
+@pytest.mark.parametrize("method", ["contrastive", "proda"])
+def test_training_under_bf16_autocast_with_activation_checkpointing(tmp_path, method):
+    """The trainer on CUDA with bf16 autocast and a recomputed backbone: the custom ops get bf16
+    inputs and the run ends with finite float32 weights."""
+    import math
+
+    from conftest import tiny_run_config
+    from udafast.engine.trainer import Trainer
+    from udafast.models.checkpoint import load_checkpoint
+    config = tiny_run_config(method, device="cuda", contrastive={"bank_start": 0, "loss_start": 1, "bank_threshold": 0.0},
+                             train={"iters": 3, "stage_iters": 2, "panels": 0, "amp": "bf16",
+                                    "activation_checkpointing": True})
+    metrics = Trainer(config, tmp_path, progress=False, tensorboard=False).run()
+    assert math.isfinite(metrics["miou"])
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(v).all() and v.dtype != torch.bfloat16 for v in state.values() if v.is_floating_point())

@@ -119,3 +119,34 @@ def test_activation_checkpointing_gives_the_same_run(tmp_path):
 def test_bad_training_options_name_the_key(tmp_path, key, value):
     with pytest.raises(ValueError, match=f"train.{key}"):
         run(tmp_path, **{key: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_reduced_precision_ops_on_the_cpu_compute_in_float32(dtype, backend):
+    """What CPU autocast hands the ops: the result is the float32 op on the widened input (in the
+    input's dtype where the op returns a map), the gradient comes back in the input's dtype."""
+    import udafast.ops as ops
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 5, 3, 4, generator=g) * 3).to(dtype).requires_grad_()
+    target = torch.randint(0, 5, (2, 3, 4), generator=g)
+    feats = torch.randn(2, 6, 3, 4, generator=g).to(dtype).requires_grad_()
+    protos = torch.randn(5, 6, generator=g)
+    soft = torch.softmax(torch.randn(2, 5, 3, 4, generator=g), 1).to(dtype)
+    cases = {
+        "sce": (lambda x: ops.sce_loss(x, target, reg_weight=0.1, backend=backend), logits),
+        "kl": (lambda x: ops.kl_loss(x, soft, backend=backend), logits),
+        "softmax": (lambda x: ops.prototype_softmax(x, protos, backend=backend), feats),
+    }
+    for name, (op, x) in cases.items():
+        out = op(x)
+        wide = x.detach().float().requires_grad_()
+        expected = op(wide)
+        assert out.dtype == (torch.float32 if out.dim() == 0 else dtype), name
+        assert torch.equal(out, expected.to(out.dtype)), name
+        (out.float() * 1.5).sum().backward()
+        (expected * 1.5).sum().backward()
+        assert x.grad.dtype == dtype and torch.equal(x.grad, wide.grad.to(dtype)), name
+        x.grad = None
+    assert torch.equal(ops.prototype_rectify(feats.detach(), protos, soft, backend=backend),
+                       ops.prototype_rectify(feats.detach().float(), protos, soft.float(), backend=backend))
