@@ -96,9 +96,12 @@ def test_gradient_accumulation_averages_its_micro_batches(tmp_path, monkeypatch)
         assert torch.equal(single["model"][name], accumulated["model"][name]), name
 
 
-@pytest.mark.parametrize("method", ["source_only", "proda"])
+@pytest.mark.parametrize("method", ["source_only", "contrastive", "proda"])
 def test_bf16_autocast_trains(tmp_path, method):
-    metrics = run(tmp_path, method=method, amp="bf16", iters=2, stage_iters=2)
+    config = tiny_run_config(method, deterministic=True, contrastive={"bank_start": 0, "loss_start": 1,
+                                                                      "bank_threshold": 0.0},
+                             train={"iters": 3, "stage_iters": 2, "panels": 0, "amp": "bf16"})
+    metrics = Trainer(config, tmp_path, progress=False, tensorboard=False).run()
     assert math.isfinite(metrics["miou"])
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
     assert all(v.dtype != torch.bfloat16 for v in state.values())  # weights stay float32
@@ -148,5 +151,13 @@ def test_reduced_precision_ops_on_the_cpu_compute_in_float32(dtype, backend):
         (expected * 1.5).sum().backward()
         assert x.grad.dtype == dtype and torch.equal(x.grad, wide.grad.to(dtype)), name
         x.grad = None
+    scores = torch.rand(50, generator=g).to(dtype)
+    labels = torch.randint(0, 5, (50,), generator=g)
+    for a, b in zip(ops.topk_per_class(scores, labels, 5, 3, backend=backend),
+                    ops.topk_per_class(scores.float(), labels, 5, 3, backend=backend)):
+        assert torch.equal(a, b)
+    thresholds = ops.class_thresholds(scores, labels, 5, 0.3, backend=backend)
+    assert thresholds.dtype == dtype
+    assert torch.equal(thresholds, ops.class_thresholds(scores.float(), labels, 5, 0.3, backend=backend).to(dtype))
     assert torch.equal(ops.prototype_rectify(feats.detach(), protos, soft, backend=backend),
                        ops.prototype_rectify(feats.detach().float(), protos, soft.float(), backend=backend))

@@ -52,6 +52,12 @@ def widened_on_cpu(x):
     return x.float() if x.dtype in REDUCED_DTYPES and not x.is_cuda else x
 
 
+def widened(x):
+    """float16/bfloat16 -> float32 on any device: for the exact selections, where the conversion is
+    exact and the result (a selection of the input's values) does not change."""
+    return x.float() if x.dtype in REDUCED_DTYPES else x
+
+
 def int_dtype(name, x):
     if x.dtype not in INT_DTYPES:
         raise ValueError(f"{name} must be of an integer dtype; got {x.dtype}")

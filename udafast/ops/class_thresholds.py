@@ -13,7 +13,8 @@ def class_thresholds(conf, pred, num_classes, portion, *, ignore_index=255, back
     (1.0 where that count is 0). Exact: equal bit for bit on every backend. Returns [C]."""
     check.tensor("conf", conf)
     check.tensor("pred", pred)
-    check.float_dtype("conf", conf)
+    check.float_dtype("conf", conf, reduced=True)
+    dtype, conf = conf.dtype, check.widened(conf)
     check.int_dtype("pred", pred)
     check.same_shape("pred", pred, "conf", conf.shape)
     check.same_device(("conf", conf), ("pred", pred))
@@ -26,7 +27,7 @@ def class_thresholds(conf, pred, num_classes, portion, *, ignore_index=255, back
     chosen = resolve("class_thresholds", backend, conf.device)
     return launch(
         "class_thresholds", chosen, reference.class_thresholds, conf, pred, num_classes, portion, ignore_index
-    )
+    ).to(dtype)
 
 
 class ClassThresholds:
@@ -50,7 +51,8 @@ class ClassThresholds:
         """Add pixels: `conf` their max softmax probability, `pred` their argmax class."""
         check.tensor("conf", conf)
         check.tensor("pred", pred)
-        check.float_dtype("conf", conf)
+        check.float_dtype("conf", conf, reduced=True)
+        conf = check.widened(conf)
         check.int_dtype("pred", pred)
         check.same_shape("pred", pred, "conf", conf.shape)
         check.same_device(("counts", self.counts), ("conf", conf), ("pred", pred))

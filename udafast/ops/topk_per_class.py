@@ -12,7 +12,8 @@ def topk_per_class(scores, labels, num_classes, k, *, ignore_index=255, backend=
     position; rows padded with -1. Returns (index int64 [C, k], count int64 [C]). Exact."""
     check.ndim("scores", scores, 1, "[N]")
     check.ndim("labels", labels, 1, "[N]")
-    check.float_dtype("scores", scores)
+    check.float_dtype("scores", scores, reduced=True)
+    scores = check.widened(scores)
     check.int_dtype("labels", labels)
     check.same_shape("labels", labels, "scores", scores.shape)
     check.same_device(("scores", scores), ("labels", labels))
