@@ -273,6 +273,7 @@ class Trainer:
             stage = stages[index]
             resuming = resume_ckpt is not None and pos == first
             model = self._stage_init(ctx, stages, index)
+            dist.broadcast_state([model])  # the stage's set-up passes (pseudo-labels) run rank 0's network
             t_setup = time.perf_counter()
             method.start_stage(stage, model, resume=resuming)
             state["setup_s"][stage.name] = round(time.perf_counter() - t_setup, 3)
@@ -289,7 +290,7 @@ class Trainer:
             logger.set_description(stage.name)
             method.model.train()
             synced = _synced_modules(method)
-            if not resuming:
+            if not resuming:  # the networks the method made in its set-up (heads, discriminators, students)
                 dist.broadcast_state(synced)
             guards = [dist.StepGuard(name, opt, on_nonfinite=self.on_nonfinite, accumulate=self.accumulate)
                       for name, opt in method.optimizers.items()]
