@@ -90,6 +90,25 @@ def assert_reproducible(run):
             assert x.dtype == y.dtype and torch.equal(x.view(bits), y.view(bits))
 
 
+def assert_bitwise_equal(a, b, where="value"):
+    """`a` and `b` (tensors, or dicts / lists / tuples of them and plain values, e.g. two checkpoints)
+    are equal, floats bit for bit; `where` names the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        bits = _SAME_SIZE_INT.get(a.dtype, a.dtype)
+        assert torch.equal(a.view(bits), b.view(bits)), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 def noncontiguous(x):
     """The same values in a non-contiguous layout (a strided view into a larger buffer)."""
     if x.dim() == 0:

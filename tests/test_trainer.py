@@ -47,7 +47,9 @@ def test_resume_continues_exactly(tmp_path):
     full = tmp_path / "full"
     Trainer(config, full, progress=False).run()
     kept = sorted(os.listdir(full / "checkpoints"))
-    assert kept == ["iter_4.pt", "last.pt"]
+    # last.pt is the final checkpoint, also named iter_5.pt, and the keep_checkpoints=1 before it stays
+    assert kept == ["iter_4.pt", "iter_5.pt", "last.pt"]
+    assert os.path.samefile(full / "checkpoints" / "iter_5.pt", full / "checkpoints" / "last.pt")
     # a run started over from iteration 4's checkpoint ends with the same weights, bit for bit
     resumed = tmp_path / "resumed"
     Trainer(config, resumed, resume=full / "checkpoints" / "iter_4.pt", progress=False).run()

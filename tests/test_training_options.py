@@ -3,7 +3,6 @@ good checkpoint intact, or skip and count), gradient accumulation, bf16 autocast
 checkpointing."""
 import json
 import math
-import os
 
 import pytest
 import torch

@@ -8,8 +8,9 @@
     python -m udafast.train --method cbst --compare-backends
 
 Outputs under --out: config.yaml (resolved), metrics.json, log.csv, tensorboard/, panels/*.png,
-checkpoints/last.pt (newest), best.pt (best on target val, with --eval-every) and, for multi-stage
-methods, checkpoints/<stage>.pt.
+checkpoints/last.pt (newest), iter_<N>.pt (with --ckpt-every: the newest and the
+train.keep_checkpoints before it), best.pt (best on target val, with --eval-every) and, for
+multi-stage methods, checkpoints/<stage>.pt.
 """
 import argparse
 import json
@@ -57,8 +58,9 @@ def build_parser():
     p.add_argument("--out", help="run folder (default runs/<method>)")
     p.add_argument("--stage", help="run one stage of a multi-stage method (e.g. proda's stage1)")
     p.add_argument("--resume", nargs="?", const=True, default=None,
-                   help="continue from a checkpoint (default <out>/checkpoints/last.pt)")
-    p.add_argument("--ckpt-every", type=int, help="write checkpoints/last.pt every N iterations")
+                   help="continue from a checkpoint (default: <out>/checkpoints/last.pt, or the newest good "
+                        "iter_<N>.pt / stage checkpoint when last.pt is missing or damaged)")
+    p.add_argument("--ckpt-every", type=int, help="a checkpoint every N iterations (checkpoints/last.pt and iter_<N>.pt)")
     p.add_argument("--eval-every", type=int, help="evaluate on target val every N iterations, keeping best.pt")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     p.add_argument("--skip-nonfinite", action="store_true",

@@ -45,6 +45,28 @@ class RunLogger:
             self._bar.n = done
             self._bar.refresh()
 
+    def resume(self, global_iter):
+        """The run continues after iteration `global_iter`: what an interrupted run logged past it
+        (it is done again) leaves log.csv, and TensorBoard hides those events."""
+        if not self.enabled:
+            return
+        path = os.path.join(self.out_dir, "log.csv")
+        if os.path.exists(path) and self._csv_file is None:
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                fields = list(reader.fieldnames or [])
+                rows = [r for r in reader if int(r["iter"]) <= global_iter]
+            with open(path + ".tmp", "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(rows)
+            os.replace(path + ".tmp", path)
+        if self._writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            log_dir = self._writer.log_dir
+            self._writer.close()
+            self._writer = SummaryWriter(log_dir, purge_step=global_iter + 1)
+
     def set_description(self, text):
         if self._bar is not None:
             self._bar.set_description(text)

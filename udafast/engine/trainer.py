@@ -4,16 +4,23 @@
 
 Per iteration: the learning-rate schedule, a batch per domain, `method.step`, the log; every
 `train.eval_every` iterations an evaluation on target val (keeping `checkpoints/best.pt`), every
-`train.ckpt_every` a checkpoint (`checkpoints/iter_<N>.pt`, the newest `train.keep_checkpoints`
-kept, and `checkpoints/last.pt`, always the newest); after each stage of
-a multi-stage method its network is saved as `checkpoints/<stage>.pt` and evaluated.
+`train.ckpt_every` a checkpoint; after each stage of a multi-stage method its network is saved as
+`checkpoints/<stage>.pt` and evaluated, and the run's state as `checkpoints/last.pt`.
+
+Checkpoints (udafast.engine.checkpoints): `last.pt` is always the newest complete one; with
+`train.ckpt_every`, every checkpoint is also `iter_<N>.pt` (N: the run's iteration), and the
+`train.keep_checkpoints` before the newest stay. A checkpoint holds everything the run continues
+from: the network, the method's state (`Method.state_dict`: its modules, optimisers, generator
+and extra state), the batch streams' positions, every global RNG (Python, NumPy, torch CPU and
+CUDA), the trainer's counters and, when there is one, the AMP grad scaler; the learning rates are
+a function of the iteration. So with `deterministic: true` on the CPU a resumed run ends bitwise
+equal to the run that was not interrupted, wherever that one was killed.
 """
 import contextlib
 import json
 import math
 import os
 import random
-import shutil
 import statistics
 import time
 
@@ -22,6 +29,7 @@ import torch
 
 from udafast.data.labels import colorize
 from udafast.engine import distributed as dist
+from udafast.engine import checkpoints
 from udafast.engine.config import dump_config, merge
 from udafast.engine.data import BatchStream, TrainView, build_split, collate
 from udafast.engine.evaluation import evaluate_model, predict
@@ -171,7 +179,11 @@ class RunContext:
 class Trainer:
     """One run: `config` (resolved, see udafast.engine.config), results under `out_dir`.
     `stage`: run only that stage of a multi-stage method; `resume`: a checkpoint path to continue
-    from (or True for out_dir/checkpoints/last.pt)."""
+    from, or True for the run folder's newest good one (see udafast.engine.checkpoints)."""
+
+    #: a torch.amp.GradScaler when the run trains under float16 autocast: saved with the checkpoints
+    #: (key "scaler") and restored on resume
+    scaler = None
 
     def __init__(self, config, out_dir, *, stage=None, resume=None, progress=None, tensorboard=True):
         self.config = config
@@ -232,10 +244,56 @@ class Trainer:
             logger.close()
 
     def _resume_checkpoint(self):
+        """The checkpoint to resume from (None without `resume`): the path given, or the run folder's
+        newest good one; its path goes to `self.resume_path`, what was skipped to `self._resume_notes`
+        (logged once the logger is up)."""
+        self._resume_notes = []
         if not self.resume:
             return None
-        path = os.path.join(self.ckpt_dir, "last.pt") if self.resume is True else os.fspath(self.resume)
-        return load_checkpoint(path)
+        if self.resume is True:
+            ckpt, self.resume_path = checkpoints.find_resume(self.ckpt_dir, self._resume_notes.append)
+        else:
+            self.resume_path = os.fspath(self.resume)
+            ckpt = checkpoints.load_resumable(self.resume_path)
+        return ckpt
+
+    def _resume_position(self, ckpt, stages, todo, state, logger):
+        """(position in `todo`, stage iteration) the checkpoint resumes at, its trainer counters put
+        into `state`; ValueError naming the file when it is of another method or stage layout."""
+        path = self.resume_path
+        for note in self._resume_notes:
+            logger.message(note)
+        if ckpt.get("method_name", self.config["method"]) != self.config["method"]:
+            raise ValueError(f"{path}: a checkpoint of the {ckpt['method_name']} method; this run trains "
+                             f"{self.config['method']}")
+        index, stage_iter = ckpt["stage"], ckpt["stage_iter"]
+        known = isinstance(index, int) and 0 <= index < len(stages)
+        name = stages[index].name if known else f"#{index}"
+        if not known or index not in todo:
+            raise ValueError(f"{path}: a checkpoint of stage {name!r}; this run trains "
+                             f"{[stages[i].name for i in todo]}")
+        if not isinstance(stage_iter, int) or not 0 <= stage_iter <= stages[index].iters:
+            raise ValueError(f"{path}: a checkpoint at iteration {stage_iter!r} of stage {name!r}, which has "
+                             f"{stages[index].iters} iterations in this config")
+        state.update({k: ckpt["trainer"].get(k, state[k]) for k in _RESUMED})
+        logger.message(f"resuming from {path}: stage {name!r}, iteration {stage_iter}")
+        logger.resume(state["global_iter"])
+        return todo.index(index), stage_iter
+
+    def _restore(self, method, ctx, ckpt):
+        """Load the checkpoint's network, method state, stream positions, RNGs and grad scaler, after
+        `method.start_stage` of its stage."""
+        try:
+            method.model.load_state_dict(ckpt["model"])
+            method.load_state_dict(ckpt["method"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ValueError(f"{self.resume_path}: does not fit this run: {e}") from None
+        ctx.source_stream.load_state_dict(ckpt["streams"]["source"])
+        if ctx.target_stream is not None and ckpt["streams"].get("target"):
+            ctx.target_stream.load_state_dict(ckpt["streams"]["target"])
+        _set_rng(ckpt["rng"])
+        if self.scaler is not None and ckpt.get("scaler") is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
 
     def _stage_init(self, ctx, stages, index):
         """The network stage `index` starts from: the config's init for the first stage; else the
@@ -261,11 +319,7 @@ class Trainer:
         state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}, "nonfinite_steps": 0}
         first, start_iter = 0, 0
         if resume_ckpt is not None:
-            first = todo.index(resume_ckpt["stage"])
-            start_iter = resume_ckpt["stage_iter"]
-            state.update({k: resume_ckpt["trainer"][k] for k in ("global_iter", "best", "stage_results")})
-            state["nonfinite_steps"] = resume_ckpt["trainer"].get("nonfinite_steps", 0)
-            logger.message(f"resuming at stage {stages[resume_ckpt['stage']].name!r}, iteration {start_iter}")
+            first, start_iter = self._resume_position(resume_ckpt, stages, todo, state, logger)
         logger.set_position(state["global_iter"])
         result = None
         for pos in range(first, len(todo)):
@@ -279,12 +333,7 @@ class Trainer:
             state["setup_s"][stage.name] = round(time.perf_counter() - t_setup, 3)
             begin = 0
             if resuming:
-                method.model.load_state_dict(resume_ckpt["model"])
-                method.load_state_dict(resume_ckpt["method"])
-                ctx.source_stream.load_state_dict(resume_ckpt["streams"]["source"])
-                if ctx.target_stream is not None and resume_ckpt["streams"].get("target"):
-                    ctx.target_stream.load_state_dict(resume_ckpt["streams"]["target"])
-                _set_rng(resume_ckpt["rng"])
+                self._restore(method, ctx, resume_ckpt)
                 self._restore_rank_rng(method, resume_ckpt, logger)
                 begin = start_iter
             logger.set_description(stage.name)
@@ -390,37 +439,37 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def _save(self, method, ctx, stage_index, stage_iter, state, name):
-        """Rank 0 writes the checkpoint (with every process's random state); the others wait for it."""
+        """The run's state after `stage_iter` iterations of stage `stage_index` (None: not a resume
+        point, best.pt) as checkpoints/<name>; `last.pt` through the rotation of
+        udafast.engine.checkpoints (with `train.ckpt_every`, also as iter_<N>.pt). Rank 0 writes it,
+        with every process's random state; the others wait for it."""
         streams = {"source": ctx.source_stream.state_dict(),
                    "target": None if ctx.target_stream is None else ctx.target_stream.state_dict()}
-        extra = {}
+        extra = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
         if self.world > 1:
             rng = dict(_get_rng(), method=method.generator.get_state())
             extra["rng_per_rank"] = [None] * self.world
             torch.distributed.all_gather_object(extra["rng_per_rank"], rng)
         if self.rank == 0:
-            save_checkpoint(os.path.join(self.ckpt_dir, name), method.model, iter=state["global_iter"],
-                            stage=stage_index, stage_iter=stage_iter, method=method.state_dict(), streams=streams,
-                            rng=_get_rng(), eval_input_size=self.config["eval"].get("input_size"),
-                            method_name=self.config["method"], world_size=self.world,
-                            trainer={k: state[k] for k in ("global_iter", "best", "stage_results", "nonfinite_steps")},
-                            **extra)
+            def write(path):
+                save_checkpoint(path, method.model, iter=state["global_iter"], stage=stage_index,
+                                stage_iter=stage_iter, method=method.state_dict(), streams=streams, rng=_get_rng(),
+                                eval_input_size=self.config["eval"].get("input_size"),
+                                method_name=self.config["method"], world_size=self.world,
+                                trainer={k: state[k] for k in _RESUMED}, **extra)
+
+            train = self.config["train"]
+            if name != checkpoints.LAST:
+                write(os.path.join(self.ckpt_dir, name))
+            elif int(train.get("ckpt_every") or 0):
+                checkpoints.publish(self.ckpt_dir, state["global_iter"], train.get("keep_checkpoints", 2), write)
+            else:
+                checkpoints.write_last(self.ckpt_dir, write)
         dist.barrier()
 
     def _save_periodic(self, method, ctx, stage_index, stage_iter, state):
-        """iter_<N>.pt, copied to last.pt; only the newest `train.keep_checkpoints` iter files stay."""
-        name = f"iter_{state['global_iter']}.pt"
-        self._save(method, ctx, stage_index, stage_iter, state, name)
-        if self.rank != 0:
-            return
-        last = os.path.join(self.ckpt_dir, "last.pt")
-        shutil.copyfile(os.path.join(self.ckpt_dir, name), last + ".tmp")
-        os.replace(last + ".tmp", last)
-        keep = int(self.config["train"].get("keep_checkpoints", 2))
-        kept = sorted((f for f in os.listdir(self.ckpt_dir) if f.startswith("iter_") and f.endswith(".pt")),
-                      key=lambda f: int(f[5:-3]))
-        for old in kept[:-keep] if keep > 0 else kept:
-            os.unlink(os.path.join(self.ckpt_dir, old))
+        """The checkpoint of every `train.ckpt_every` iterations: last.pt and iter_<N>.pt."""
+        self._save(method, ctx, stage_index, stage_iter, state, checkpoints.LAST)
 
     def _evaluate(self, method, ctx, stage_index, stage, state, logger, keep_best):
         ev = self.config["eval"]
@@ -436,7 +485,7 @@ class Trainer:
         if keep_best and (state["best"] is None or result["miou"] > state["best"]["miou"]):
             state["best"] = {"miou": result["miou"], "iter": state["global_iter"], "stage": stage.name,
                              "per_class_iou": _per_class(result)}
-            self._save(method, ctx, stage_index, 0, state, "best.pt")
+            self._save(method, ctx, stage_index, None, state, "best.pt")
         return result
 
     def _panels(self, model, ctx, stage_name):
@@ -515,6 +564,11 @@ def _buffers(modules, clone=False):
     return [b.clone() for b in out] if clone else out
 
 
+#: the trainer's counters a checkpoint carries (any counter added to the run's state that a resumed
+#: run must continue from belongs here)
+_RESUMED = ("global_iter", "best", "stage_results", "nonfinite_steps")
+
+
 def _per_class(result):
     """IoU by class name (None where the class never occurs in prediction or ground truth)."""
     return {name: (None if math.isnan(v) else round(v, 3)) for name, v in result["iou"].items()}
@@ -531,14 +585,23 @@ def _apply_schedule(optimizers, it, iters):
 
 
 def _get_rng():
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
-            "numpy_pos": int(np.random.get_state()[2]), "python": list(random.getstate()[1]),
+    """Every global generator's whole state, in types `torch.load(weights_only=True)` reads (the
+    Gaussian caches of NumPy and Python included: a Box-Muller draw leaves its second value there)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": keys.tolist(), "numpy_pos": int(pos),
+            "numpy_gauss": [int(has_gauss), float(cached)], "python": list(internal), "python_version": version,
+            "python_gauss": gauss_next,
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def _set_rng(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(state["python"]), None))
+    # checkpoints written before the Gaussian caches were saved: empty caches
+    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], has_gauss, cached))
+    random.setstate((state.get("python_version", 3), tuple(state["python"]), state.get("python_gauss")))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a machine with fewer GPUs than the one that saved: the devices it has
+        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -9,6 +9,7 @@ import contextlib
 import copy
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -86,7 +87,9 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise ValueError(f"{path}: a checkpoint must be a file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol is no news next to the error below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated / foreign: name the file rather than surface an unpickling error
         reason = str(e).splitlines()[0] if str(e) else ""
         raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
