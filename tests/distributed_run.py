@@ -124,9 +124,10 @@ def main(out):
             metrics = trainer.run()
         state = trainer.method.state_dict()
         state.pop("generator")  # each process's own random stream, by design
-        first_batch = next(trainer.method.ctx.source_stream._keys(0, 0))
+        stream = trainer.method.ctx.source_stream
+        first_batch = next(stream._keys(0, 0))  # (position in the process's order, view seed)
         torch.save({"model": trainer.method.model.state_dict(), "method": state, "metrics": metrics,
-                    "first_source_batch": [index for index, _ in first_batch]},
+                    "first_source_batch": [stream._order(0)[position] for position, _ in first_batch]},
                    os.path.join(out, f"{method}_rank{rank}.pt"))
     dist.destroy_process_group()
 

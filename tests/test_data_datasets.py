@@ -45,7 +45,7 @@ def as_image(arr):
 
 # ---- GTA5: palette indices are Cityscapes label ids ----------------------------------------------
 GTA_IDS = {
-    "00001.png": [[7, 8, 0], [26, 34, 24]],     # 0 (unlabeled) and 34 (outside the table) -> 255
+    "00001.png": [[7, 8, 0], [26, 1, 24]],      # 0 (unlabeled) and 1 (ego vehicle) -> 255
     "00002.png": [[11, 12, 13], [17, 19, 20]],
     "00003.png": [[21, 22, 23], [25, 9, 33]],   # 9 parking -> 255
 }
@@ -144,7 +144,7 @@ def test_cityscapes_missing_label_in_labelled_split(cs_root):
 # ---- SYNTHIA: 16-bit RGB, class id in red -------------------------------------------------------
 SY_RED = {
     "0000001.png": [[3, 4, 2], [21, 0, 13]],       # 0 void, 13 parking-slot -> 255
-    "0000002.png": [[5, 7, 15], [259, 300, 16]],   # 259 = 256 + 3 and 300: outside the table -> 255
+    "0000002.png": [[5, 7, 15], [22, 14, 16]],     # 22 lanemarking, 14, 16 terrain: no train id -> 255
 }
 SY_TRAIN = {
     "0000001.png": [[0, 1, 2], [3, 255, 255]],
@@ -195,7 +195,7 @@ def folder_root(tmp_path):
     save_rgb(str(root / "images" / "b.png"), rgb(31))
     save_gray(str(root / "labels" / "a.png"), [[10, 20, 30], [0, 10, 20]])
     save_gray(str(root / "labels" / "b.png"), [[1000, 30, 40], [20, 0, 10]], np.uint16)  # 16-bit grey
-    (root / "labels.yaml").write_text("mapping:\n  0: 255\n  10: 0\n  20: 5\n  30: 18\n  1000: 2\n")
+    (root / "labels.yaml").write_text("mapping:\n  0: 255\n  10: 0\n  20: 5\n  30: 18\n  40: 255\n  1000: 2\n")
     return root
 
 
@@ -203,7 +203,7 @@ def test_folder_pixels(folder_root):
     ds = data.build_dataset("folder", folder_root)
     assert [ds[i]["name"] for i in range(2)] == ["a.png", "b.png"]
     assert ds[0]["label"].tolist() == [[0, 5, 18], [255, 0, 5]]
-    assert ds[1]["label"].tolist() == [[2, 18, 255], [5, 255, 0]]  # 40 is unmapped -> 255
+    assert ds[1]["label"].tolist() == [[2, 18, 255], [5, 255, 0]]  # 40 is mapped to ignore
     assert torch.equal(ds[1]["image"], as_image(rgb(31)))
 
 
@@ -286,9 +286,9 @@ def test_check_reports_problems(gta5_root, capsys):
     out = capsys.readouterr().out
     assert "size mismatches: 1" in out and "00002.png" in out
     assert "id 40: 1 pixels in 1 files" in out
-    assert "id 34" in out  # 00001.png holds 34 too
+    assert f"label files with ids outside the table: 1\n  {gta5_root / 'labels' / '00003.png'}: 40" in out
     assert str(gta5_root / "labels" / "00004.png") in out
-    assert "PROBLEMS: 4" in out
+    assert "PROBLEMS: 3" in out
 
 
 @pytest.mark.filterwarnings("ignore:'udafast.data.check' found in sys.modules")
@@ -296,10 +296,11 @@ def test_check_as_main_module(synthia_root, monkeypatch, capsys):
     """`python -m udafast.data.check ...` (run in this process: a new interpreter costs seconds)."""
     import runpy
 
+    save_synthia_label(str(synthia_root / "GT" / "LABELS" / "0000002.png"), [[5, 7, 15], [259, 300, 16]], 1)
     monkeypatch.setattr(sys, "argv", ["check", "synthia", str(synthia_root), "--split", "all"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("udafast.data.check", run_name="__main__", alter_sys=True)
     out = capsys.readouterr().out
     assert exit_info.value.code == 1, out
-    # 259 and 300 are outside SYNTHIA's table; 16 (terrain) is a SYNTHIA class without a train id
+    # 259 (= 256 + 3) and 300 are outside SYNTHIA's table; 16 (terrain) is a SYNTHIA class without a train id
     assert "id 259" in out and "id 300" in out and "id 16:" not in out

@@ -98,8 +98,9 @@ def test_streams_shard_the_epoch_like_distributed_sampler():
     one = BatchStream(data, 2, lambda s, g, e=None: {"image": torch.tensor([s])}, seed=3)
     shards = [BatchStream(data, 2, lambda s, g, e=None: {"image": torch.tensor([s])}, seed=3, rank=r, world=2)
               for r in range(2)]
-    order = [i for batch in one._keys(0, 0) for i, _ in batch]
-    parts = [[i for batch in s._keys(0, 0) for i, _ in batch] for s in shards]
+    # keys are (position in the process's order of the epoch, view seed)
+    order = [one._order(0)[p] for batch in one._keys(0, 0) for p, _ in batch]
+    parts = [[s._order(0)[p] for batch in s._keys(0, 0) for p, _ in batch] for s in shards]
     assert len(parts[0]) == len(parts[1]) == 4 and not set(parts[0]) & set(parts[1])
     # the same permutation: rank r takes every other sample of it from r
     full = torch.utils.data.DistributedSampler(data, 2, 0, shuffle=True, seed=3 * 1_000_003, drop_last=True)

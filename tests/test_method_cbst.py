@@ -52,8 +52,10 @@ class FakeContext:
         self.target_stream = BatchStream(self.target, 2, self.target_view, seed=5)
         self.subsets, self.messages = [], []
         self.rank, self.world = 0, 1
+        self.skip_log = None  # bad samples raise
 
-    target_frames = RunContext.target_frames
+    target_frames, target_frame_size, _target_frame = (RunContext.target_frames, RunContext.target_frame_size,
+                                                       RunContext._target_frame)
     shared_array = RunContext.shared_array
     all_reduce_ = RunContext.all_reduce_
 

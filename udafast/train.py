@@ -65,6 +65,10 @@ def build_parser():
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip (and count) updates whose loss or gradients are not finite, instead of stopping")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="pass over bad training samples (files that do not decode, labels of another size or "
+                        "with ids outside the table), counted in log.csv and metrics.json, instead of stopping; "
+                        "evaluation still stops at a bad val sample")
     p.add_argument("--grad-accum", type=int, metavar="K", help="micro-batches per update (gradient accumulation)")
     p.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast (the ops accumulate in float32)")
     p.add_argument("--sync-bn", action="store_true",
@@ -111,7 +115,8 @@ def _overrides(args):
     if args.deterministic:
         out.append("deterministic=true")
     flags = {"train.on_nonfinite=skip": args.skip_nonfinite, "train.sync_bn=true": args.sync_bn,
-             "train.activation_checkpointing=true": args.activation_checkpointing}
+             "train.activation_checkpointing=true": args.activation_checkpointing,
+             "data.skip_bad_samples=true": args.skip_bad_samples}
     out += [k for k, on in flags.items() if on]
     if args.grad_accum is not None:
         out.append(f"train.grad_accum={args.grad_accum}")

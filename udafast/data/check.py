@@ -1,8 +1,9 @@
 """`python -m udafast.data.check NAME ROOT [--split S] [--option KEY=VALUE ...]`: validate a dataset.
 
 Reports missing image/label pairs, unreadable files, image/label size mismatches and label values
-outside the dataset's table, then the per-class pixel shares (train ids). Exit status 0 when no
-problem was found, 1 otherwise.
+outside the dataset's table (each file listed: the faults that stop training, or that
+`--skip-bad-samples` passes over), then the per-class pixel shares (train ids). Exit status 0 when
+no problem was found, 1 otherwise.
 """
 import argparse
 import inspect
@@ -14,6 +15,7 @@ import yaml
 from PIL import Image
 
 from udafast.data.datasets import SegmentationDataset, _REGISTRY, build_dataset, dataset_names
+from udafast.data.io import BadSampleError
 from udafast.data.labels import CLASS_NAMES, NUM_CLASSES
 
 
@@ -21,11 +23,13 @@ def check_dataset(ds, decode_images=True):
     """Check every sample of `ds` (a `SegmentationDataset` built with strict=False). Returns a
     dict: `missing` (label paths), `unreadable` ((path, error)), `size_mismatch` ((image, label,
     image (H, W), label (H, W))), `unknown_ids` ({raw value: [pixels, files, first file]}),
-    `counts` (pixels per train id, index 19 = ignore), `images`, `labelled`."""
+    `unknown_id_files` ((label, [values outside the table])), `counts` (pixels per train id,
+    index 19 = ignore), `images`, `labelled`."""
     if not isinstance(ds, SegmentationDataset):
         return _check_samples(ds)
     report = {"images": len(ds), "labelled": ds.labelled, "missing": list(getattr(ds, "missing", [])),
-              "unreadable": [], "size_mismatch": [], "unknown_ids": {}, "counts": np.zeros(NUM_CLASSES + 1, np.int64)}
+              "unreadable": [], "size_mismatch": [], "unknown_ids": {}, "unknown_id_files": [],
+              "counts": np.zeros(NUM_CLASSES + 1, np.int64)}
     known = set(int(k) for k in ds.id_table)
     missing = set(report["missing"])
     unknown = defaultdict(lambda: [0, 0, None])
@@ -44,18 +48,25 @@ def check_dataset(ds, decode_images=True):
         label_path = ds.labels[i]
         try:
             raw = ds.read_raw_label(i)
+        except BadSampleError as exc:
+            report["unreadable"].append((label_path, exc.reason))
+            continue
         except Exception as exc:  # noqa: BLE001
             report["unreadable"].append((label_path, f"{type(exc).__name__}: {exc}"))
             continue
         if image_hw is not None and tuple(raw.shape) != image_hw:
             report["size_mismatch"].append((image_path, label_path, image_hw, tuple(raw.shape)))
         values, counts = np.unique(raw, return_counts=True)
+        outside = []
         for v, n in zip(values.tolist(), counts.tolist()):
             if v not in known:
                 entry = unknown[v]
                 entry[0] += n
                 entry[1] += 1
                 entry[2] = entry[2] or label_path
+                outside.append(v)
+        if outside:
+            report["unknown_id_files"].append((label_path, outside))
         train = ds.to_train_ids(raw).reshape(-1)
         train = np.where(train < NUM_CLASSES, train, NUM_CLASSES)
         report["counts"] += np.bincount(train, minlength=NUM_CLASSES + 1)
@@ -67,7 +78,7 @@ def _check_samples(ds):
     """For datasets that are not file trees (e.g. generated ones): load every sample and check the
     label's size and values."""
     report = {"images": len(ds), "labelled": False, "missing": [], "unreadable": [], "size_mismatch": [],
-              "unknown_ids": {}, "counts": np.zeros(NUM_CLASSES + 1, np.int64)}
+              "unknown_ids": {}, "unknown_id_files": [], "counts": np.zeros(NUM_CLASSES + 1, np.int64)}
     unknown = defaultdict(lambda: [0, 0, None])
     for i in range(len(ds)):
         name = str(i)
@@ -85,12 +96,16 @@ def _check_samples(ds):
         if tuple(label.shape) != hw:
             report["size_mismatch"].append((name, name, hw, tuple(label.shape)))
         values, counts = np.unique(label, return_counts=True)
+        outside = []
         for v, n in zip(values.tolist(), counts.tolist()):
             if not (0 <= v < NUM_CLASSES or v == 255):
                 entry = unknown[v]
                 entry[0] += n
                 entry[1] += 1
                 entry[2] = entry[2] or name
+                outside.append(v)
+        if outside:
+            report["unknown_id_files"].append((name, outside))
         flat = label.reshape(-1)
         flat = np.where((flat >= 0) & (flat < NUM_CLASSES), flat, NUM_CLASSES)
         report["counts"] += np.bincount(flat, minlength=NUM_CLASSES + 1)
@@ -123,6 +138,8 @@ def format_report(report, title="", max_list=20):
     unknown = list(report["unknown_ids"].items())
     listing("label ids outside the table", unknown,
             lambda kv: f"id {kv[0]}: {kv[1][0]} pixels in {kv[1][1]} files (first: {kv[1][2]})")
+    listing("label files with ids outside the table", report["unknown_id_files"],
+            lambda t: f"{t[0]}: {', '.join(str(v) for v in t[1])}")
     if report["labelled"]:
         counts = report["counts"]
         total = int(counts.sum())

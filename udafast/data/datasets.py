@@ -3,6 +3,10 @@
 Every dataset yields dicts `{"image": float32 [3, H, W] in [0, 1], "label": int64 [H, W] train ids
 (255 = ignore; absent when the split is unlabelled), "name": file name}`, at native resolution
 unless a transform is given (`transform(sample) -> sample`, see `udafast.data.transforms`).
+
+A sample that cannot be trained on raises `BadSampleError` naming the file: an image or label that
+does not decode, a label of another (H, W) than its image, or raw label values outside the
+dataset's table (a value the table does not list is a corrupt or foreign file, not "ignore").
 """
 import os
 from typing import Callable, Dict, List, Optional
@@ -12,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from udafast.data import io
+from udafast.data.io import BadSampleError
 from udafast.data.labels import CITYSCAPES_ID_TO_TRAIN, SYNTHIA_ID_TO_TRAIN, lookup_table
 
 _REGISTRY: Dict[str, Callable] = {}
@@ -65,8 +70,10 @@ class SegmentationDataset(Dataset):
     (the default) construction raises FileNotFoundError naming the first of them.
     """
 
-    #: raw label value -> train id; values absent from the table map to 255 (and `check` reports them)
+    #: raw label value -> train id (255 = ignore); a label holding a value absent from it is bad
     id_table: Dict[int, int] = {}
+    #: what the table is, for error messages
+    id_table_name = "the dataset's table"
     #: which channel of a colour label PNG holds the class id
     label_channel = 0
 
@@ -79,6 +86,8 @@ class SegmentationDataset(Dataset):
         self.missing: List[str] = []
         self.names: List[str] = []
         self._lut = lookup_table(self.id_table)
+        self._known = np.zeros(self._lut.size, dtype=bool)
+        self._known[[int(k) for k in self.id_table]] = True
         self._strict = strict
 
     @property
@@ -102,10 +111,35 @@ class SegmentationDataset(Dataset):
         return io.read_label(self.labels[index], channel=self.label_channel)
 
     def to_train_ids(self, raw: np.ndarray) -> np.ndarray:
+        """Raw values -> train ids, values outside the table -> 255 (see `train_label` for the check)."""
         clipped = np.where((raw >= 0) & (raw < self._lut.size), raw, 0)
         out = self._lut[clipped]
         out[(raw < 0) | (raw >= self._lut.size)] = 255
         return out
+
+    def unknown_ids(self, raw: np.ndarray) -> np.ndarray:
+        """The distinct values of `raw` that the table does not list, sorted (empty when none)."""
+        if raw.size and 0 <= raw.min() and raw.max() < self._known.size:
+            known = self._known[raw]
+        else:
+            known = self._known[np.clip(raw, 0, self._known.size - 1)] & (raw >= 0) & (raw < self._known.size)
+        return np.empty(0, np.int64) if known.all() else np.unique(raw[~known])
+
+    def train_label(self, index, size=None) -> np.ndarray:
+        """The train ids of sample `index` (uint8 [H, W]); BadSampleError names the label file
+        when it does not decode, is not `size` (H, W), or holds values outside the table."""
+        path = self.labels[index]
+        raw = self.read_raw_label(index)
+        if size is not None and tuple(raw.shape) != tuple(size):
+            raise BadSampleError(path, f"the label is {tuple(raw.shape)} (H, W) but its image "
+                                       f"{self.images[index]} is {tuple(size)}")
+        unknown = self.unknown_ids(raw)
+        if unknown.size:
+            shown = ", ".join(str(v) for v in unknown[:10]) + (" ..." if unknown.size > 10 else "")
+            what = "label value {} is" if unknown.size == 1 else "label values {} are"
+            raise BadSampleError(path, f"{what.format(shown)} not in {self.id_table_name} "
+                                       f"({_ranges(self.id_table)})")
+        return self._lut[raw]
 
     def __getitem__(self, index):
         if not -len(self) <= index < len(self):
@@ -114,12 +148,7 @@ class SegmentationDataset(Dataset):
         image = io.load_image(self.images[index])
         sample = {"image": image, "name": self.names[index]}
         if self.labels is not None:
-            label = torch.from_numpy(self.to_train_ids(self.read_raw_label(index)).astype(np.int64))
-            if tuple(label.shape) != tuple(image.shape[1:]):
-                raise ValueError(
-                    f"image {self.images[index]} is {tuple(image.shape[1:])} (H, W) but its label "
-                    f"{self.labels[index]} is {tuple(label.shape)}")
-            sample["label"] = label
+            sample["label"] = torch.from_numpy(self.train_label(index, size=image.shape[1:]).astype(np.int64))
         if self.transform is not None:
             sample = self.transform(sample)
         return sample
@@ -127,6 +156,17 @@ class SegmentationDataset(Dataset):
     def __repr__(self):
         return (f"{type(self).__name__}(root={self.root!r}, split={self.split!r}, {len(self)} samples, "
                 f"{'labelled' if self.labelled else 'unlabelled'})")
+
+
+def _ranges(values):
+    """Integers as runs: [0, 1, 2, 3, 7] -> "0-3, 7"."""
+    values, runs = sorted(int(v) for v in values), []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 class _NumberedPairs(SegmentationDataset):
@@ -160,6 +200,7 @@ class GTA5(_NumberedPairs):
     label ids). Split `all` (alias `train`); `list_file` restricts to the names listed."""
     image_dir, label_dir = "images", "labels"
     id_table = CITYSCAPES_ID_TO_TRAIN
+    id_table_name = "the Cityscapes label ids"
 
 
 @register_dataset("synthia")
@@ -168,6 +209,7 @@ class Synthia(_NumberedPairs):
     the class id in the red channel). Split `all` (alias `train`)."""
     image_dir, label_dir = "RGB", os.path.join("GT", "LABELS")
     id_table = SYNTHIA_ID_TO_TRAIN
+    id_table_name = "the SYNTHIA class ids"
 
 
 @register_dataset("cityscapes")
@@ -177,6 +219,7 @@ class Cityscapes(SegmentationDataset):
     exists; `labels=False` never reads labels (target training)."""
     splits = ("train", "val", "test")
     id_table = CITYSCAPES_ID_TO_TRAIN
+    id_table_name = "the Cityscapes label ids"
     IMAGE_SUFFIX = "_leftImg8bit.png"
     LABEL_SUFFIX = "_gtFine_labelIds.png"
 
@@ -220,13 +263,16 @@ class Folder(SegmentationDataset):
 
         mapping: {0: 255, 1: 0, 2: 1}    # or the same mapping at the top level
 
-    Values absent from the mapping become 255 (and `check` reports them). Split `all`/`train`
+    The mapping lists every value the labels hold (map ignored ones to 255, e.g. `255: 255`); a
+    label with a value it does not list raises BadSampleError. Split `all`/`train`
     read the folders themselves unless `images/{split}` exists; any other split reads
     `images/{split}` and `labels/{split}`."""
 
     def __init__(self, root, split="all", transform=None, mapping=None, image_dir="images",
                  label_dir="labels", label_channel=0, strict=True):
-        self.id_table = _load_mapping(mapping if mapping is not None else os.path.join(str(root), "labels.yaml"), root)
+        self.id_table, path = _load_mapping(mapping if mapping is not None else os.path.join(str(root), "labels.yaml"),
+                                            root)
+        self.id_table_name = f"the mapping {path}"
         self.label_channel = label_channel
         super().__init__(root, split, transform, strict)
         _require_dir(self.root, "root")
@@ -268,4 +314,4 @@ def _load_mapping(path, root):
             raise ValueError(f"mapping: {path}: label value {k} outside [0, 65536)")
         if not (0 <= v < 19 or v == 255):
             raise ValueError(f"mapping: {path}: train id {v} (for label value {k}) is neither in [0, 19) nor 255")
-    return table
+    return table, path

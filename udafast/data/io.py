@@ -4,6 +4,9 @@ Label PNGs are read as their stored values, never as colours: palette ("P") PNGs
 indices, grey PNGs their values, and 16-bit PNGs all 16 bits. Pillow decodes 16-bit RGB PNGs
 to 8 bits, so those go through `read_png16`: Pillow's own decoder run twice, once keeping the high
 and once the low byte of each sample, with a pure numpy decoder as the fallback.
+
+A file that is there but does not decode raises `BadSampleError` naming it; a missing one,
+FileNotFoundError.
 """
 import os
 import struct
@@ -14,16 +17,38 @@ import torch
 from PIL import Image
 
 
+class BadSampleError(ValueError):
+    """A sample that cannot be trained on: an image or label file that does not decode, a label
+    of another size than its image, label ids outside the dataset's table. `path` is the file at
+    fault, `reason` what is wrong with it; the message is `"{path}: {reason}"`."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = os.fspath(path), str(reason)
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self):  # pickles with both arguments (to and from loader workers)
+        return type(self), (self.path, self.reason)
+
+
 def _require_file(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file: {path}")
 
 
+def _undecodable(path, exc):
+    return BadSampleError(path, f"cannot be decoded ({type(exc).__name__}: {exc})")
+
+
 def load_image(path) -> torch.Tensor:
     """An image file -> float32 [3, H, W] RGB in [0, 1]."""
     _require_file(path)
-    with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except MemoryError:
+        raise
+    except Exception as exc:  # Pillow fails in many ways (OSError, SyntaxError, zlib.error, ...)
+        raise _undecodable(path, exc) from exc
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous().to(torch.float32).div_(255.0)
 
 
@@ -42,23 +67,31 @@ def read_label(path, channel=0) -> np.ndarray:
     (8 or 16 bits per channel) the values of channel `channel` (0 = red) at full depth.
     """
     _require_file(path)
-    with Image.open(path) as im:
-        mode = im.mode
-        if mode in ("P", "L", "1"):
-            return np.asarray(im.convert("L") if mode == "1" else im).astype(np.int64)
-        if mode.startswith("I"):
-            return np.asarray(im).astype(np.int64)
-        rawmode = _png_rawmode(im)
-    if rawmode is not None and rawmode.endswith(";16B"):
-        arr = read_png16(path)
-    else:
-        with Image.open(path) as im:
-            arr = np.asarray(im)
+    try:
+        arr = _read_label_array(path)
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _undecodable(path, exc) from exc
     if arr.ndim == 2:
         return arr.astype(np.int64)
     if channel >= arr.shape[2]:
-        raise ValueError(f"{path}: label channel {channel} asked of an image with {arr.shape[2]} channels")
+        raise BadSampleError(path, f"label channel {channel} asked of an image with {arr.shape[2]} channels")
     return arr[..., channel].astype(np.int64)
+
+
+def _read_label_array(path):
+    with Image.open(path) as im:
+        mode = im.mode
+        if mode in ("P", "L", "1"):
+            return np.asarray(im.convert("L") if mode == "1" else im)
+        if mode.startswith("I"):
+            return np.asarray(im)
+        rawmode = _png_rawmode(im)
+    if rawmode is not None and rawmode.endswith(";16B"):
+        return read_png16(path)
+    with Image.open(path) as im:
+        return np.asarray(im)
 
 
 def _png_rawmode(im):

@@ -41,6 +41,10 @@ DEFAULTS = {
         "target_view": {"resize": None, "scale_range": None, "crop": None, "flip": 0.5},
         "batch_size": 4,
         "num_workers": 0,
+        # true: training passes over bad samples (undecodable files, labels of another size or with
+        # values outside the table), counted in log.csv and metrics.json; false: the run stops
+        # naming the file. Evaluation always stops.
+        "skip_bad_samples": False,
     },
     "optimizer": {"name": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
                   "schedule": "poly", "power": 0.9},

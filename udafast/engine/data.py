@@ -7,6 +7,11 @@ in the frame of the resized image) follows the image pixel for pixel; `"crop_cen
 that frame centres the random crop on a pixel (or None); any other tensor [..., h, w]
 is a map of the whole frame at any resolution (e.g. soft labels at the network's output stride) and
 is cropped and flipped proportionally, so crops are aligned to the map's stride.
+
+A bad sample (`BadSampleError`: a file that does not decode, a label of another size, label values
+outside the table) stops a stream with that error, raised in the main process as it is; a stream
+given a `SkipLog` instead replaces it by the next sample of the epoch's order that reads, the same
+with any number of workers, and records it there.
 """
 import math
 
@@ -14,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from udafast.data import build_dataset
+from udafast.data import BadSampleError, build_dataset
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import Resize, _pair, _resize_image, _resize_label
 
-__all__ = ["TrainView", "BatchStream", "build_split", "collate"]
+__all__ = ["TrainView", "BatchStream", "SkipLog", "build_split", "collate"]
 
 
 def build_split(spec, transform=None, **override):
@@ -162,26 +167,83 @@ def _crop_map(m, h, w, y0, x0, ch, cw):
     return out
 
 
-class _Views(Dataset):
-    """Indexed by (index, seed): the dataset's sample through `view` with a generator of `seed`."""
+class SkipLog:
+    """The bad samples passed over under `data.skip_bad_samples`: `count` skips in all (a file
+    met twice counts twice) and `files` {path: reason}, in the order first met. `log(text)` hears
+    of each file the first time it is skipped."""
 
-    def __init__(self, dataset, view, extras):
+    def __init__(self, log=None):
+        self.count, self.files, self._log = 0, {}, log
+
+    def record(self, path, reason):
+        self.count += 1
+        if path not in self.files:
+            self.files[path] = reason
+            if self._log is not None:
+                self._log(f"data: skipping a bad sample: {path}: {reason}")
+
+    def state_dict(self):
+        return {"count": self.count, "files": dict(self.files)}
+
+    def load_state_dict(self, state):
+        self.count, self.files = int(state["count"]), dict(state["files"])
+
+    @staticmethod
+    def merge(states):
+        """One state of several `state_dict()`s (e.g. every process's): the counts added, the files
+        joined."""
+        files = {}
+        for state in states:
+            for path, reason in state["files"].items():
+                files.setdefault(path, reason)
+        return {"count": sum(int(s["count"]) for s in states), "files": files}
+
+
+class _Views(Dataset):
+    """Indexed by (position, seed): the sample at `position` of the epoch's `order` through `view`
+    with a generator of `seed`, its dataset index in "index".
+
+    A bad sample is, with `skip_bad`, replaced by the next one in `order` that reads (wrapping
+    around), its (path, reason) listed in "skipped"; without, the sample is only {"error": the
+    BadSampleError}, for the main process to raise (a loader worker's exception would come back
+    wrapped in its traceback)."""
+
+    def __init__(self, dataset, view, extras, order, skip_bad=False):
         self.dataset, self.view, self.extras = dataset, view, extras
+        self.order, self.skip_bad = order, skip_bad
 
     def __len__(self):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed = key
-        sample = self.dataset[index]
+        position, seed = key
+        skipped = []
+        for step in range(len(self.order)):
+            index = self.order[(position + step) % len(self.order)]
+            try:
+                sample = self.dataset[index]
+                break
+            except BadSampleError as exc:
+                if not self.skip_bad:
+                    return {"error": exc}
+                skipped.append((exc.path, exc.reason))
+        else:
+            return {"error": ValueError(f"data: every sample of {self.dataset!r} is bad, e.g. "
+                                        f"{skipped[0][0]}: {skipped[0][1]}")}
         extras = self.extras(index) if self.extras is not None else None
         out = self.view(sample, torch.Generator().manual_seed(seed), extras)
         out["index"] = index
+        if self.skip_bad:
+            out["skipped"] = skipped
         return out
 
 
 def collate(samples):
-    """Stack the samples' tensors (images, labels, maps), indices as int64, names as a list."""
+    """Stack the samples' tensors (images, labels, maps), indices as int64, names as a list, and
+    concatenate their "skipped" lists; a sample with an "error" makes the batch {"error": it}."""
+    errors = [s["error"] for s in samples if "error" in s]
+    if errors:
+        return {"error": errors[0]}
     out = {"image": torch.stack([s["image"] for s in samples]),
            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
            "name": [s.get("name") for s in samples]}
@@ -189,6 +251,8 @@ def collate(samples):
         out["label"] = torch.stack([s["label"] for s in samples])
     if samples and "maps" in samples[0]:
         out["maps"] = {k: torch.stack([s["maps"][k] for s in samples]) for k in samples[0]["maps"]}
+    if any("skipped" in s for s in samples):
+        out["skipped"] = [bad for s in samples for bad in s.get("skipped", ())]
     return out
 
 
@@ -201,9 +265,13 @@ class BatchStream:
     Under several processes (`rank` of `world`), the epoch's order is `DistributedSampler`'s (the
     same permutation, every `world`-th sample from `rank`, the tail that does not divide dropped)
     and positions count in the whole permutation, so one process (`world=1`) sees exactly the
-    single-process stream."""
+    single-process stream.
 
-    def __init__(self, dataset, batch_size, view, *, seed=0, num_workers=0, extras=None, rank=0, world=1):
+    `skip_log`: a `SkipLog`: a bad sample is replaced by the next one of this process's order for
+    the epoch that reads, and recorded there; None: a bad sample raises its BadSampleError."""
+
+    def __init__(self, dataset, batch_size, view, *, seed=0, num_workers=0, extras=None, rank=0, world=1,
+                 skip_log=None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
         if not 0 <= rank < world:
@@ -215,6 +283,7 @@ class BatchStream:
         self.seed, self.num_workers = int(seed), int(num_workers)
         self.rank, self.world = int(rank), int(world)
         self.extras = extras
+        self.skip_log = skip_log
         self.epoch, self.position = 0, 0
         self._iter = None
 
@@ -234,19 +303,24 @@ class BatchStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._iter = None
 
-    def _keys(self, epoch, start):
+    def _order(self, epoch):
+        """This process's dataset indices for the epoch, in order."""
         sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
                                      seed=self.seed * 1_000_003, drop_last=True)
         sampler.set_epoch(epoch)  # its permutation is randperm(n) from a generator seeded seed + epoch
-        order = list(sampler)
+        return [int(i) for i in sampler]
+
+    def _keys(self, epoch, start):
+        """(position in this process's order of the epoch, view seed) of each sample of batches
+        `start`...."""
         base = (self.seed * 1_000_003 + epoch) * 65_537
         for b in range(start, self.batches_per_epoch):
             positions = range(b * self.batch_size, (b + 1) * self.batch_size)
-            yield [(int(order[p]), base + p * self.world + self.rank) for p in positions]
+            yield [(p, base + p * self.world + self.rank) for p in positions]
 
     def _epoch_iter(self):
         keys = self._keys(self.epoch, self.position)
-        views = _Views(self.dataset, self.view, self.extras)
+        views = _Views(self.dataset, self.view, self.extras, self._order(self.epoch), self.skip_log is not None)
         if self.num_workers == 0:
             return (collate([views[k] for k in batch]) for batch in keys)
         return iter(DataLoader(views, batch_sampler=list(keys), collate_fn=collate, num_workers=self.num_workers,
@@ -264,5 +338,10 @@ class BatchStream:
             self.epoch, self.position = self.epoch + 1, 0
             self._iter = self._epoch_iter()
             batch = next(self._iter)
+        if "error" in batch:
+            self._iter = None  # stops the loader's workers now, not whenever the stream is collected
+            raise batch["error"]
+        for path, reason in batch.pop("skipped", ()):
+            self.skip_log.record(path, reason)
         self.position += 1
         return batch

@@ -269,7 +269,7 @@ def score_predictions(folder, dataset, *, classes: int = 19, progress: Optional[
     paths = find_predictions(folder, dataset.names)
     cm = ConfusionMatrix(NUM_CLASSES)
     for i, path in enumerate(paths):
-        gt = dataset.to_train_ids(dataset.read_raw_label(i))
+        gt = dataset.train_label(i)
         pred = read_label(path)
         if pred.shape != gt.shape:
             raise ValueError(f"prediction {path} is {pred.shape} (H, W) but its label is {gt.shape}")

@@ -21,6 +21,7 @@ class RunLogger:
         self._writer = None
         self._bar = None
         self._running = {}
+        self._tracked = {}
         self._last_line = 0.0
         if not self.enabled:
             return
@@ -71,20 +72,28 @@ class RunLogger:
         if self._bar is not None:
             self._bar.set_description(text)
 
+    def track(self, name, value):
+        """A column `name` of log.csv (and a TensorBoard scalar `run/name`): `value()` at each
+        iteration (e.g. a running count)."""
+        self._tracked[name] = value
+
     def log_iteration(self, global_iter, stage, stage_iter, losses, lrs, sec_per_iter):
-        """Record one iteration's losses (floats), learning rates and time."""
+        """Record one iteration's losses (floats), learning rates and time, and the tracked values."""
         if not self.enabled:
             return
         for k, v in losses.items():  # exponential running mean for the bar
             self._running[k] = v if k not in self._running else 0.9 * self._running[k] + 0.1 * v
+        tracked = {k: f() for k, f in self._tracked.items()}
         row = {"iter": global_iter, "stage": stage, "stage_iter": stage_iter, "sec_per_iter": round(sec_per_iter, 5),
-               **{f"lr_{k}": v for k, v in lrs.items()}, **{f"loss_{k}": v for k, v in losses.items()}}
+               **{f"lr_{k}": v for k, v in lrs.items()}, **{f"loss_{k}": v for k, v in losses.items()}, **tracked}
         self._write_csv(row)
         if self._writer is not None:
             for k, v in losses.items():
                 self._writer.add_scalar(f"loss/{k}", v, global_iter)
             for k, v in lrs.items():
                 self._writer.add_scalar(f"lr/{k}", v, global_iter)
+            for k, v in tracked.items():
+                self._writer.add_scalar(f"run/{k}", v, global_iter)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix({k: f"{v:.3g}" for k, v in self._running.items()}, refresh=False)

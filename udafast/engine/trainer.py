@@ -22,16 +22,18 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
+from udafast.data import BadSampleError
 from udafast.data.labels import colorize
 from udafast.engine import distributed as dist
 from udafast.engine import checkpoints
 from udafast.engine.config import dump_config, merge
-from udafast.engine.data import BatchStream, TrainView, build_split, collate
+from udafast.engine.data import BatchStream, SkipLog, TrainView, build_split, collate
 from udafast.engine.evaluation import evaluate_model, predict
 from udafast.engine.logging import RunLogger
 from udafast.methods import build_method, method_class
@@ -61,7 +63,14 @@ def _label_option(name, wanted):
 
 class RunContext:
     """What a method may use of the run: the config, device, ops backend, run folder, datasets,
-    training views and streams, a model factory, the logger, and passes over the target set."""
+    training views and streams, a model factory, the logger, and passes over the target set.
+
+    Under `data.skip_bad_samples`, `skip_log` (a SkipLog) records the bad samples passed over:
+    the training streams replace one by the next good sample of their order, the passes over the
+    target set leave it out (it has no pseudo-labels or soft labels, and no stream draws it). log.csv
+    counts them in "skipped_samples" (under several processes, rank 0's count; checkpoints and
+    metrics.json hold every process's). Evaluation never skips: a score over part of the val set
+    would pass for one over all of it."""
 
     def __init__(self, config, out_dir, device, logger, method_cls):
         self.config = config
@@ -74,6 +83,12 @@ class RunContext:
         self.logger = logger
         self.method_cls = method_cls
         data = config["data"]
+        skip = data.get("skip_bad_samples", False)
+        if not isinstance(skip, bool):
+            raise ValueError(f"data.skip_bad_samples: expected true or false, got {skip!r}")
+        self.skip_log = SkipLog(self._note_skip) if skip else None
+        if skip:
+            logger.track("skipped_samples", lambda: self.skip_log.count)
         self.source = build_split(data["source"])
         self.target = None
         if method_cls.uses_target:
@@ -89,11 +104,13 @@ class RunContext:
         batch_size = int(data["batch_size"])
         workers = int(data.get("num_workers", 0))
         self.source_stream = BatchStream(self.source, batch_size, self.source_view, seed=self.seed * 2 + 1,
-                                         num_workers=workers, rank=self.rank, world=self.world)
+                                         num_workers=workers, rank=self.rank, world=self.world,
+                                         skip_log=self.skip_log)
         self.target_stream = None
         if self.target is not None:
             self.target_stream = BatchStream(self.target, batch_size, self.target_view, seed=self.seed * 2 + 2,
-                                             num_workers=workers, rank=self.rank, world=self.world)
+                                             num_workers=workers, rank=self.rank, world=self.world,
+                                             skip_log=self.skip_log)
 
     def log(self, text):
         self.logger.message(text)
@@ -127,24 +144,56 @@ class RunContext:
         subset = torch.utils.data.Subset(self.source, list(indices))
         self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
                                          seed=self.source_stream.seed, num_workers=self.source_stream.num_workers,
-                                         rank=self.rank, world=self.world)
+                                         rank=self.rank, world=self.world, skip_log=self.skip_log)
+
+    def _note_skip(self, text):
+        """A skipped file's message: through the logger on rank 0, on stderr with the rank elsewhere."""
+        if self.rank == 0:
+            self.log(text)
+        else:
+            print(f"[rank {self.rank}] {text}", file=sys.stderr, flush=True)
+
+    def _target_frame(self, i, record=True):
+        """Target frame `i` in the frame of the target view's resize, or None for a bad frame
+        under `data.skip_bad_samples` (recorded in `skip_log` when `record`)."""
+        try:
+            return self.target_view.resized(self.target[i])
+        except BadSampleError as exc:
+            if self.skip_log is None:
+                raise
+            if record:
+                self.skip_log.record(exc.path, exc.reason)
+            return None
 
     def target_frames(self, batch_size=None, limit=None, shard=False):
         """The target training images in order, in the frame of the target view's resize (no
         random augmentation): batches {"image" [B, 3, H, W] in [0, 1], "index", "name"}. With
         `shard`, only this process's share (every world-th frame from its rank): the pass's results
-        are then combined with `all_reduce_` / written through `shared_array`."""
+        are then combined with `all_reduce_` / written through `shared_array`. Under
+        `data.skip_bad_samples` bad frames are left out (and counted), so a batch may be short."""
         batch_size = batch_size or self.target_stream.batch_size
         n = len(self.target) if limit is None else min(limit, len(self.target))
         frames = list(range(self.rank, n, self.world)) if shard else list(range(n))
         for start in range(0, len(frames), batch_size):
             samples = []
             for i in frames[start:start + batch_size]:
-                s = self.target_view.resized(self.target[i])
+                s = self._target_frame(i)
+                if s is None:
+                    continue
                 s = {k: v for k, v in s.items() if k != "label"}
                 s["index"] = i
                 samples.append(s)
-            yield collate(samples)
+            if samples:
+                yield collate(samples)
+
+    def target_frame_size(self):
+        """(H, W) of the target frames in the frame of the target view's resize: that of the first
+        frame that reads (under `data.skip_bad_samples` bad ones are passed over, not counted)."""
+        for i in range(len(self.target)):
+            frame = self._target_frame(i, record=False)
+            if frame is not None:
+                return tuple(frame["image"].shape[-2:])
+        raise ValueError(f"data.target: every frame of {self.target!r} is bad")
 
     def all_reduce_(self, tensor):
         """Sum `tensor` over the run's processes, in place (identity in one process)."""
@@ -294,6 +343,8 @@ class Trainer:
         _set_rng(ckpt["rng"])
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
+        if ctx.skip_log is not None and ckpt.get("skipped") and self.rank == 0:  # every process's, counted once
+            ctx.skip_log.load_state_dict(ckpt["skipped"])
 
     def _stage_init(self, ctx, stages, index):
         """The network stage `index` starts from: the config's init for the first stage; else the
@@ -446,6 +497,8 @@ class Trainer:
         streams = {"source": ctx.source_stream.state_dict(),
                    "target": None if ctx.target_stream is None else ctx.target_stream.state_dict()}
         extra = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
+        if ctx.skip_log is not None:
+            extra["skipped"] = self._skipped(ctx)
         if self.world > 1:
             rng = dict(_get_rng(), method=method.generator.get_state())
             extra["rng_per_rank"] = [None] * self.world
@@ -466,6 +519,14 @@ class Trainer:
             else:
                 checkpoints.write_last(self.ckpt_dir, write)
         dist.barrier()
+
+    def _skipped(self, ctx):
+        """The bad samples every process has skipped (`SkipLog.merge` of their states)."""
+        if self.world == 1:
+            return ctx.skip_log.state_dict()
+        states = [None] * self.world
+        torch.distributed.all_gather_object(states, ctx.skip_log.state_dict())
+        return SkipLog.merge(states)
 
     def _save_periodic(self, method, ctx, stage_index, stage_iter, state):
         """The checkpoint of every `train.ckpt_every` iterations: last.pt and iter_<N>.pt."""
@@ -539,6 +600,9 @@ class Trainer:
             metrics["best"] = {**state["best"], "checkpoint": "checkpoints/best.pt"}
         if "miou13" in result:
             metrics["miou13"] = result["miou13"]
+        if ctx.skip_log is not None:
+            skipped = self._skipped(ctx)
+            metrics["skipped_samples"], metrics["bad_files"] = skipped["count"], skipped["files"]
         if self.rank == 0:
             path = os.path.join(self.out_dir, "metrics.json")
             with open(path + ".tmp", "w") as f:

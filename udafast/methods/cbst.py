@@ -246,7 +246,7 @@ class CBST(Method):
         return h * w
 
     def _frame_size(self):
-        return tuple(self.ctx.target_view.resized(self.ctx.target[0])["image"].shape[-2:])
+        return self.ctx.target_frame_size()
 
     def _complete(self, path):
         if not os.path.isfile(path):
@@ -290,11 +290,16 @@ class CBST(Method):
         ratios of such classes still compare by their probabilities."""
         counts = torch.zeros(self.num_classes, dtype=torch.int64)
         k = thresholds.clamp(min=_TINY).to(self.device)
+        own = np.arange(self.ctx.rank, len(self.ctx.target), self.ctx.world)  # this process's frames
+        written = np.zeros(len(self.ctx.target), dtype=bool)
         with self.ctx.shared_array(path, np.uint8, (len(self.ctx.target), *self._frame_size())) as stored:
             for index, probs in self._probabilities():
                 labels = cbst_pseudo_labels(probs, k, backend=self.backend).cpu()
                 counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=self.num_classes)[:self.num_classes]
                 stored[index.numpy()] = labels.to(torch.uint8).numpy()
+                written[index.numpy()] = True
+            # frames left out as bad (data.skip_bad_samples) get no pseudo-labels
+            stored[own[~written[own]]] = IGNORE_INDEX
         return self.ctx.all_reduce_(counts)
 
     # -- the step -------------------------------------------------------------------------------

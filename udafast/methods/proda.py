@@ -217,8 +217,9 @@ class ProDA(Method):
         return prototypes
 
     def _output_shape(self, model):
-        """((h, w) of the logits, feature channels) for the first target frame."""
-        batch = next(self.ctx.target_frames(1, limit=1))
+        """((h, w) of the logits, feature channels) for the first target frame (that reads, under
+        data.skip_bad_samples)."""
+        batch = next(self.ctx.target_frames(1))
         out = model(self.normalize(batch["image"], model))
         return tuple(out["logits"].shape[-2:]), out["features"].shape[1]
 
