@@ -263,6 +263,7 @@ def run_child(spec):
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     result = {"method": method, "variant": spec["variant"], "phase": phase}
+    meter = StepMeter(device)
     try:
         result["device"] = harness.device_info(device)
         config = measurement_config(method, spec["variant"], device=spec["device"], iters=spec["iters"],
@@ -279,7 +280,6 @@ def run_child(spec):
             torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device)
         rss_before = _rss_bytes()
-        meter = StepMeter(device)
         cls = method_class(method)
         with meter.attached(cls), _steady_state(cls, method):
             metrics = Trainer(config, out, stage=MEASURED_STAGE.get(method), tensorboard=False, progress=False).run()
@@ -297,7 +297,9 @@ def run_child(spec):
                           rss_growth_bytes=None if rss_before is None else peak - rss_before,
                           setup_rss_growth_bytes=None if rss_before is None else meter.setup_peak - rss_before)
     except torch.cuda.OutOfMemoryError as e:
-        result.update(status="oom", reason=harness._first_line(str(e)))
+        # how far it got: out of memory in the set-up, in step N, or after the steps (evaluation)
+        result.update(status="oom", reason=f"after {len(meter.times)} steps: {harness._first_line(str(e))}",
+                      peak_step_bytes=meter.step_peak)
     except Exception as e:
         result.update(status="error", reason=f"{type(e).__name__}: {harness._first_line(str(e))}",
                       traceback=traceback.format_exc()[-4000:])

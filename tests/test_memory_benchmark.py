@@ -94,21 +94,35 @@ def test_quick_cpu_run(tmp_path):
     assert set(merged["runs"]) == {data["latest_run"], "later"}
 
 
-def test_failures_are_rows(tmp_path):
+def test_failures_are_rows(tmp_path, monkeypatch):
     """A measurement that fails is a row with the reason (written to its result file too), and the
-    table says so."""
+    table says so; running out of CUDA memory is a result of its own ("oom")."""
     spec = {"method": "proda", "variant": "fp32", "phase": "measure", "device": "cpu", "iters": 1, "quick": True,
             "threads": 1, "out_dir": str(tmp_path / "run"), "result": str(tmp_path / "result.json")}
     result = memory.run_child(spec)  # stage 1 without the warm-up network: the trainer's own error
     assert result["status"] == "error" and "warmup.pt" in result["reason"]
     assert result["device"]["type"] == "cpu"
     assert json.loads((tmp_path / "result.json").read_text())["reason"] == result["reason"]
+
+    from udafast.methods.source_only import SourceOnly
+    original = SourceOnly.step
+
+    def out_of_memory(method, batch, it, iters):
+        if it == 1:
+            raise memory.torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(method, batch, it, iters)
+    monkeypatch.setattr(SourceOnly, "step", out_of_memory)
+    spec = dict(spec, method="source_only", iters=3, out_dir=str(tmp_path / "oom"), result=None)
+    oom = memory.run_child(spec)
+    assert oom["status"] == "oom" and oom["reason"] == "after 1 steps: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert SourceOnly.step is out_of_memory  # the measurement's wrapper is gone
     env = memory.environment(result["device"], 1, True, 1)
     row = dict(result, **memory._describe("proda", True), wall_s=1.0)
-    oom = dict(row, variant="bf16", status="oom", reason="CUDA out of memory")
-    text = memory.markdown(memory.merge_results(None, env, [row, oom], list(memory.VARIANTS)))
+    oom_row = dict(row, variant="bf16", status="oom", reason=oom["reason"])
+    text = memory.markdown(memory.merge_results(None, env, [row, oom_row], list(memory.VARIANTS)))
     assert "| proda | fp32 | - | - | - | - | - | error: FileNotFoundError" in text
     assert "| error | OOM |\n" in text  # columns: the variants measured
+    assert "| proda | bf16 | - | - | - | - | - | oom: after 1 steps: CUDA out of memory" in text
 
 
 def test_cuda_results_file(tmp_path):
