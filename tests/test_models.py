@@ -221,6 +221,21 @@ def test_class_selectors_match_one_selector_per_class():
         sel(z, torch.full((9,), 3))
 
 
+def test_class_selectors_under_bf16_autocast():
+    """float32 rows (the contrastive memory bank's) scored under autocast: float32 scores, close to
+    the float32 ones, with gradients (the selector's matmuls run in bfloat16)."""
+    sel = ClassSelectors(num_classes=3, dim=8, hidden=16).eval()
+    z = torch.randn(9, 8)
+    labels = torch.tensor([2, 0, 2, 2, 0, 1, 0, 2, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = sel(z, labels)
+        narrow = sel(z.bfloat16(), labels)
+    assert scores.dtype == torch.float32 and narrow.dtype == torch.bfloat16
+    torch.testing.assert_close(scores, sel(z, labels), rtol=0.05, atol=0.05)
+    scores.sum().backward()
+    assert sel.weight2.grad is not None and torch.isfinite(sel.weight2.grad).all()
+
+
 def test_checkpoint_round_trip_and_extras(tmp_path):
     model = build_model({"name": "small", "num_classes": 7}).eval()
     opt = torch.optim.SGD(model.param_groups(0.01), momentum=0.9)

@@ -118,16 +118,13 @@ class ClassSelectors(nn.Module):
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
             raise ValueError(f"labels: expected class ids in [0, {self.num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
-        parts = []
+        scores = z.new_empty(z.shape[0])  # in z's dtype: under autocast the per-class scores may come out narrower
         for c in torch.unique(labels).tolist():
             rows = (labels == c).nonzero().squeeze(1)
             h = F.linear(z[rows], self.weight1[c], self.bias1[c])
             # running_mean[c] is a view: F.batch_norm updates the class's row of the buffer in place.
             h = F.batch_norm(h, self.running_mean[c], self.running_var[c], self.bn_weight[c], self.bn_bias[c],
                              training=self.training and rows.numel() > 1, momentum=self.momentum, eps=self.eps)
-            parts.append((rows, F.leaky_relu(h, 0.2) @ self.weight2[c] + self.bias2[c]))
-        # under autocast the classes' scores come out in the autocast dtype, not z's
-        scores = z.new_empty(z.shape[0], dtype=parts[0][1].dtype if parts else z.dtype)
-        for rows, part in parts:
-            scores = scores.index_put((rows,), part.to(scores.dtype))
+            out = F.leaky_relu(h, 0.2) @ self.weight2[c] + self.bias2[c]
+            scores = scores.index_put((rows,), out.to(scores.dtype))
         return scores
