@@ -30,17 +30,19 @@ def extension_loaded():
     return EXTENSION_ERROR is None
 
 
-# Fixed for the life of the process, so torch.compile may evaluate it once while tracing (it cannot
-# trace the dispatcher query itself, which broke fullgraph=True compiles of every public op).
-@torch.compiler.assume_constant_result
+def _native_kernels():
+    """{(op, device type): whether udafast._C registers a kernel}, read once: the registrations are
+    fixed for the life of the process, and torch.compile traces a dict lookup where it cannot
+    trace the dispatcher query itself (which broke fullgraph=True compiles of every public op)."""
+    if not extension_loaded():
+        return {}
+    return {(op, device): torch._C._dispatch_has_kernel_for_dispatch_key(f"udafast::{op}", key)
+            for op in OPS for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
 def native_has_kernel(op, device_type):
     """Whether the compiled extension registers `op` for this device type."""
-    if not extension_loaded():
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    if key is None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"udafast::{op}", key)
+    return NATIVE_KERNELS.get((op, device_type), False)
 
 
 def native_unavailable_reason(op, device_type):
@@ -81,6 +83,18 @@ CUDA_AUTO = {
 }
 
 
+#: every public op
+OPS = tuple(CUDA_AUTO)
+NATIVE_KERNELS = _native_kernels()
+
+
+def _constant_where_compiled_code_asks(fn):
+    """torch.compiler.assume_constant_result(fn) where compiled code can call it (only the CUDA
+    path of auto_choice does); elsewhere fn as it is, since the decorator imports torch._dynamo,
+    about 1.5 s of every CPU process's start-up."""
+    return torch.compiler.assume_constant_result(fn) if torch.cuda.is_available() else fn
+
+
 def auto_choice(op, device_type):
     """What backend="auto" runs: on CUDA the table's choice, else the other fast backend; on the
     CPU native; the reference where neither is available."""
@@ -96,7 +110,7 @@ def auto_choice(op, device_type):
     return "native" if native_has_kernel(op, device_type) else "reference"
 
 
-@torch.compiler.assume_constant_result
+@_constant_where_compiled_code_asks
 def triton_available(op, device_type):
     return triton_unavailable_reason(op, device_type) is None
 
