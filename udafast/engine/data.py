@@ -296,6 +296,14 @@ class BatchStream:
         self.extras = extras
         self._iter = None
 
+    def close(self):
+        """Stop the prefetching and its loader workers now (not when the iterator is collected,
+        which a reference cycle can delay by seconds per worker); the next batch starts it again."""
+        shutdown = getattr(self._iter, "_shutdown_workers", None)  # torch's multi-process loader iterator
+        if shutdown is not None:
+            shutdown()
+        self._iter = None
+
     def state_dict(self):
         return {"epoch": self.epoch, "position": self.position}
 
@@ -339,7 +347,7 @@ class BatchStream:
             self._iter = self._epoch_iter()
             batch = next(self._iter)
         if "error" in batch:
-            self._iter = None  # stops the loader's workers now, not whenever the stream is collected
+            self.close()  # stops the loader's workers now, not whenever the stream is collected
             raise batch["error"]
         for path, reason in batch.pop("skipped", ()):
             self.skip_log.record(path, reason)

@@ -273,6 +273,7 @@ class Trainer:
 
         resume_ckpt = self._resume_checkpoint()
         logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard, rank=self.rank)
+        ctx = None
         try:
             ctx = RunContext(config, self.out_dir, device, logger, method_cls)
             if self.world > 1:
@@ -290,6 +291,10 @@ class Trainer:
             logger.set_total(sum(stages[i].iters for i in todo))
             return self._run_stages(method, ctx, stages, todo, resume_ckpt, logger)
         finally:
+            if ctx is not None:  # stop loader workers now, also when the run failed
+                for stream in (ctx.source_stream, ctx.target_stream):
+                    if stream is not None:
+                        stream.close()
             logger.close()
 
     def _resume_checkpoint(self):
