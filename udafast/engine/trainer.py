@@ -15,6 +15,12 @@ and extra state), the batch streams' positions, every global RNG (Python, NumPy,
 CUDA), the trainer's counters and, when there is one, the AMP grad scaler; the learning rates are
 a function of the iteration. So with `deterministic: true` on the CPU a resumed run ends bitwise
 equal to the run that was not interrupted, wherever that one was killed.
+
+Every optimiser of the method steps through a `StepGuard` (udafast.engine.distributed): under
+torchrun it averages the gradients over the processes, it refuses non-finite gradients (the run
+stops with NonFiniteLoss naming the last good checkpoint, or, with `train.on_nonfinite: skip`, the
+update is dropped and counted) and it applies one update per `train.grad_accum` micro-batches.
+`train.amp: bf16` runs each step under bfloat16 autocast.
 """
 import contextlib
 import json
