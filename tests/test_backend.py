@@ -15,8 +15,14 @@ def test_extension_is_built_and_has_every_cpu_kernel():
     assert _backend.extension_loaded(), _backend.EXTENSION_ERROR
     from udafast.info import OPS
 
-    missing = [op for op in OPS if not _backend.native_has_kernel(op, "cpu")]
+    backwards = ("prototype_softmax_backward", "sce_loss_backward", "kl_loss_backward")
+    missing = [op for op in OPS + backwards if not _backend.native_has_kernel(op, "cpu")]
     assert not missing, f"no CPU kernel for {missing}"
+    # the availability table agrees with the dispatcher, op by op
+    for op in OPS + backwards:
+        for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            assert _backend.native_has_kernel(op, device) == \
+                torch._C._dispatch_has_kernel_for_dispatch_key(f"udafast::{op}", key), (op, device)
     assert _backend.resolve("sce_loss", "auto", "cpu") == "native"
 
 

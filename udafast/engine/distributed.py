@@ -24,8 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["init_from_env", "shutdown", "is_distributed", "rank", "world_size", "barrier", "all_reduce_",
-           "all_gather_cat", "broadcast_state", "average_buffers", "same_on_every_rank", "StepGuard",
-           "NonFiniteError", "shard", "SyncBatchNorm", "convert_sync_batchnorm"]
+           "broadcast_state", "average_buffers", "StepGuard", "NonFiniteError", "shard", "SyncBatchNorm",
+           "convert_sync_batchnorm"]
 
 
 def is_distributed():
@@ -73,19 +73,17 @@ def barrier():
 
 
 def all_reduce_(tensor):
-    """Sum `tensor` over the processes, in place (identity in one process)."""
-    if is_distributed():
-        dist.all_reduce(tensor)
-    return tensor
-
-
-def all_gather_cat(tensor):
-    """Every process's `tensor` (same shape everywhere) concatenated along dim 0 in rank order."""
+    """Sum `tensor` over the processes, in place (identity in one process). A CPU tensor under NCCL
+    (which reduces CUDA tensors only) travels through the process's GPU."""
     if not is_distributed():
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    if dist.get_backend() == "nccl" and not tensor.is_cuda:
+        moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(moved)
+        tensor.copy_(moved)
+    else:
+        dist.all_reduce(tensor)
+    return tensor
 
 
 def shard(n):
@@ -121,16 +119,6 @@ def average_buffers(modules):
     flat /= world_size()
     for b, f in zip(buffers, flat.split([b.numel() for b in buffers])):
         b.copy_(f.view_as(b))
-
-
-def same_on_every_rank(tensors):
-    """True when every tensor is bitwise equal on all processes (a check, for tests and logs)."""
-    flat = torch.cat([t.detach().reshape(-1).to(torch.float64).cpu() for t in tensors]) if tensors else torch.zeros(1)
-    if not is_distributed():
-        return True
-    gathered = [torch.empty_like(flat) for _ in range(world_size())]
-    dist.all_gather(gathered, flat)
-    return all(torch.equal(gathered[0], g) for g in gathered)
 
 
 class NonFiniteError(RuntimeError):
@@ -191,8 +179,10 @@ class StepGuard:
         if not self.last_micro_step:
             return None
         params = self._params()
+        if not params:
+            return None
         if is_distributed():
-            has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8)
+            has = torch.tensor([p.grad is not None for p in params], dtype=torch.uint8, device=params[0].device)
             dist.all_reduce(has, op=dist.ReduceOp.MAX)
             for p, h in zip(params, has.tolist()):
                 if h and p.grad is None:
@@ -207,7 +197,8 @@ class StepGuard:
             torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
         if scale != 1.0:
             torch._foreach_mul_(grads, scale)
-        finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # the max-abs norm is NaN or inf exactly where a gradient has one (one fused kernel on CUDA)
+        finite = bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
         if not finite:
             if self.on_nonfinite == "stop":
                 raise NonFiniteError(f"optimiser {self.name!r}: non-finite gradients")

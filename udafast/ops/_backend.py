@@ -36,8 +36,9 @@ def _native_kernels():
     trace the dispatcher query itself (which broke fullgraph=True compiles of every public op)."""
     if not extension_loaded():
         return {}
-    return {(op, device): torch._C._dispatch_has_kernel_for_dispatch_key(f"udafast::{op}", key)
-            for op in OPS for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+    names = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("udafast::")]  # backwards too
+    return {(name[len("udafast::"):], device): torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+            for name in names for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 def native_has_kernel(op, device_type):
@@ -83,8 +84,6 @@ CUDA_AUTO = {
 }
 
 
-#: every public op
-OPS = tuple(CUDA_AUTO)
 NATIVE_KERNELS = _native_kernels()
 
 
