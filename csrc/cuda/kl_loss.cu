@@ -30,34 +30,14 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "fused_loss.cuh"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
 
 namespace {
-
-constexpr int kThreads = 256;  // threads per block (the block reduction assumes exactly this)
-constexpr int kWarps = kThreads / 32;
-constexpr int kPixPerThread = 4;  // forward: pixels per thread, so fewer partials to finalize
-constexpr int64_t kPixPerBlock = static_cast<int64_t>(kThreads) * kPixPerThread;
-
-// float for float / float16 / bfloat16, double for double
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
-__device__ __forceinline__ float log1p_acc(float x) { return log1pf(x); }
-__device__ __forceinline__ double log1p_acc(double x) { return log1p(x); }
 
 // others = sum of exp(z - mx) over the C classes of a pixel (class c at z[c * S]) without the first
 // class at the max; with an all-NaN or +inf pixel (d = NaN) it is NaN, as the plain sum was.
@@ -72,34 +52,6 @@ __device__ __forceinline__ acc_t sum_of_others(const scalar_t* z, int64_t C, int
     found = found || top;
   }
   return others;
-}
-
-// Sums v and count over the block (blockDim.x == kThreads) with a fixed tree: warp shuffles, then
-// the kWarps warp totals by the first warp. The totals are valid in thread 0.
-__device__ __forceinline__ void block_sum(double& v, long long& count) {
-  __shared__ double shared_v[kWarps];
-  __shared__ long long shared_count[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    v += __shfl_down_sync(0xffffffffu, v, offset);
-    count += __shfl_down_sync(0xffffffffu, count, offset);
-  }
-  if (lane == 0) {
-    shared_v[warp] = v;
-    shared_count[warp] = count;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < kWarps ? shared_v[lane] : 0.0;
-    count = lane < kWarps ? shared_count[lane] : 0LL;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-      v += __shfl_down_sync(0xffffffffu, v, offset);
-      count += __shfl_down_sync(0xffffffffu, count, offset);
-    }
-  }
 }
 
 // Per block b: partial[b] = sum over its valid pixels of sum_c t_c (log t_c - log q_c), counts[b] =

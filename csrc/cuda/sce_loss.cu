@@ -28,31 +28,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "fused_loss.cuh"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
 namespace {
-
-constexpr int kThreads = 256;  // threads per block (the block reduction assumes exactly this)
-constexpr int kWarps = kThreads / 32;
-constexpr int kPixPerThread = 4;  // forward: pixels per thread, so fewer partials to finalize
-constexpr int64_t kPixPerBlock = static_cast<int64_t>(kThreads) * kPixPerThread;
-
-// float for float / float16 / bfloat16, double for double
-template <typename T>
-struct AccOf {
-  using type = float;
-};
-template <>
-struct AccOf<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
-__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
-__device__ __forceinline__ float log_acc(float x) { return logf(x); }
-__device__ __forceinline__ double log_acc(double x) { return log(x); }
 
 // Label dtypes, read through one kernel instantiation (a uniform branch per load).
 enum LabelKind : int { kLabelU8 = 0, kLabelI8 = 1, kLabelI16 = 2, kLabelI32 = 3, kLabelI64 = 4 };
@@ -99,39 +81,6 @@ __device__ __forceinline__ int64_t label_class(const void* __restrict__ target, 
       break;
   }
   return (v != ignore_index && v >= 0 && v < C) ? v : -1;
-}
-
-// Sums v[0..N) and count over the block (blockDim.x == kThreads) with a fixed tree: warp shuffles,
-// then the kWarps warp totals by the first warp. The totals are valid in thread 0.
-template <int N>
-__device__ __forceinline__ void block_sum(double (&v)[N], long long& count) {
-  __shared__ double shared_v[N][kWarps];
-  __shared__ long long shared_count[kWarps];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] += __shfl_down_sync(0xffffffffu, v[i], offset);
-    count += __shfl_down_sync(0xffffffffu, count, offset);
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) shared_v[i][warp] = v[i];
-    shared_count[warp] = count;
-  }
-  __syncthreads();
-  if (warp == 0) {
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = lane < kWarps ? shared_v[i][lane] : 0.0;
-    count = lane < kWarps ? shared_count[lane] : 0LL;
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) {
-#pragma unroll
-      for (int i = 0; i < N; ++i) v[i] += __shfl_down_sync(0xffffffffu, v[i], offset);
-      count += __shfl_down_sync(0xffffffffu, count, offset);
-    }
-  }
 }
 
 // Per block b: partial[b] = sum of -log p_y (valid pixels), partial[nb + b] = sum over valid pixels
