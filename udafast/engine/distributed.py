@@ -91,16 +91,12 @@ def shard(n):
     return range(rank(), n, world_size())
 
 
-def _tensors(module):
-    return list(module.parameters()) + list(module.buffers())
-
-
 def broadcast_state(modules):
     """Rank 0's parameters and buffers of `modules` to every process."""
     if not is_distributed():
         return
     for module in modules:
-        for t in _tensors(module):
+        for t in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(t.data, 0)
 
 
@@ -148,7 +144,6 @@ class StepGuard:
         self.on_nonfinite, self.accumulate = on_nonfinite, accumulate
         self.micro_step = 0          # set by the trainer before each micro-batch
         self.skipped = 0
-        self.steps = 0
         self._step, self._zero_grad = optimizer.step, optimizer.zero_grad
         self._own = {k: vars(optimizer)[k] for k in ("step", "zero_grad") if k in vars(optimizer)}
         optimizer.step, optimizer.zero_grad = self.step, self.zero_grad
@@ -205,7 +200,6 @@ class StepGuard:
             self.skipped += 1
             self._zero_grad(set_to_none=True)
             return None
-        self.steps += 1
         return self._step()
 
 

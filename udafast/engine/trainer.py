@@ -351,7 +351,7 @@ class Trainer:
         ctx.source_stream.load_state_dict(ckpt["streams"]["source"])
         if ctx.target_stream is not None and ckpt["streams"].get("target"):
             ctx.target_stream.load_state_dict(ckpt["streams"]["target"])
-        _set_rng(ckpt["rng"])
+        self._restore_rng(method, ctx, ckpt)
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
         if ctx.skip_log is not None and ckpt.get("skipped") and self.rank == 0:  # every process's, counted once
@@ -396,13 +396,12 @@ class Trainer:
             begin = 0
             if resuming:
                 self._restore(method, ctx, resume_ckpt)
-                self._restore_rank_rng(method, resume_ckpt, logger)
                 begin = start_iter
             logger.set_description(stage.name)
             method.model.train()
             synced = _synced_modules(method)
             if not resuming:  # the networks the method made in its set-up (heads, discriminators, students)
-                dist.broadcast_state(synced)
+                dist.broadcast_state([m for m in synced if m is not model])
             guards = [dist.StepGuard(name, opt, on_nonfinite=self.on_nonfinite, accumulate=self.accumulate)
                       for name, opt in method.optimizers.items()]
             for it in range(begin, stage.iters):
@@ -441,19 +440,19 @@ class Trainer:
             self._panels(method.model, ctx, stage.name)
         return self._finish(method, ctx, result, state, stages, todo)
 
-    def _restore_rank_rng(self, method, ckpt, logger):
-        """Under several processes, each takes back its own random state (when the checkpoint was
-        written by as many processes; else they keep fresh, distinct seeds and say so)."""
-        if self.world == 1:
-            return
+    def _restore_rng(self, method, ctx, ckpt):
+        """The checkpoint's random state; under several processes each takes back its own (when the
+        checkpoint was written by as many processes; else they get fresh, distinct seeds, said so)."""
         per_rank = ckpt.get("rng_per_rank")
-        if per_rank is not None and len(per_rank) == self.world:
+        if self.world == 1:
+            _set_rng(ckpt["rng"])
+        elif per_rank is not None and len(per_rank) == self.world:
             _set_rng(per_rank[self.rank])
             method.generator.set_state(per_rank[self.rank]["method"])
-            return
-        seed_everything(int(self.config["seed"]) + 1_000_003 * self.rank + 7 * int(ckpt["iter"]))
-        logger.message(f"resume: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
-                       f"{self.world}: data order continues, random streams are re-seeded")
+        else:
+            seed_everything(int(self.config["seed"]) + 1_000_003 * self.rank + 7 * int(ckpt["iter"]))
+            ctx.log(f"resume: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
+                    f"{self.world}: data order continues, random streams are re-seeded")
 
     def _iteration(self, method, ctx, guards, it, iters):
         """One optimiser update: `train.grad_accum` micro-batches through `method.step` (under bf16
