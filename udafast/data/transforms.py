@@ -73,8 +73,9 @@ def _resize_label(label, size):
 def _resize_sample(sample, size, antialias=True):
     out = dict(sample)
     out["image"] = _resize_image(sample["image"], size, antialias)
-    if "label" in sample:
-        out["label"] = _resize_label(sample["label"], size)
+    for key in ("label", "truth"):  # "truth": a target's true labels kept to score pseudo-labels
+        if key in sample:
+            out[key] = _resize_label(sample[key], size)
     return out
 
 
