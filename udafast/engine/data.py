@@ -4,7 +4,10 @@ A sample's view is a pure function of (stream seed, epoch, position), whatever t
 loader workers, so that a run is reproducible and a stream can resume from `(epoch, position)`.
 Methods can attach per-sample data to a stream (`extras(index) -> dict`): a `"label"` (pseudo-labels
 in the frame of the resized image) follows the image pixel for pixel, as does a sample's `"truth"`
-(the target's true labels, kept apart from the training labels to score pseudo-labels); `"crop_center"` (y, x) in
+(the target's true labels, kept apart from the training labels to score pseudo-labels); `"frame": True`
+adds the whole resized frame as the sample's "frame" (ProDA's teacher sees it, then takes its outputs
+into the view with `udafast.data.transforms.frame_to_view` and the sample's "geometry", which every
+view records: [scaled height, scaled width, crop top, crop left, flipped]); `"crop_center"` (y, x) in
 that frame centres the random crop on a pixel (or None); any other tensor [..., h, w]
 is a map of the whole frame at any resolution (e.g. soft labels at the network's output stride) and
 is cropped and flipped proportionally, so crops are aligned to the map's stride.
@@ -108,6 +111,9 @@ class TrainView:
             for key, value in extras.items():
                 if key == "crop_center":
                     sample["crop_center"] = value
+                elif key == "frame":
+                    if value:
+                        sample["frame"] = sample["image"]
                 elif key == "label":
                     if tuple(value.shape) != tuple(sample["image"].shape[-2:]):
                         raise ValueError(f"extras: label of shape {tuple(value.shape)} for an image of "
@@ -119,25 +125,29 @@ class TrainView:
         image = sample["image"]
         labels = {k: sample[k] for k in _LABEL_KEYS if sample.get(k) is not None}
         maps = dict(sample.get("maps") or {})
+        offset, flipped = (0, 0), False
         if self.scale_range is not None:
             lo, hi = self.scale_range
             s = lo + (hi - lo) * _rand(generator)
             size = (max(1, round(image.shape[-2] * s)), max(1, round(image.shape[-1] * s)))
             image = _resize_image(image, size)
             labels = {k: _resize_label(v, size) for k, v in labels.items()}
+        scaled = tuple(image.shape[-2:])
         if self.crop is not None:
             center = sample.get("crop_center")
             if center is not None and self.scale_range is not None:
                 center = (center[0] * image.shape[-2] / sample["image"].shape[-2],
                           center[1] * image.shape[-1] / sample["image"].shape[-1])
-            image, labels, maps = self._crop(image, labels, maps, generator, center)
+            image, labels, maps, offset = self._crop(image, labels, maps, generator, center)
         if self.flip > 0 and _rand(generator) < self.flip:
+            flipped = True
             image = image.flip(-1)
             labels = {k: v.flip(-1) for k, v in labels.items()}
             maps = {k: v.flip(-1) for k, v in maps.items()}
         out = dict(sample)
         out["image"] = image.contiguous()
         out.update({k: v.contiguous() for k, v in labels.items()})
+        out["geometry"] = torch.tensor([*scaled, *offset, int(flipped)], dtype=torch.int64)
         out.pop("maps", None)
         out.pop("crop_center", None)
         if maps:
@@ -163,7 +173,7 @@ class TrainView:
         image = image[..., y0:y0 + ch, x0:x0 + cw]
         labels = {k: v[..., y0:y0 + ch, x0:x0 + cw] for k, v in labels.items()}
         maps = {k: _crop_map(v, h, w, y0, x0, ch, cw) for k, v in maps.items()}
-        return image, labels, maps
+        return image, labels, maps, (y0, x0)
 
     def __repr__(self):
         return (f"TrainView(resize={self.resize}, scale_range={self.scale_range}, crop={self.crop}, "
@@ -275,7 +285,7 @@ def collate(samples):
     out = {"image": torch.stack([s["image"] for s in samples]),
            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
            "name": [s.get("name") for s in samples]}
-    for key in _LABEL_KEYS:
+    for key in _LABEL_KEYS + ("frame", "geometry"):
         if samples and all(key in s for s in samples):
             out[key] = torch.stack([s[key] for s in samples])
     if samples and "maps" in samples[0]:

@@ -134,14 +134,15 @@ class RunContext:
 
     def build_model(self, overrides=None, init=True):
         """A fresh network from the config's `model` (merged with `overrides`) on the device; with
-        `init`, loaded with the weights of the config's `init` checkpoint when one is set."""
+        `init`, loaded with the weights of the config's `init` checkpoint when one is set, or of the
+        checkpoint `init` names (a path)."""
         wanted = self.method_cls.model_overrides  # a dict, or a function of the model config giving one
         wanted = wanted(self.config["model"]) if callable(wanted) else wanted
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
         if self.world > 1 and self.config["train"].get("sync_bn"):
             model = dist.convert_sync_batchnorm(model)
         model.backbone.activation_checkpointing = bool(self.config["train"].get("activation_checkpointing"))
-        path = self.config.get("init")
+        path = init if isinstance(init, str) else self.config.get("init")
         if init and path:
             # the backbone must come whole from the init; heads the init has in another form (e.g.
             # ProDA's feature head after a DeepLabV2 source network) start fresh
