@@ -311,9 +311,9 @@ class ProDA(Method):
                         raise ValueError(f"proda: target frames of different sizes ({tuple(logits.shape[-2:])} "
                                          f"against {size} at the output stride); set data.target_view.resize")
                     pred = logits.argmax(1)
+                    self.record_labels("p_t0", pred, self._truth_at(batch, size))
                     if soft is not None:
                         soft[batch["index"].numpy()] = F.softmax(logits, dim=1).to(torch.float16).cpu().numpy()
-                        self.record_labels("p_t0", pred, self._truth_at(batch, size))
                     if need_prototypes:
                         s, c = class_feature_sums(features.float(), pred, self.num_classes, backend=self.backend)
                         index = batch["index"].to(self.device)
@@ -352,6 +352,10 @@ class ProDA(Method):
         frame = self.ctx.target_frame_size()
         if _complete_labels(path, n_frames, frame):
             self.ctx.log(f"proda {stage_name}: reusing the labels in {path}")
+            stored = np.load(path, mmap_mode="r")
+            for batch in self.ctx.target_frames(o["pass_batch_size"], shard=True):
+                self.record_labels("distill", torch.from_numpy(np.asarray(stored[batch["index"].numpy()])),
+                                   batch.get("truth"))
             return path
         with self.ctx.shared_array(path, np.uint8, (n_frames,) + frame) as labels_file:
             for batch in self.ctx.target_frames(o["pass_batch_size"], shard=True):
