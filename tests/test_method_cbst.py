@@ -14,7 +14,7 @@ import torch.nn as nn
 from udafast.engine.config import DEFAULTS, merge
 from udafast.engine.data import BatchStream, TrainView
 from udafast.engine.trainer import RunContext, Trainer
-from udafast.methods.cbst import CBST, _RoundExtras, portion_schedule, rare_classes, source_fraction, subsample_mask
+from udafast.methods.cbst import CBST, _RoundExtras, mine_classes, portion_schedule, source_fraction, subsample_mask
 
 C = 4
 
@@ -46,10 +46,13 @@ class FakeContext:
         g = torch.Generator().manual_seed(2)
         self.device, self.backend, self.out_dir = torch.device("cpu"), "reference", str(out_dir)
         self.target = [{"image": torch.rand(3, h, w, generator=g), "name": f"t{i}"} for i in range(n)]
-        self.source = list(range(n_source))
+        self.source = [{"image": torch.rand(3, h, w, generator=g), "label": torch.randint(0, C, (h, w), generator=g),
+                        "name": f"s{i}"} for i in range(n_source)]
         self.target_view = TrainView(crop=crop, flip=0.0)
-        self.source_stream = types.SimpleNamespace(batch_size=batch_size)
+        self.source_view = TrainView(crop=crop, flip=0.0)
+        self.source_stream = types.SimpleNamespace(batch_size=batch_size, num_workers=0)
         self.target_stream = BatchStream(self.target, 2, self.target_view, seed=5)
+        self.mixed_stream, self.seed = None, 0
         self.subsets, self.messages = [], []
         self.rank, self.world = 0, 1
         self.skip_log = None  # bad samples raise
@@ -59,8 +62,10 @@ class FakeContext:
     shared_array = RunContext.shared_array
     all_reduce_ = RunContext.all_reduce_
 
-    def set_source_subset(self, indices):
+    def set_mixed_stream(self, indices, extras=None, seed=None):
         self.subsets.append(list(indices))
+        self.extras = extras
+        return RunContext.set_mixed_stream(self, indices, extras, seed)
 
     def log(self, text):
         self.messages.append(text)
@@ -142,7 +147,8 @@ def test_subsample_mask_keeps_every_nth_pixel_of_each_class_per_image(every):
 
 @pytest.mark.parametrize("round_index,bins,every,scale", [(0, 65536, 4, 2.0), (2, 64, 1, 2.0), (6, 2, 4, 0.3)])
 def test_thresholds_and_labels_equal_the_definition(tmp_path, round_index, bins, every, scale):
-    method, ctx = make(tmp_path, rounds=7, bins=bins, subsample=every)
+    # at scale 1 (a per-pixel network is its own mirror image: the flip average changes nothing)
+    method, ctx = make(tmp_path, rounds=7, bins=bins, subsample=every, label_scale=1.0)
     model = PixelNet(scale=scale)
     start(method, round_index, model=model)
     probs = expected_probs(ctx, model)
@@ -156,7 +162,8 @@ def test_thresholds_and_labels_equal_the_definition(tmp_path, round_index, bins,
     assert stored.dtype == np.uint8 and np.array_equal(stored, labels)
     counts = np.bincount(labels[labels != 255], minlength=C)
     assert method.label_counts.tolist() == counts.tolist()
-    assert method.rare == rare_classes(torch.from_numpy(counts), 3)
+    assert method.pred_counts.tolist() == torch.bincount(probs.argmax(1).reshape(-1), minlength=C).tolist()
+    assert method.mine == mine_classes(method.pred_counts, 1e-3)
 
 
 def test_portion_and_source_fraction_schedules():
@@ -165,8 +172,11 @@ def test_portion_and_source_fraction_schedules():
     assert portion_schedule(3, 0.5, 0.1, 0.6) == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("fraction,n_source,batch,expected", [(0.03, 1000, 8, 30), (0.03, 100, 8, 8),
-                                                              (0.5, 10, 2, 5), (0.03, 3, 4, 3)])
+# floor(n * fraction) as crst_seg.py savelst_SrcTgt, at least one image (the mixed set needs no
+# batch of source images: before the mixed set, at least a batch was drawn)
+@pytest.mark.parametrize("fraction,n_source,batch,expected", [(0.03, 1000, 8, 30), (0.03, 100, 8, 3),
+                                                              (0.5, 10, 2, 5), (0.03, 3, 4, 1),
+                                                              (0.0325, 1000, 2, 32)])
 def test_source_subset_size_and_seeding(tmp_path, fraction, n_source, batch, expected):
     ctx = FakeContext(tmp_path, n_source=n_source, batch_size=batch)
     method, _ = make(tmp_path, ctx, source_start=fraction, source_max=max(fraction, 0.06), rounds=2)
@@ -195,7 +205,7 @@ def test_labels_file_complete_reused_on_resume_and_nothing_else_written(tmp_path
     monkeypatch.setattr(resumed, "_thresholds_pass", fail)
     start(resumed, resume=True)
     resumed.load_extra_state(state)
-    assert torch.equal(resumed.thresholds, method.thresholds) and resumed.rare == method.rare
+    assert torch.equal(resumed.thresholds, method.thresholds) and resumed.mine == method.mine
     assert ctx2.subsets[-1] == ctx.subsets[-1]
     assert np.array_equal(np.load(path), first)
     # an incomplete file (wrong shape, as a crash would leave only a temp file) is recomputed on resume
@@ -210,27 +220,29 @@ def test_labels_file_complete_reused_on_resume_and_nothing_else_written(tmp_path
         start(other)
 
 
-@pytest.mark.parametrize("counts,k,expected", [([5, 0, 2, 9], 3, [2, 0, 3]), ([0, 0, 4, 4], 3, [2, 3]),
-                                               ([1, 1, 1, 1], 2, [0, 1]), ([3, 2, 1, 0], 0, [])])
-def test_rare_classes_are_the_smallest_labelled_shares(counts, k, expected):
-    assert rare_classes(torch.tensor(counts), k) == expected
+# crst_seg.py kc_parameters: every class predicted on less than mine_port of the pixels, rarest first
+@pytest.mark.parametrize("counts,port,expected", [([5, 0, 2, 993], 1e-3, [1]), ([5, 0, 2, 993], 0.0051, [1, 2, 0]),
+                                                  ([1, 1, 1, 1], 0.25, []), ([1, 1, 1, 1], 0.2501, [0, 1, 2, 3]),
+                                                  ([3, 2, 1, 0], 0.0, []), ([0, 0, 0, 0], 0.5, [])])
+def test_mined_classes_are_those_predicted_below_mine_port(counts, port, expected):
+    assert mine_classes(torch.tensor(counts), port) == expected
 
 
 def test_extras_label_and_crop_centres_on_rare_class_pixels(tmp_path):
-    method, ctx = make(tmp_path, mine_chance=1.0)
+    method, ctx = make(tmp_path, mine_chance=1.0, mine_port=0.3)
     start(method)
     stored = np.load(method.labels_path(0))
-    extras = ctx.target_stream.extras
-    assert isinstance(extras, _RoundExtras) and extras.rare == method.rare and method.rare
+    extras = ctx.extras
+    assert isinstance(extras, _RoundExtras) and extras.mine == method.mine and method.mine
     centred = 0
     for epoch in range(4):
-        ctx.target_stream.epoch = epoch
+        ctx.mixed_stream.epoch = epoch
         for i in range(len(ctx.target)):
             e = extras(i)
             assert e["label"].dtype == torch.int64 and np.array_equal(e["label"].numpy(), stored[i])
-            if any((stored[i] == c).any() for c in method.rare):
+            if any((stored[i] == c).any() for c in method.mine):
                 y, x = e["crop_center"]
-                assert stored[i][y, x] in method.rare
+                assert stored[i][y, x] in method.mine
                 centred += 1
             else:
                 assert e["crop_center"] is None
@@ -241,20 +253,22 @@ def test_extras_label_and_crop_centres_on_rare_class_pixels(tmp_path):
     clone = pickle.loads(pickle.dumps(extras))
     assert clone(2)["crop_center"] == extras(2)["crop_center"]
     # mine_chance 0: no crop centres
-    never, ctx0 = make(tmp_path / "never", mine_chance=0.0)
+    never, ctx0 = make(tmp_path / "never", mine_chance=0.0, mine_port=0.3)
     start(never)
-    assert all(ctx0.target_stream.extras(i)["crop_center"] is None for i in range(5))
-    # the stream's batches carry the pseudo-labels
-    batch = next(ctx.target_stream)
+    assert all(ctx0.extras(i)["crop_center"] is None for i in range(5))
+    # the stream's batches carry the labels (source) and pseudo-labels (target)
+    batch = next(ctx.mixed_stream)
     assert batch["label"].shape == (2, 4, 8)
 
 
 @pytest.mark.parametrize("option,value", [("rounds", 0), ("iters_per_round", 0), ("subsample", 0),
                                           ("portion_start", 0.6), ("portion_max", 1.5), ("source_start", 0.0),
                                           ("source_step", -0.1), ("mine_chance", 1.5), ("bins", 3),
-                                          ("rare_classes", -1), ("label_batch_size", 0), ("rounds", 2.5)])
+                                          ("mine_port", 1.5), ("mine_port", "0.001"), ("label_batch_size", 0),
+                                          ("rounds", 2.5), ("epochs_per_round", 0), ("label_scale", 0.0),
+                                          ("flip_average", 1), ("freeze_bn", "yes")])
 def test_bad_options_raise(tmp_path, option, value):
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=f"cbst.{option}"):
         make(tmp_path, **{option: value})
 
 
@@ -272,10 +286,10 @@ def tiny_config(init=None):
                  "target": merge(synth, {"options": {"domain": "target"}}),
                  "val": {"name": "synthetic", "split": "val", "options": {"domain": "target", "size": [32, 64],
                                                                           "length": 4}},
-                 "target_view": {"crop": [16, 32]}, "batch_size": 2},
+                 "source_view": {"crop": [16, 32]}, "target_view": {"crop": [16, 32]}, "batch_size": 2},
         "optimizer": {"name": "adam", "lr": 1e-3, "schedule": "constant"},
         "train": {"iters": 2, "panels": 0},
-        "cbst": {"rounds": 2, "source_start": 0.5, "source_max": 0.5},
+        "cbst": {"rounds": 2, "iters_per_round": 2, "source_start": 0.5, "source_max": 0.5},
     })
 
 
