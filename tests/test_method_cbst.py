@@ -509,3 +509,18 @@ def test_source_and_target_crops_must_match(tmp_path):
         CBST(cfg, FakeContext(tmp_path))
     cfg["data"]["target_view"]["crop"] = (4, 8)
     CBST(cfg, FakeContext(tmp_path))
+
+
+def test_round_pseudo_labels_are_recorded_against_the_target_truth(tmp_path, monkeypatch):
+    ctx = FakeContext(tmp_path)
+    g = torch.Generator().manual_seed(9)
+    for s in ctx.target:
+        s["truth"] = torch.randint(0, C, s["image"].shape[-2:], generator=g)
+    calls = []
+    method, _ = make(tmp_path, ctx)
+    monkeypatch.setattr(method, "record_labels", lambda name, labels, truth=None: calls.append((name, labels, truth)))
+    start(method)
+    stored = torch.from_numpy(np.load(method.labels_path(0)).astype(np.int64))
+    assert [c[0] for c in calls] == ["pseudo"] * 3  # batches of 2 of the 5 frames
+    assert torch.equal(torch.cat([c[1] for c in calls]), stored)
+    assert torch.equal(torch.cat([c[2] for c in calls]), torch.stack([s["truth"] for s in ctx.target]))

@@ -92,7 +92,7 @@ def test_a_cbst_round_labels_as_crst_seg(tmp_path, case):
                  mine_port=case["mine_port"], subsample=case["ds_rate"])
     cfg["model"]["num_classes"] = c
     method = CBST(cfg, ctx)
-    method._probabilities = lambda: iter([(torch.arange(n), probs)])
+    method._probabilities = lambda: iter([(torch.arange(n), probs, None)])
     method.start_stage(method.stages()[0], PixelNet(classes=c))
     binned = torch.floor(torch.tensor(case["cls_thresh"]).double() * 65536).clamp(max=65535).div(65536).float()
     binned[torch.tensor(case["cls_thresh"]) == 1.0] = 1.0

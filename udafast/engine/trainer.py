@@ -39,7 +39,7 @@ from udafast.data.labels import colorize
 from udafast.engine import distributed as dist
 from udafast.engine import checkpoints
 from udafast.engine.config import dump_config, merge
-from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, build_split, collate
+from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
 from udafast.engine.evaluation import evaluate_model, predict
 from udafast.engine.logging import RunLogger
 from udafast.methods import build_method, method_class
@@ -97,12 +97,23 @@ class RunContext:
             logger.track("skipped_samples", lambda: self.skip_log.count)
         self.source = build_split(data["source"])
         self.target = None
+        #: whether target batches and frames carry "truth" (the true labels, to score pseudo-labels)
+        self.has_truth = False
         if method_cls.uses_target:
             target_spec = data["target"]
-            self.target = build_split(target_spec, **_label_option(target_spec["name"], method_cls.uses_target_labels))
-            if method_cls.uses_target_labels and not getattr(self.target, "labelled", False):
-                raise ValueError(f"data.target: the {method_cls.name} method trains on target labels, but "
-                                 f"{self.target!r} has none")
+            truth = data.get("target_truth", "auto")
+            if truth not in ("auto", True, False):
+                raise ValueError(f"data.target_truth: expected auto, true or false, got {truth!r}")
+            truth = truth is True or (truth == "auto" and target_spec["name"] == "synthetic")
+            wanted = method_cls.uses_target_labels or truth
+            self.target = build_split(target_spec, **_label_option(target_spec["name"], wanted))
+            if wanted and not getattr(self.target, "labelled", False):
+                what = "trains on target labels" if method_cls.uses_target_labels else "scores pseudo-labels " \
+                    "against target labels (data.target_truth: true)"
+                raise ValueError(f"data.target: the {method_cls.name} method {what}, but {self.target!r} has none")
+            if truth and not method_cls.uses_target_labels:
+                self.target = TruthLabels(self.target)
+                self.has_truth = True
         self.val = build_split(data["val"])
         stride = 8  # every network here has output stride 8
         self.source_view = TrainView.from_config(data.get("source_view"))
@@ -124,14 +135,15 @@ class RunContext:
 
     def build_model(self, overrides=None, init=True):
         """A fresh network from the config's `model` (merged with `overrides`) on the device; with
-        `init`, loaded with the weights of the config's `init` checkpoint when one is set."""
+        `init`, loaded with the weights of the config's `init` checkpoint when one is set, or of the
+        checkpoint `init` names (a path)."""
         wanted = self.method_cls.model_overrides  # a dict, or a function of the model config giving one
         wanted = wanted(self.config["model"]) if callable(wanted) else wanted
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
         if self.world > 1 and self.config["train"].get("sync_bn"):
             model = dist.convert_sync_batchnorm(model)
         model.backbone.activation_checkpointing = bool(self.config["train"].get("activation_checkpointing"))
-        path = self.config.get("init")
+        path = init if isinstance(init, str) else self.config.get("init")
         if init and path:
             # the backbone must come whole from the init; heads the init has in another form (e.g.
             # ProDA's feature head after a DeepLabV2 source network) start fresh
@@ -208,7 +220,7 @@ class RunContext:
                 s = self._target_frame(i)
                 if s is None:
                     continue
-                s = {k: v for k, v in s.items() if k != "label"}
+                s = {k: v for k, v in s.items() if k != "label"}  # (its "truth" stays, if any)
                 s["index"] = i
                 samples.append(s)
             if samples:
@@ -402,7 +414,8 @@ class Trainer:
         config = self.config
         train = config["train"]
         eval_every, ckpt_every = int(train.get("eval_every") or 0), int(train.get("ckpt_every") or 0)
-        state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}, "nonfinite_steps": 0}
+        state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}, "nonfinite_steps": 0,
+                 "pseudo_labels": {}}
         first, start_iter = 0, 0
         if resume_ckpt is not None:
             first, start_iter = self._resume_position(resume_ckpt, stages, todo, state, logger)
@@ -456,6 +469,7 @@ class Trainer:
             for guard in guards:
                 guard.remove()
             method.end_stage(stage)
+            self._report_labels(method, stage, state, logger)
             if len(stages) > 1:
                 self._save(method, ctx, index, stage.iters, state, f"{stage.name}.pt")
             result = self._evaluate(method, ctx, index, stage, state, logger, keep_best=bool(eval_every))
@@ -570,6 +584,27 @@ class Trainer:
         """The checkpoint of every `train.ckpt_every` iterations: last.pt and iter_<N>.pt."""
         self._save(method, ctx, stage_index, stage_iter, state, checkpoints.LAST)
 
+    def _report_labels(self, method, stage, state, logger):
+        """The quality of the pseudo-labels the method made in `stage` (summed over processes): into
+        metrics.json's "pseudo_labels", TensorBoard and the log; the counts then start afresh."""
+        report = {}
+        for name in sorted(method.label_quality):
+            meter = method.label_quality[name]
+            counts = meter.counts()
+            if self.world > 1:
+                dist.all_reduce_(counts)
+                meter.load_counts(counts)
+            summary = meter.summary()
+            report[name] = summary
+            scalars = {k: summary[k] for k in ("coverage_total", "precision_mean", "recall_mean", "accuracy")
+                       if summary[k] is not None}
+            logger.log_scalars(f"pseudo_labels/{stage.name}/{name}", scalars, state["global_iter"])
+            logger.message(f"  [{stage.name}] pseudo-labels {name!r}: " + ", ".join(
+                f"{k} {100 * v:.1f}%" for k, v in scalars.items()))
+        method.label_quality = {}
+        if report:
+            state["pseudo_labels"][stage.name] = report
+
     def _evaluate(self, method, ctx, stage_index, stage, state, logger, keep_best):
         ev = self.config["eval"]
         val = ctx.val
@@ -634,6 +669,8 @@ class Trainer:
             "processes": self.world,
             "nonfinite_steps": state["nonfinite_steps"],
         }
+        if state["pseudo_labels"]:
+            metrics["pseudo_labels"] = state["pseudo_labels"]
         if state["best"] is not None:
             metrics["best"] = {**state["best"], "checkpoint": "checkpoints/best.pt"}
         if "miou13" in result:
@@ -668,7 +705,7 @@ def _buffers(modules, clone=False):
 
 #: the trainer's counters a checkpoint carries (any counter added to the run's state that a resumed
 #: run must continue from belongs here)
-_RESUMED = ("global_iter", "best", "stage_results", "nonfinite_steps")
+_RESUMED = ("global_iter", "best", "stage_results", "nonfinite_steps", "pseudo_labels")
 
 
 def _per_class(result):

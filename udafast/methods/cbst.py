@@ -361,8 +361,9 @@ class CBST(Method):
 
     @torch.no_grad()
     def _probabilities(self):
-        """(indices, softmax [B, C, H, W] in the target frame) over the target training set (this
-        process's share of it under several processes), as `label_probabilities`."""
+        """(indices, softmax [B, C, H, W] in the target frame, the frames' true labels or None) over
+        the target training set (this process's share of it under several processes), as
+        `label_probabilities`."""
         was_training = self.model.training
         self.model.eval()
         o = self.options
@@ -370,7 +371,7 @@ class CBST(Method):
             for batch in self.ctx.target_frames(o["label_batch_size"], shard=True):
                 images = batch["image"].to(self.device)
                 yield batch["index"], label_probabilities(self.model, images, self.normalize,
-                                                          float(o["label_scale"]), o["flip_average"])
+                                                          float(o["label_scale"]), o["flip_average"]), batch.get("truth")
         finally:
             self.model.train(was_training)
 
@@ -379,7 +380,7 @@ class CBST(Method):
         argmax-predicted pixels per class int64 [C])."""
         hist = ClassThresholds(self.num_classes, self.options["bins"], device=self.device, backend=self.backend)
         predicted = torch.zeros(self.num_classes, dtype=torch.int64)
-        for _, probs in self._probabilities():
+        for _, probs, _ in self._probabilities():
             conf, pred = probs.max(dim=1)  # one reduction (4x faster than amax + argmax); first max wins
             predicted += torch.bincount(pred.reshape(-1).cpu(), minlength=self.num_classes)[:self.num_classes]
             keep = subsample_mask(pred, self.num_classes, self.options["subsample"])
@@ -400,8 +401,9 @@ class CBST(Method):
         own = np.arange(self.ctx.rank, len(self.ctx.target), self.ctx.world)  # this process's frames
         written = np.zeros(len(self.ctx.target), dtype=bool)
         with self.ctx.shared_array(path, np.uint8, (len(self.ctx.target), *self._frame_size())) as stored:
-            for index, probs in self._probabilities():
+            for index, probs, truth in self._probabilities():
                 labels = cbst_pseudo_labels(probs, k, backend=self.backend).cpu()
+                self.record_labels("pseudo", labels, truth)  # issue 12 item 3: coverage, precision, recall
                 counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=self.num_classes)[:self.num_classes]
                 stored[index.numpy()] = labels.to(torch.uint8).numpy()
                 written[index.numpy()] = True
