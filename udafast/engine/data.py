@@ -27,7 +27,7 @@ from udafast.data import BadSampleError, build_dataset
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import Resize, _pair, _resize_image, _resize_label
 
-__all__ = ["TrainView", "BatchStream", "SkipLog", "TruthLabels", "build_split", "collate"]
+__all__ = ["TrainView", "BatchStream", "MixedSet", "SkipLog", "TruthLabels", "build_split", "collate"]
 
 
 def build_split(spec, transform=None, **override):
@@ -274,6 +274,50 @@ class _Views(Dataset):
         if self.skip_bad:
             out["skipped"] = skipped
         return out
+
+
+class MixedSet(Dataset):
+    """The union of `parts`, each (dataset, view, extras or None), as one dataset for one
+    `BatchStream` (CBST trains on source subset + pseudo-labelled target as one shuffled set, as
+    crst_seg.py's ConcatDataset does): index i is part k's sample i - offset_k, and each sample
+    goes through its own part's view and extras (`view` and `extras` dispatch on it). Picklable for
+    loader workers when its parts are."""
+
+    def __init__(self, parts):
+        self.parts = [tuple(p) for p in parts]
+        self.offsets, total = [], 0
+        for dataset, _, _ in self.parts:
+            self.offsets.append(total)
+            total += len(dataset)
+        self.total = total
+
+    def __len__(self):
+        return self.total
+
+    def locate(self, index):
+        """(part, index in that part) of a union index."""
+        if not 0 <= index < self.total:
+            raise IndexError(f"MixedSet: index {index} out of range for {self.total} samples")
+        k = max(i for i, start in enumerate(self.offsets) if start <= index and len(self.parts[i][0]) > 0)
+        return k, index - self.offsets[k]
+
+    def __getitem__(self, index):
+        k, j = self.locate(index)
+        sample = dict(self.parts[k][0][j])
+        sample["_part"] = k
+        return sample
+
+    def extras(self, index):
+        k, j = self.locate(index)
+        extras = self.parts[k][2]
+        return None if extras is None else extras(j)
+
+    def view(self, sample, generator, extras=None):
+        sample = dict(sample)
+        return self.parts[sample.pop("_part")][1](sample, generator, extras)
+
+    def __repr__(self):
+        return f"MixedSet({', '.join(f'{len(d)} of {d!r}' for d, _, _ in self.parts)})"
 
 
 def collate(samples):

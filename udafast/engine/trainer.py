@@ -39,7 +39,7 @@ from udafast.data.labels import colorize
 from udafast.engine import distributed as dist
 from udafast.engine import checkpoints
 from udafast.engine.config import dump_config, merge
-from udafast.engine.data import BatchStream, SkipLog, TrainView, TruthLabels, build_split, collate
+from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
 from udafast.engine.evaluation import evaluate_model, predict
 from udafast.engine.logging import RunLogger
 from udafast.methods import build_method, method_class
@@ -124,6 +124,7 @@ class RunContext:
                                          num_workers=workers, rank=self.rank, world=self.world,
                                          skip_log=self.skip_log)
         self.target_stream = None
+        self.mixed_stream = None  # see set_mixed_stream
         if self.target is not None:
             self.target_stream = BatchStream(self.target, batch_size, self.target_view, seed=self.seed * 2 + 2,
                                              num_workers=workers, rank=self.rank, world=self.world,
@@ -163,6 +164,27 @@ class RunContext:
         self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
                                          seed=self.source_stream.seed, num_workers=self.source_stream.num_workers,
                                          rank=self.rank, world=self.world, skip_log=self.skip_log)
+
+    def set_mixed_stream(self, source_indices, target_extras=None, seed=None):
+        """From now on the trainer draws one stream over the union of these source images (through
+        the source view) and the target set (through the target view and `target_extras`, as
+        `BatchStream.set_extras`), shuffled together: `method.step` gets {"mixed": batch}, where
+        batch["index"] < len(source_indices) marks a source image (its position in
+        `source_indices`), the others target frame index + len(source_indices). CBST's training set
+        (crst_seg.py: ConcatDataset of source subset and target, shuffled). `seed`: the stream's
+        (default the run's). None as `source_indices` removes the stream. -> the stream."""
+        if self.mixed_stream is not None:
+            self.mixed_stream.close()
+        if source_indices is None:
+            self.mixed_stream = None
+            return None
+        mixed = MixedSet([(torch.utils.data.Subset(self.source, list(source_indices)), self.source_view, None),
+                          (self.target, self.target_view, target_extras)])
+        self.mixed_stream = BatchStream(mixed, self.source_stream.batch_size, mixed.view,
+                                        seed=self.seed * 2 + 3 if seed is None else seed, extras=mixed.extras,
+                                        num_workers=self.source_stream.num_workers, rank=self.rank, world=self.world,
+                                        skip_log=self.skip_log)
+        return self.mixed_stream
 
     def _note_skip(self, text):
         """A skipped file's message: through the logger on rank 0, on stderr with the rank elsewhere."""
@@ -310,7 +332,7 @@ class Trainer:
             return self._run_stages(method, ctx, stages, todo, resume_ckpt, logger)
         finally:
             if ctx is not None:  # stop loader workers now, also when the run failed
-                for stream in (ctx.source_stream, ctx.target_stream):
+                for stream in (ctx.source_stream, ctx.target_stream, ctx.mixed_stream):
                     if stream is not None:
                         stream.close()
             logger.close()
@@ -363,6 +385,8 @@ class Trainer:
         ctx.source_stream.load_state_dict(ckpt["streams"]["source"])
         if ctx.target_stream is not None and ckpt["streams"].get("target"):
             ctx.target_stream.load_state_dict(ckpt["streams"]["target"])
+        if ctx.mixed_stream is not None and ckpt["streams"].get("mixed"):
+            ctx.mixed_stream.load_state_dict(ckpt["streams"]["mixed"])
         self._restore_rng(method, ctx, ckpt)
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -475,9 +499,12 @@ class Trainer:
         for micro in range(self.accumulate):
             for guard in guards:
                 guard.micro_step = micro
-            batch = {"source": next(ctx.source_stream)}
-            if ctx.target_stream is not None:
-                batch["target"] = next(ctx.target_stream)
+            if ctx.mixed_stream is not None:  # one stream over both domains (RunContext.set_mixed_stream)
+                batch = {"mixed": next(ctx.mixed_stream)}
+            else:
+                batch = {"source": next(ctx.source_stream)}
+                if ctx.target_stream is not None:
+                    batch["target"] = next(ctx.target_stream)
             with self._autocast(ctx.device):
                 losses = method.step(batch, it, iters)
             for k, v in losses.items():
@@ -519,7 +546,8 @@ class Trainer:
         udafast.engine.checkpoints (with `train.ckpt_every`, also as iter_<N>.pt). Rank 0 writes it,
         with every process's random state; the others wait for it."""
         streams = {"source": ctx.source_stream.state_dict(),
-                   "target": None if ctx.target_stream is None else ctx.target_stream.state_dict()}
+                   "target": None if ctx.target_stream is None else ctx.target_stream.state_dict(),
+                   "mixed": None if ctx.mixed_stream is None else ctx.mixed_stream.state_dict()}
         extra = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
         if ctx.skip_log is not None:
             extra["skipped"] = self._skipped(ctx)
