@@ -247,15 +247,18 @@ def _conv_layers(module):
             for m in module.modules() if isinstance(m, nn.Conv2d)]
 
 
-@pytest.mark.xfail(strict=True, reason="udafast's Discriminator is AdaptSegNet's (five 4x4 stride-2 convs, LeakyReLU "
-                   "0.2 throughout); ProDA's FCDiscriminator has four 3x3 stride-2 convs with ReLU, LeakyReLU 0.2 "
-                   "after the fourth, and a 1x1 classifier (models/discriminator.py)")
 def test_warmup_discriminator_architecture_matches_authors():
     """The discriminator of ProDA's warm-up (proda_adversarial.json 'architecture': models/discriminator.py
-    FCDiscriminator, here planes = 4) against the one OutputSpaceAdversary builds (ndf = 4)."""
-    from udafast.models.heads import Discriminator
+    FCDiscriminator, here planes = 4) against the one ProDA's warm-up builds (ndf = 4): the same convs,
+    and the same function given the same weights."""
+    from udafast.models.heads import ProDADiscriminator
     arch = fixture("adversarial")["settings"]["architecture"]
-    assert _conv_layers(Discriminator(R.C, ndf=4)) == [a["conv"] for a in arch if "conv" in a]
+    ours = ProDADiscriminator(R.C, ndf=4).double()
+    assert _conv_layers(ours) == [a["conv"] for a in arch if "conv" in a]
+    theirs = _authors_architecture(arch)
+    ours.load_state_dict(dict(zip(ours.state_dict(), theirs.state_dict().values())))
+    x = torch.randn(2, R.C, 32, 48, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(ours(x), theirs(x))
 
 
 def _authors_architecture(arch):

@@ -46,17 +46,18 @@ def _gan_loss(logits, label, gan):
 
 class OutputSpaceAdversary:
     """One discriminator per level name (e.g. ("main", "aux")), their Adam optimiser spec, and the
-    two losses. `device`: where the discriminators live."""
+    two losses. `device`: where the discriminators live; `discriminator`: its class (AdaptSegNet's
+    `Discriminator` or ProDA's `ProDADiscriminator`)."""
 
     def __init__(self, levels, num_classes, gan="vanilla", optimizer=None, device="cpu", ndf=64,
-                 disc_weights=(0.5, 0.5)):
+                 disc_weights=(0.5, 0.5), discriminator=Discriminator):
         if gan not in GANS:
             raise ValueError(f"gan: expected one of {GANS}, got {gan!r}")
         if not levels:
             raise ValueError("levels: expected at least one level")
         self.levels, self.gan = tuple(levels), gan
         self.disc_weights = tuple(float(w) for w in disc_weights)
-        self.discriminators = {lv: Discriminator(num_classes, ndf).to(device) for lv in self.levels}
+        self.discriminators = {lv: discriminator(num_classes, ndf).to(device) for lv in self.levels}
         spec = {"name": "adam", "lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0, "schedule": "poly",
                 "power": 0.9, **(optimizer or {})}
         params = [p for d in self.discriminators.values() for p in d.parameters()]

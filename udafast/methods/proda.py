@@ -5,8 +5,9 @@ Learning for Domain Adaptive Semantic Segmentation", CVPR 2021 (SPEC part 2), ru
 code (microsoft/ProDA: `models/adaptation_modelv2.py`, `calc_prototype.py`,
 `generate_pseudo_label.py` and the README's commands) runs it where the paper is silent. Four stages:
 
-- `warmup`: `L = CE_src + 0.01 L_adv`, single-level output-space adversarial training (LS-GAN); the
-  discriminator learns `L(source, 0) + L(target, 1)`, summed as `step_adv` sums it.
+- `warmup`: `L = CE_src + 0.01 L_adv`, single-level output-space adversarial training (LS-GAN) with
+  ProDA's own discriminator (`models/discriminator.py` FCDiscriminator: `ProDADiscriminator`); it
+  learns `L(source, 0) + L(target, 1)`, summed as `step_adv` sums it.
 - start of `stage1`, with the warm-up network in eval mode, one pass over the target training frames:
   the fixed soft labels `p_{t,0}` (its softmax at the output stride, float16 in
   `<out_dir>/proda/soft_labels.npy`, outside the checkpoints) and the initial prototypes `eta_c`
@@ -51,6 +52,7 @@ from udafast.data.transforms import frame_to_view, strong_augment, warp_like
 from udafast.engine.config import merge
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import EMATeacher, Method, Stage, build_optimizer, seg_loss, upsample
+from udafast.models.heads import ProDADiscriminator
 from udafast.ops import class_feature_sums, kl_loss, prototype_rectify, prototype_softmax, sce_loss, update_prototypes
 
 __all__ = ["ProDA", "SoftLabels", "HardLabels", "initial_prototypes", "distillation_labels"]
@@ -129,7 +131,7 @@ class ProDA(Method):
         "warmup_iters": None, "stage1_iters": None, "stage2_iters": None, "stage3_iters": None,
         # warm-up: output-space adversarial training
         "adv_weight": 0.01, "gan": "lsgan", "disc_lr": 1.0e-4,
-        "disc_ndf": 64,              # discriminator width (64, 128, 256, 512, 1 channels)
+        "disc_ndf": 64,              # discriminator width (models/discriminator.py FCDiscriminator: 64, 128, 256, 512, 1)
         "adv_scale": 1.0,            # the discriminator sees predictions at this fraction of the input size
         "disc_weights": [1.0, 1.0],  # of L(source, 0), L(target, 1): adaptation_modelv2.py step_adv sums them
         # initial prototypes: calc_prototype.py's running mean of per-image class means ("image_mean",
@@ -239,7 +241,8 @@ class ProDA(Method):
             self.optimizers["model"] = build_optimizer(model.param_groups(spec["lr"]), spec)
             self.adversary = OutputSpaceAdversary(("main",), self.num_classes, o["gan"],
                                                   optimizer={"lr": o["disc_lr"]}, device=self.device,
-                                                  ndf=o["disc_ndf"], disc_weights=o["disc_weights"])
+                                                  ndf=o["disc_ndf"], disc_weights=o["disc_weights"],
+                                                  discriminator=ProDADiscriminator)
             self.adversary.register(self)
         elif stage.name == "stage1":
             self.model = model
