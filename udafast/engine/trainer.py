@@ -651,7 +651,8 @@ def _per_class(result):
 def _apply_schedule(optimizers, it, iters):
     lrs = {}
     for name, opt in optimizers.items():
-        factor = (1.0 - it / iters) ** opt.power if opt.schedule == "poly" else 1.0
+        horizon = getattr(opt, "poly_iters", None) or iters
+        factor = max(0.0, 1.0 - it / horizon) ** opt.power if opt.schedule == "poly" else 1.0
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         lrs[name] = opt.param_groups[0]["lr"]

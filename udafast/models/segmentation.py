@@ -55,9 +55,10 @@ class ASPPClassifier(nn.Module):
         self.mode = mode
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in ASPP_DILATIONS)
+        # the authors' Classifier_Module (AdaptSegNet model/deeplab_multi.py, CRST deeplab/model.py):
+        # weights N(0, 0.01), biases left at nn.Conv2d's default initialisation
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         used = self.conv2d_list if self.mode == "four" else self.conv2d_list[:2]
