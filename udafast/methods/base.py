@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
 from udafast.engine.config import merge
+from udafast.methods.label_quality import LabelQuality
 
 __all__ = ["Method", "Stage", "seg_loss", "upsample", "EMATeacher", "build_optimizer"]
 
@@ -124,6 +125,7 @@ class Method:
         self.model = None
         self.modules = {}      # name -> nn.Module or EMATeacher, saved with the checkpoint
         self.optimizers = {}   # name -> optimizer (see build_optimizer), scheduled by the trainer
+        self.label_quality = {}  # name -> LabelQuality of the pseudo-labels made since the last report
         # per process under torchrun (augmentation draws differ across shards; rank 0 = one process's)
         rank = getattr(ctx, "rank", 0)
         self.generator = torch.Generator(device="cpu").manual_seed(int(config.get("seed", 0)) + 7919 + 1_000_003 * rank)
@@ -154,6 +156,16 @@ class Method:
         model = model or self.model
         return normalize(images.to(self.device, non_blocking=True), getattr(model, "normalization", "imagenet"))
 
+    # -- what the method makes ------------------------------------------------------------------
+    def record_labels(self, name, labels, truth=None):
+        """Count pseudo-labels `labels` (255 = unlabelled) the method made under `name`, against the
+        target's true labels `truth` aligned with them (a target batch's or frame's "truth", None
+        where the run has none). The trainer reports and resets them at each evaluation."""
+        meter = self.label_quality.get(name)
+        if meter is None:
+            meter = self.label_quality[name] = LabelQuality(int(self.config["model"].get("num_classes", 19)))
+        meter.update(labels, truth)
+
     # -- state ----------------------------------------------------------------------------------
     def extra_state(self):
         """Adaptation state beyond modules and optimisers (tensors, dicts, plain values)."""
@@ -166,7 +178,8 @@ class Method:
         return {"modules": {k: m.state_dict() for k, m in self.modules.items()},
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "generator": self.generator.get_state(),
-                "extra": self.extra_state()}
+                "extra": self.extra_state(),
+                "label_quality": {k: m.counts() for k, m in self.label_quality.items()}}
 
     def load_state_dict(self, state):
         missing = (set(self.modules) ^ set(state["modules"])) | (set(self.optimizers) ^ set(state["optimizers"]))
@@ -179,3 +192,7 @@ class Method:
             o.load_state_dict(state["optimizers"][k])
         self.generator.set_state(state["generator"])
         self.load_extra_state(state["extra"])
+        self.label_quality = {}
+        for k, counts in state.get("label_quality", {}).items():
+            self.label_quality[k] = LabelQuality(int(self.config["model"].get("num_classes", 19)))
+            self.label_quality[k].load_counts(counts)
