@@ -192,7 +192,8 @@ class RandomHorizontalFlip:
 
 def normalize(image, mode="imagenet"):
     """Images [..., 3, H, W] RGB in [0, 1] -> network input. `imagenet`: (x - mean) / std per RGB
-    channel; `caffe`: DeepLab's Caffe convention, BGR order, 0-255 scale, minus CAFFE_MEAN_BGR."""
+    channel; `caffe`: DeepLab's Caffe convention, BGR order, 0-255 scale, minus CAFFE_MEAN_BGR;
+    `unit`: RGB in [0, 1] as is (microsoft/ProDA data/cityscapes_dataset.py: mean 0, / 255)."""
     if image.dim() < 3 or image.shape[-3] != 3:
         raise ValueError(f"image: expected [..., 3, H, W], got {tuple(image.shape)}")
     shape = (3, 1, 1)
@@ -203,7 +204,9 @@ def normalize(image, mode="imagenet"):
     if mode == "caffe":
         mean = torch.tensor(CAFFE_MEAN_BGR, dtype=image.dtype, device=image.device).view(shape)
         return image.flip(-3) * 255.0 - mean
-    raise ValueError(f"mode: expected 'imagenet' or 'caffe', got {mode!r}")
+    if mode == "unit":
+        return image
+    raise ValueError(f"mode: expected 'imagenet', 'caffe' or 'unit', got {mode!r}")
 
 
 def denormalize(image, mode="imagenet"):
@@ -216,7 +219,9 @@ def denormalize(image, mode="imagenet"):
     if mode == "caffe":
         mean = torch.tensor(CAFFE_MEAN_BGR, dtype=image.dtype, device=image.device).view(shape)
         return ((image + mean) / 255.0).flip(-3)
-    raise ValueError(f"mode: expected 'imagenet' or 'caffe', got {mode!r}")
+    if mode == "unit":
+        return image
+    raise ValueError(f"mode: expected 'imagenet', 'caffe' or 'unit', got {mode!r}")
 
 
 class Normalize:

@@ -51,7 +51,7 @@ DEFAULTS = {
         "target_truth": "auto",
     },
     "optimizer": {"name": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
-                  "schedule": "poly", "power": 0.9},
+                  "schedule": "poly", "power": 0.9, "poly_iters": None},
     # stage_iters: when set, every stage of a multi-stage method runs that many iterations (quick checks)
     # grad_accum: micro-batches per update; amp: null or "bf16" (autocast); on_nonfinite: "stop" or
     # "skip"; sync_bn: BatchNorm over the batches of every process (torchrun); activation_checkpointing:

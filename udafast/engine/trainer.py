@@ -45,7 +45,7 @@ from udafast.engine.logging import RunLogger
 from udafast.methods import build_method, method_class
 from udafast.methods.base import Stage
 from udafast.models import build_model
-from udafast.models.checkpoint import load_checkpoint, save_checkpoint
+from udafast.models.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint
 
 __all__ = ["Trainer", "RunContext", "seed_everything", "NonFiniteLoss"]
 
@@ -147,7 +147,7 @@ class RunContext:
         if init and path:
             # the backbone must come whole from the init; heads the init has in another form (e.g.
             # ProDA's feature head after a DeepLabV2 source network) start fresh
-            state, own = load_checkpoint(path)["model"], model.state_dict()
+            state, own = load_model_checkpoint(path)["model"], model.state_dict()  # the authors' models too
             fits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
             lost = [k for k in own if k.startswith("backbone.") and k not in fits]
             if lost:
@@ -716,7 +716,8 @@ def _per_class(result):
 def _apply_schedule(optimizers, it, iters):
     lrs = {}
     for name, opt in optimizers.items():
-        factor = (1.0 - it / iters) ** opt.power if opt.schedule == "poly" else 1.0
+        horizon = getattr(opt, "poly_iters", None) or iters
+        factor = max(0.0, 1.0 - it / horizon) ** opt.power if opt.schedule == "poly" else 1.0
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         lrs[name] = opt.param_groups[0]["lr"]

@@ -46,7 +46,8 @@ def seg_loss(logits, labels, ignore_index=IGNORE_INDEX):
 
 def build_optimizer(groups, spec):
     """An optimiser over param `groups` from an `optimizer:` config entry (sgd or adam; lr, momentum,
-    weight_decay, betas). Each group keeps its starting lr as `initial_lr` for the schedule."""
+    weight_decay, betas, schedule, power, poly_iters). Each group keeps its starting lr as
+    `initial_lr` for the schedule."""
     name = spec.get("name", "sgd")
     for g in groups:
         g.setdefault("lr", spec["lr"])
@@ -63,6 +64,12 @@ def build_optimizer(groups, spec):
     opt.power = float(spec.get("power", 0.9))
     if opt.schedule not in ("poly", "constant"):
         raise ValueError(f"optimizer.schedule: expected 'poly' or 'constant', got {opt.schedule!r}")
+    # the poly schedule's horizon: None = the stage's iterations; a number N decays as (1 - it / N)^power
+    # and the stage may stop before N (AdaptSegNet's code: NUM_STEPS 250000, NUM_STEPS_STOP 150000)
+    horizon = spec.get("poly_iters")
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon <= 0):
+        raise ValueError(f"optimizer.poly_iters: expected null or a positive integer, got {horizon!r}")
+    opt.poly_iters = horizon
     return opt
 
 
