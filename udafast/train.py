@@ -180,17 +180,19 @@ def _main(args):
 
     config = runs.resolve_config(file_config, method, overrides)
     source_config = runs.resolve_config(file_config, "source_only", overrides)
+    ssl_config = runs.resolve_config(file_config, "ssl_source", overrides)
     if args.seeds and len(seeds) > 1:
         if args.stage or args.resume:
             raise ValueError("--stage and --resume apply to one seed")
-        per_seed = runs.run_seeds(config, out, seeds, progress=progress, source_config=source_config)
+        per_seed = runs.run_seeds(config, out, seeds, progress=progress, source_config=source_config,
+                                  ssl_config=ssl_config)
         results = runs.summarize({method: per_seed}, preset=preset)
         path = runs.write_results(results, args.results or os.path.join(out, "results.json"))
         print(runs.format_results(results))
         return results
     config["seed"] = seeds[0]
     metrics = runs.run_method(config, out, stage=args.stage, resume=args.resume, progress=progress,
-                              source_config=source_config)
+                              source_config=source_config, ssl_config=ssl_config)
     print(f"{method}: target val mIoU {metrics['miou']:.2f} after {metrics['iters']} iterations "
           f"({metrics['sec_per_iter']:.3f} s/iter); {os.path.join(out, 'metrics.json')}")
     return metrics

@@ -21,6 +21,9 @@ COMPARED = ("source_only", "adabn", "dann", "adaptsegnet", "cbst", "contrastive"
 CONTROLS = ("source_only", "adabn", "oracle")
 #: an `init` value naming another method's run of the same comparison and seed
 SOURCE_INIT = "@source_only"
+#: a `proda.student_init` value: the self-supervised source pretraining (`ssl_source`) of the same
+#: comparison and seed, trained first when it is not there
+SSL_INIT = "@ssl_source"
 
 
 def resolve_config(file_config, method, overrides=()):
@@ -52,11 +55,17 @@ def _seed_dir(out, seed, several):
 
 
 def run_method(config, out_dir, *, stage=None, resume=None, progress=None, source_run=None, source_config=None,
-               log=print):
+               ssl_run=None, ssl_config=None, log=print):
     """Train `config` into `out_dir` -> its metrics. An `init` of "@source_only" is the source-only
     run `source_run` (a run folder); when not given, one is trained first into
     `out_dir/pretrain_source_only` with `source_config` (the source_only config of the same file;
-    default: this config as source_only), its `train` section updated with `pretrain`."""
+    default: this config as source_only), its `train` section updated with `pretrain`.
+
+    A `proda.student_init` of "@ssl_source" is, likewise, the self-supervised source pretraining
+    `ssl_run` (a run folder; default `out_dir/pretrain_ssl_source`), trained first with `ssl_config`
+    (the ssl_source config of the same file; default: this config as ssl_source) unless its
+    metrics.json is there; its `checkpoints/last.pt` replaces the value. Its time is part of this
+    run's: logged, and in the metrics as "pretrain_s" (0 when reused)."""
     from udafast.engine.trainer import Trainer
     config = copy.deepcopy(config)
     if config.get("init") == SOURCE_INIT:
@@ -69,20 +78,57 @@ def run_method(config, out_dir, *, stage=None, resume=None, progress=None, sourc
                 pre["train"] = merge(pre["train"], config.get("pretrain") or {})
                 Trainer(pre, source_run, progress=progress).run()
         config["init"] = os.path.join(source_run, "checkpoints", "last.pt")
-    return Trainer(config, out_dir, stage=stage, resume=resume, progress=progress).run()
+    pretrain_s = None
+    if _needs_ssl(config, stage):
+        ssl_run = ssl_run or os.path.join(out_dir, "pretrain_ssl_source")
+        pretrain_s = 0.0
+        if os.path.isfile(os.path.join(ssl_run, "metrics.json")):
+            log(f"{config['method']} stage 2 starts from the self-supervised source pretraining in {ssl_run} (reused)")
+        else:
+            log(f"{config['method']} stage 2 starts from a self-supervised source pretraining: training it into "
+                f"{ssl_run}")
+            pre = copy.deepcopy(ssl_config or config)
+            pre["method"], pre["seed"] = "ssl_source", config["seed"]
+            if ssl_config is None:
+                pre["init"] = None
+            t0 = time.perf_counter()
+            done = run_method(pre, ssl_run, progress=progress, source_run=source_run, source_config=source_config,
+                              log=log)
+            pretrain_s = round(time.perf_counter() - t0, 1)
+            log(f"ssl_source pretraining: {done['iters']} iterations in {pretrain_s:.0f} s "
+                f"({done['sec_per_iter']:.3f} s/iter), counted in {config['method']}'s time")
+        config[config["method"]] = merge(config.get(config["method"]) or {},
+                                         {"student_init": os.path.join(ssl_run, "checkpoints", "last.pt")})
+    metrics = Trainer(config, out_dir, stage=stage, resume=resume, progress=progress).run()
+    if pretrain_s is not None:
+        metrics = dict(metrics, pretrain_s=pretrain_s)
+    return metrics
 
 
-def run_seeds(config, out_dir, seeds, *, progress=None, source_runs=None, log=print, **kw):
-    """`run_method` once per seed (into out_dir/seed_<s> when several) -> [metrics]."""
+def _needs_ssl(config, stage):
+    """Whether this run (or its `stage`) starts a student from "@ssl_source": ProDA's stage 2, or
+    stage 3 when it does not continue from stage 2's network."""
+    options = config.get(config.get("method")) or {}
+    if config.get("method") != "proda" or options.get("student_init") != SSL_INIT:
+        return False
+    stages = ("stage2",) if options.get("stage3_from_stage2", True) else ("stage2", "stage3")
+    return stage is None or stage in stages
+
+
+def run_seeds(config, out_dir, seeds, *, progress=None, source_runs=None, ssl_runs=None, log=print, **kw):
+    """`run_method` once per seed (into out_dir/seed_<s> when several) -> [metrics]. The time
+    logged per seed includes any pretraining run_method does first ("@ssl_source")."""
     results = []
     for seed in seeds:
         cfg = copy.deepcopy(config)
         cfg["seed"] = int(seed)
         folder = _seed_dir(out_dir, seed, len(seeds) > 1)
         source_run = None if source_runs is None else source_runs.get(seed)
+        ssl_run = None if ssl_runs is None else ssl_runs.get(seed)
         t0 = time.perf_counter()
-        metrics = run_method(cfg, folder, progress=progress, source_run=source_run, log=log, **kw)
-        log(f"{cfg['method']:<12} seed {seed}: mIoU {metrics['miou']:.2f}  ({time.perf_counter() - t0:.0f} s)")
+        metrics = run_method(cfg, folder, progress=progress, source_run=source_run, ssl_run=ssl_run, log=log, **kw)
+        pre = f", of which {metrics['pretrain_s']:.0f} s ssl_source pretraining" if metrics.get("pretrain_s") else ""
+        log(f"{cfg['method']:<12} seed {seed}: mIoU {metrics['miou']:.2f}  ({time.perf_counter() - t0:.0f} s{pre})")
         results.append(metrics)
     return results
 
@@ -90,13 +136,18 @@ def run_seeds(config, out_dir, seeds, *, progress=None, source_runs=None, log=pr
 def compare_methods(file_config, out_dir, seeds, methods=COMPARED, overrides=(), progress=None, log=print):
     """Every method of `methods` with the same data, model and seeds -> {method: [metrics per seed]}.
     source_only runs first: the methods that start from a source-trained network (init
-    "@source_only") start from its run of the same seed."""
+    "@source_only") start from its run of the same seed. The self-supervised source pretraining a
+    ProDA student may start from ("@ssl_source") is trained once per seed, when first needed, into
+    `out_dir/ssl_source` (its `ssl_source` config from the same file), and reused."""
     runs = {}
     source_runs = None
+    ssl_config = resolve_config(file_config, "ssl_source", overrides)
+    ssl_runs = {s: _seed_dir(os.path.join(out_dir, "ssl_source"), s, len(seeds) > 1) for s in seeds}
     for name in methods:
         config = resolve_config(file_config, name, overrides)
         folder = os.path.join(out_dir, name)
-        runs[name] = run_seeds(config, folder, seeds, progress=progress, source_runs=source_runs, log=log)
+        runs[name] = run_seeds(config, folder, seeds, progress=progress, source_runs=source_runs, log=log,
+                               ssl_runs=ssl_runs, ssl_config=ssl_config)
         if name == "source_only":
             source_runs = {s: _seed_dir(folder, s, len(seeds) > 1) for s in seeds}
     return runs
@@ -130,6 +181,8 @@ def summarize(runs, preset=None):
         quality = _label_quality(per_seed)
         if quality:
             entry["pseudo_labels"] = quality
+        if any("pretrain_s" in m for m in per_seed):  # a pretraining run first (0 where reused)
+            entry["pretrain_s"] = round(statistics.fmean(m.get("pretrain_s", 0.0) for m in per_seed), 1)
         if all("best" in m for m in per_seed):
             entry["best_miou_mean"], entry["best_miou_std"] = _mean_std([m["best"]["miou"] for m in per_seed])
         methods[name] = entry

@@ -1,7 +1,9 @@
 """The methods, by name: `METHODS[name]` is the class, `build_method(config, ctx)` an instance.
 
 source_only and oracle bound the comparison; dann, adaptsegnet, cbst, contrastive and proda adapt;
-adabn (target BatchNorm statistics, no training) is a control for how much of a gap is statistics.
+adabn (target BatchNorm statistics, no training) is a control for how much of a gap is statistics;
+ssl_source (SimCLR on the source images) is a pretraining, not a compared method: ProDA's stage-2
+student may start from it (`proda.student_init: "@ssl_source"`).
 Each module reads like its paper's loss; see ../shared/SPEC.md part 2 and the docstrings.
 """
 import importlib
@@ -18,6 +20,8 @@ METHODS = {
     "contrastive": "udafast.methods.contrastive:Contrastive",
     "proda": "udafast.methods.proda:ProDA",
     "adabn": "udafast.methods.adabn:AdaBN",
+    # not compared: the self-supervised source pretraining ProDA's stage 2 may start from
+    "ssl_source": "udafast.methods.ssl_source:SSLSource",
 }
 METHOD_NAMES = tuple(METHODS)
 

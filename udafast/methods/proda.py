@@ -32,8 +32,17 @@ code (microsoft/ProDA: `models/adaptation_modelv2.py`, `calc_prototype.py`,
   `<out_dir>/proda/<stage>_labels.npy`. The student, on the strong view, learns
   `CE(labels) + KL(teacher(strong view) || student)` (the labels follow the weak view, are taken to
   a quarter of the crop and warped into the strong view). Stage 2's student starts from
-  `proda.student_init` where given (the authors: SimCLRv2 ImageNet weights), else the run's init;
-  stage 3's continues from stage 2's network, as the README's stage-3 command restores it.
+  `proda.student_init` where given (the authors: SimCLRv2 ImageNet weights, `--student_init simclr
+  --bn_clr`: adaptation_modelv2.py loads them into the backbone, the heads at their init), else the
+  run's init; stage 3's continues from stage 2's network, as the README's stage-3 command restores it.
+  With no ImageNet network in the embedded benchmark, `student_init: "@ssl_source"` is the issue's
+  substitute: `udafast.methods.ssl_source`, SimCLR(v2)-style self-supervised pretraining of the
+  backbone on the SOURCE images (no labels), which `udafast.engine.runs.run_method` trains first (in
+  the comparison once per seed, under `<comparison>/ssl_source`, reused) and whose checkpoint it puts
+  in place of the value; its backbone is the student's, its segmentation heads untrained (the
+  projection head is not part of the network), and its time counts in the ProDA run's (`pretrain_s`).
+  `student_init: null` (the run's init: the source-only network on the preset) reports stage 2 the
+  other way.
 
 Each pseudo-label map is scored against the target's true labels where the run has them
 (`Method.record_labels`): `p_t0` (the warm-up argmax) and `y_hat` in stage 1, the distillation labels
@@ -58,6 +67,8 @@ from udafast.ops import class_feature_sums, kl_loss, prototype_rectify, prototyp
 __all__ = ["ProDA", "SoftLabels", "HardLabels", "initial_prototypes", "distillation_labels"]
 
 STAGES = ("warmup", "stage1", "stage2", "stage3")
+#: `student_init`: the self-supervised source pretraining (udafast.methods.ssl_source), resolved by run_method
+SSL_INIT = "@ssl_source"
 SOFT_LABELS = "soft_labels.npy"
 
 
@@ -164,8 +175,10 @@ class ProDA(Method):
         "distill_source_ce": False,  # the authors' code also back-propagates source CE here
         "code_kl_softmax": False,    # *code:* its KL takes the student's softmax where log-softmax belongs
         # stage 2's student: a checkpoint or weights path (the authors: SimCLRv2, --student_init simclr);
-        # None = the run's init. Stage 3's continues from stage 2's network (the README's stage-3 command
-        # restores it) unless stage3_from_stage2 is false (then as stage 2's)
+        # "@ssl_source" = the SimCLR pretraining of the backbone on the source images (ssl_source, the
+        # embedded benchmark's stand-in, trained first by run_method); None = the run's init. Stage 3's
+        # continues from stage 2's network (the README's stage-3 command restores it) unless
+        # stage3_from_stage2 is false (then as stage 2's)
         "student_init": None,
         "stage3_from_stage2": True,
         # batch size of the passes over the target set (None = data.batch_size)
@@ -207,8 +220,9 @@ class ProDA(Method):
         if not isinstance(weights, (list, tuple)) or len(weights) != 2 or any(
                 isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights):
             raise ValueError(f"proda.disc_weights: expected two numbers >= 0, got {weights!r}")
-        if o["student_init"] is not None and not isinstance(o["student_init"], str):
-            raise ValueError(f"proda.student_init: expected a path or null, got {o['student_init']!r}")
+        init = o["student_init"]
+        if init is not None and (not isinstance(init, str) or not init or (init.startswith("@") and init != SSL_INIT)):
+            raise ValueError(f"proda.student_init: expected a checkpoint path, {SSL_INIT!r} or null, got {init!r}")
         self.num_classes = int(config["model"].get("num_classes", 19))
         self.stage = None
         self.prototypes = None
@@ -264,7 +278,13 @@ class ProDA(Method):
                 for p in self.model.parameters():
                     p.requires_grad_(True)
                 start = "stage 2's network"
+            elif o["student_init"] == SSL_INIT:
+                raise ValueError(f"proda.student_init: {SSL_INIT!r} becomes the pretraining's checkpoint in "
+                                 f"udafast.engine.runs.run_method (python -m udafast.train); a Trainer alone needs "
+                                 f"a checkpoint path")
             elif o["student_init"]:
+                # a checkpoint's fitting weights (its heads of another shape start fresh); from ssl_source,
+                # the self-supervised backbone with the segmentation heads as that run initialised them
                 self.model = self.ctx.build_model(init=o["student_init"])
                 start = o["student_init"]
             else:
