@@ -194,3 +194,11 @@ def test_bad_student_init_raises_naming_the_key(tmp_path, value):
     with pytest.raises(ValueError, match=r"^proda\.student_init: ") as info:
         ProDA(config, ctx)
     assert "\n" not in str(info.value)
+
+
+def test_resume_is_bitwise(tmp_path):
+    from conftest import assert_bitwise_equal, run_and_resume
+    config = tiny_run_config("ssl_source", deterministic=True, train={"iters": 4, "panels": 0})
+    full, resumed = run_and_resume(config, tmp_path, at=2)
+    assert_bitwise_equal(full["model"], resumed["model"], "model")
+    assert_bitwise_equal(full["method"]["modules"], resumed["method"]["modules"], "projector")
