@@ -356,6 +356,36 @@ def _downsample(labels, size):
     return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
 
 
+def _bilinear_rows(n_in, n_out, keep, dtype, device):
+    """The rows of the [n_out, n_in] bilinear (align_corners=True) interpolation matrix at the
+    output positions `keep`."""
+    pos = keep.to(torch.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    low = pos.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    frac = pos - low
+    m = torch.zeros(len(keep), n_in, dtype=torch.float64)
+    m[torch.arange(len(keep)), low] += 1 - frac
+    m[torch.arange(len(keep)), high] += frac
+    return m.to(device, dtype)
+
+
+def _upsample_at(logits, size, down):
+    """`upsample(logits, size)` then nearest-downsampled to `down`, computed at the kept positions
+    only: `interpolate(mode="nearest")` keeps output row floor(i * H / h) of each size."""
+    (H, W), (h, w) = tuple(size), tuple(down)
+    if tuple(logits.shape[-2:]) == (H, W):
+        return _downsample_float(logits, down)
+    rows = torch.floor(torch.arange(h, dtype=torch.float64) * (H / h)).long().clamp(max=H - 1)
+    cols = torch.floor(torch.arange(w, dtype=torch.float64) * (W / w)).long().clamp(max=W - 1)
+    ry = _bilinear_rows(logits.shape[-2], H, rows, logits.dtype, logits.device)
+    rx = _bilinear_rows(logits.shape[-1], W, cols, logits.dtype, logits.device)
+    return torch.einsum("yi,bcij,xj->bcyx", ry, logits, rx)
+
+
+def _downsample_float(x, size):
+    return F.interpolate(x, size=tuple(size), mode="nearest")
+
+
 def _pixels(features):
     """[B, D, h, w] -> [B * h * w, D] rows."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
@@ -561,9 +591,10 @@ class Contrastive(Method):
         out = teacher["net"](self.normalize(x_s), return_backbone=True)
         feats = out["backbone"]
         B, _, h, w = feats.shape
-        # the script: softmax at the input size, then prediction and confidence nearest-downsampled
-        conf, pred = F.softmax(upsample(out["logits"], y_s.shape[-2:]), dim=1).max(1)
-        conf, pred, labels = _downsample(conf, (h, w)), _downsample(pred, (h, w)), _downsample(y_s, (h, w))
+        # the script: softmax of the logits upsampled to the input size, then prediction and confidence
+        # nearest-downsampled to the features: computed at the kept positions only (the same values)
+        conf, pred = F.softmax(_upsample_at(out["logits"], y_s.shape[-2:], (h, w)), dim=1).max(1)
+        labels = _downsample(y_s, (h, w))
         keep = ((pred == labels) & (labels != IGNORE_INDEX) & (conf > self.options["bank_threshold"])).reshape(-1)
         n = int(keep.sum())
         if n < 2 and getattr(self.ctx, "world", 1) == 1:
