@@ -244,7 +244,7 @@ EVERY_METHOD = {
     "adaptsegnet": ({"adaptsegnet": {"ndf": 4}}, ["iter_2.pt"]),
     "oracle": ({}, ["iter_2.pt"]),
     "adabn": ({}, ["iter_2.pt"]),
-    "cbst": ({"init": "source", "cbst": {"rounds": 2}}, ["iter_1.pt", "iter_3.pt", "round0.pt"]),
+    "cbst": ({"init": "source", "cbst": {"rounds": 2, "iters_per_round": 2}}, ["iter_1.pt", "iter_3.pt", "round0.pt"]),
     "proda": ({"init": "source", "train": {"stage_iters": 2}, "proda": {"disc_ndf": 4},
                "data": {"target": {"options": {"length": 6}}}},
               ["iter_1.pt", "iter_3.pt", "iter_5.pt", "iter_7.pt", "stage1.pt"]),

@@ -21,9 +21,10 @@ def test_full_size_config_is_the_gta5_config(method):
         assert data[key] == old[key]
     for split in ("source", "target", "val"):
         assert data[split]["name"] == "synthetic"
-    # scenes at the views' resize: the resize is the identity and the crops are the config's
-    assert data["source"]["options"]["size"] == old["source_view"]["resize"]
-    assert data["target"]["options"]["size"] == old["target_view"]["resize"]
+    # scenes at the views' resize (the resize is then the identity), or at the real dataset's size for
+    # a view without one (CBST trains on GTA5 at its own size, as crst_seg.py does); the crops are the config's
+    assert data["source"]["options"]["size"] == (old["source_view"]["resize"] or list(memory.GTA5_SIZE))
+    assert data["target"]["options"]["size"] == (old["target_view"]["resize"] or list(memory.CITYSCAPES_SIZE))
     assert data["source"]["options"]["length"] == data["batch_size"]
     assert config["train"]["stage_iters"] == 5 and config["train"]["amp"] == "bf16"
     assert config["train"]["activation_checkpointing"] is True and config["train"]["panels"] == 0

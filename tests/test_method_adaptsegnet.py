@@ -3,6 +3,7 @@ gradients against a hand computation of CE_main + 0.1 CE_aux + adv terms, the di
 out of the generator step, 1 vs 2 levels, a short Trainer run, resume, and option checks."""
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -10,11 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_and_resume, tiny_domain_batch, tiny_run_config
-from udafast.engine.trainer import Trainer
+from udafast.engine.trainer import Trainer, _apply_schedule
 from udafast.methods.adaptsegnet import AdaptSegNet
 from udafast.methods.adversarial import OutputSpaceAdversary
-from udafast.methods.base import Stage
+from udafast.methods.base import Stage, build_optimizer
 from udafast.models import build_model
+from udafast.models.heads import Discriminator
+from udafast.models.segmentation import SegmentationModel
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,3 +193,135 @@ def test_partial_discriminator_section_keeps_the_defaults():
     method = make_method(discriminator={"lr": 2e-4})
     g = method.optimizers["disc"].param_groups[0]
     assert g["initial_lr"] == 2e-4 and g["betas"] == (0.9, 0.99)
+
+
+# -- golden: one training iteration against the authors' code --------------------------------------
+GOLDEN = Path(__file__).parent / "fixtures" / "authors" / "adaptsegnet_iteration.json"
+
+
+class _TinyBackbone(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.layer3 = nn.Conv2d(8, 16, 3, stride=4, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.layer4 = nn.Conv2d(16, 16, 3, padding=2, dilation=2, bias=False)
+        self.bn4 = nn.BatchNorm2d(16)
+
+
+class _TinyMulti(SegmentationModel):
+    """The golden run's stand-in for DeeplabMulti (same parameters in the same creation order):
+    aux head on the layer3 stand-in, main head on layer4, BatchNorm affines frozen, inputs as is."""
+    normalization = "unit"
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        self.backbone = _TinyBackbone()
+        self.aux_classifier = torch.nn.Conv2d(16, num_classes, 3, padding=1)
+        self.classifier = torch.nn.Conv2d(16, num_classes, 3, padding=1)
+        for bn in (self.backbone.bn1, self.backbone.bn3, self.backbone.bn4):
+            for p in bn.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, x, return_backbone=False):
+        b = self.backbone
+        x = F.relu(b.bn1(b.conv1(x)))
+        x3 = F.relu(b.bn3(b.layer3(x)))
+        return {"aux": self.aux_classifier(x3), "logits": self.classifier(F.relu(b.bn4(b.layer4(x3))))}
+
+
+def golden_recipe(num_classes=5, ndf=8):
+    """The inputs the fixture was computed from: seed 0 -> network, D_aux, D_main (float32 init, then
+    float64); a generator seeded 1 -> two batches (source 2x3x48x64 with labels, 10% 255; target 2x3x40x56)."""
+    torch.manual_seed(0)
+    model = _TinyMulti(num_classes).double()
+    d_aux, d_main = Discriminator(num_classes, ndf).double(), Discriminator(num_classes, ndf).double()
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2):
+        xs = torch.rand(2, 3, 48, 64, generator=g, dtype=torch.float32).double()
+        ys = torch.randint(0, num_classes, (2, 48, 64), generator=g)
+        ys[torch.rand(2, 48, 64, generator=g) < 0.1] = 255
+        xt = torch.rand(2, 3, 40, 56, generator=g, dtype=torch.float32).double()
+        batches.append({"source": {"image": xs, "label": ys}, "target": {"image": xt}})
+    return model, d_aux, d_main, batches
+
+
+def test_two_iterations_equal_the_authors_code():
+    """Losses and every weight, BatchNorm statistic and discriminator weight after two iterations
+    equal wasidennis/AdaptSegNet's training loop (pytorch_0.4/train_gta2cityscapes_multi.py,
+    model/discriminator.py at fca9ff0f; provenance in the fixture), with the code's poly horizon
+    (NUM_STEPS, here 10) longer than the run: SGD 2.5e-4 (heads x10), momentum 0.9, wd 5e-4; Adam
+    1e-4 (0.9, 0.99) for the discriminators, both on the poly schedule."""
+    golden = json.loads(GOLDEN.read_text())
+    model, d_aux, d_main, batches = golden_recipe()
+    config = tiny_config(iters=6, discriminator={"name": "adam", "lr": 1e-4, "betas": [0.9, 0.99],
+                                                 "weight_decay": 0.0, "schedule": "poly", "power": 0.9,
+                                                 "poly_iters": 10})
+    config["model"]["num_classes"] = 5
+    config["optimizer"] = {"name": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "schedule": "poly",
+                           "power": 0.9, "poly_iters": 10}
+    method = AdaptSegNet(config, SimpleNamespace(device=torch.device("cpu"), backend="reference"))
+    method.start_stage(Stage("train", 6), model)
+    for level, d in (("aux", d_aux), ("main", d_main)):   # the same Parameter objects, in float64
+        method.adversary.discriminators[level].double().load_state_dict(d.state_dict())
+    model.train()
+    for it, batch in enumerate(batches):
+        _apply_schedule(method.optimizers, it, 6)
+        losses = method.step(batch, it, 6)
+        for name, value in golden["losses"][it].items():
+            assert losses[name].item() == pytest.approx(value, rel=1e-9, abs=1e-12), (it, name)
+
+    def check(module, expected):
+        state = {k: v for k, v in module.state_dict().items() if v.is_floating_point()}
+        assert len(state) == len(expected)
+        for (k, v), (name, figures) in zip(state.items(), expected.items()):
+            v = v.double()
+            got = [float(v.sum()), float((v ** 2).sum()), float(v.reshape(-1)[0]), float(v.reshape(-1)[-1])]
+            assert got == pytest.approx(figures, rel=1e-9, abs=1e-12), (k, name)
+    check(model, golden["model"])
+    check(method.adversary.discriminators["aux"], golden["D_aux"])
+    check(method.adversary.discriminators["main"], golden["D_main"])
+
+
+def test_shipped_configs_run_the_authors_schedule_and_frozen_bn_affines():
+    """train_gta2cityscapes_multi.py: poly over NUM_STEPS 250000 for the network and the
+    discriminators, stopped at NUM_STEPS_STOP 150000; deeplab_multi.py freezes every BatchNorm
+    affine (the paper is silent on both, so the code is the default)."""
+    from udafast.engine.config import read_config
+    from udafast.engine.runs import resolve_config
+    for name in ("gta5_adaptsegnet", "synthia_adaptsegnet"):
+        config = resolve_config(read_config(name), "adaptsegnet")
+        assert config["train"]["iters"] == 150000 and config["optimizer"]["poly_iters"] == 250000
+        assert config["adaptsegnet"]["discriminator"]["poly_iters"] == 250000
+        assert config["model"]["freeze_bn_affine"] is True and config["model"].get("aspp", "four") == "four"
+
+
+def test_poly_horizon_longer_than_the_run():
+    opt = build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}],
+                          {"name": "sgd", "lr": 1.0, "poly_iters": 250000})
+    _apply_schedule({"model": opt}, 149999, 150000)
+    assert opt.param_groups[0]["lr"] == pytest.approx((1 - 149999 / 250000) ** 0.9, rel=1e-12)
+    with pytest.raises(ValueError, match="poly_iters"):
+        build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], {"name": "sgd", "lr": 1.0, "poly_iters": 0})
+
+
+def test_deeplab_batchnorm_affines_frozen_by_default_explicit_choice_wins():
+    """model/deeplab_multi.py freezes every BatchNorm affine (the paper is silent: the code's default)."""
+    assert AdaptSegNet.model_overrides({"name": "deeplabv2_r101"}) == {"freeze_bn_affine": True}
+    assert AdaptSegNet.model_overrides({"name": "deeplabv2_r101", "freeze_bn_affine": False}) == {}
+    assert AdaptSegNet.model_overrides({"name": "small"}) == {}
+
+
+def test_aspp_biases_keep_the_conv_default_initialisation():
+    """The authors' Classifier_Module draws weights N(0, 0.01) and leaves the biases at nn.Conv2d's
+    default (uniform in +-1/sqrt(fan_in)), not zero."""
+    from udafast.models.segmentation import ASPPClassifier
+    torch.manual_seed(0)
+    head = ASPPClassifier(64, 5)
+    bound = 1 / math.sqrt(64 * 9)
+    for conv in head.conv2d_list:
+        assert conv.bias.abs().max() > 0 and conv.bias.abs().max() <= bound
+        assert abs(conv.weight.std().item() - 0.01) < 0.002

@@ -14,7 +14,7 @@ import torch.nn as nn
 from udafast.engine.config import DEFAULTS, merge
 from udafast.engine.data import BatchStream, TrainView
 from udafast.engine.trainer import RunContext, Trainer
-from udafast.methods.cbst import CBST, _RoundExtras, portion_schedule, rare_classes, source_fraction, subsample_mask
+from udafast.methods.cbst import CBST, _RoundExtras, mine_classes, portion_schedule, source_fraction, subsample_mask
 
 C = 4
 
@@ -46,10 +46,13 @@ class FakeContext:
         g = torch.Generator().manual_seed(2)
         self.device, self.backend, self.out_dir = torch.device("cpu"), "reference", str(out_dir)
         self.target = [{"image": torch.rand(3, h, w, generator=g), "name": f"t{i}"} for i in range(n)]
-        self.source = list(range(n_source))
+        self.source = [{"image": torch.rand(3, h, w, generator=g), "label": torch.randint(0, C, (h, w), generator=g),
+                        "name": f"s{i}"} for i in range(n_source)]
         self.target_view = TrainView(crop=crop, flip=0.0)
-        self.source_stream = types.SimpleNamespace(batch_size=batch_size)
+        self.source_view = TrainView(crop=crop, flip=0.0)
+        self.source_stream = types.SimpleNamespace(batch_size=batch_size, num_workers=0)
         self.target_stream = BatchStream(self.target, 2, self.target_view, seed=5)
+        self.mixed_stream, self.seed = None, 0
         self.subsets, self.messages = [], []
         self.rank, self.world = 0, 1
         self.skip_log = None  # bad samples raise
@@ -59,8 +62,10 @@ class FakeContext:
     shared_array = RunContext.shared_array
     all_reduce_ = RunContext.all_reduce_
 
-    def set_source_subset(self, indices):
+    def set_mixed_stream(self, indices, extras=None, seed=None):
         self.subsets.append(list(indices))
+        self.extras = extras
+        return RunContext.set_mixed_stream(self, indices, extras, seed)
 
     def log(self, text):
         self.messages.append(text)
@@ -142,7 +147,8 @@ def test_subsample_mask_keeps_every_nth_pixel_of_each_class_per_image(every):
 
 @pytest.mark.parametrize("round_index,bins,every,scale", [(0, 65536, 4, 2.0), (2, 64, 1, 2.0), (6, 2, 4, 0.3)])
 def test_thresholds_and_labels_equal_the_definition(tmp_path, round_index, bins, every, scale):
-    method, ctx = make(tmp_path, rounds=7, bins=bins, subsample=every)
+    # at scale 1 (a per-pixel network is its own mirror image: the flip average changes nothing)
+    method, ctx = make(tmp_path, rounds=7, bins=bins, subsample=every, label_scale=1.0)
     model = PixelNet(scale=scale)
     start(method, round_index, model=model)
     probs = expected_probs(ctx, model)
@@ -156,7 +162,8 @@ def test_thresholds_and_labels_equal_the_definition(tmp_path, round_index, bins,
     assert stored.dtype == np.uint8 and np.array_equal(stored, labels)
     counts = np.bincount(labels[labels != 255], minlength=C)
     assert method.label_counts.tolist() == counts.tolist()
-    assert method.rare == rare_classes(torch.from_numpy(counts), 3)
+    assert method.pred_counts.tolist() == torch.bincount(probs.argmax(1).reshape(-1), minlength=C).tolist()
+    assert method.mine == mine_classes(method.pred_counts, 1e-3)
 
 
 def test_portion_and_source_fraction_schedules():
@@ -165,8 +172,11 @@ def test_portion_and_source_fraction_schedules():
     assert portion_schedule(3, 0.5, 0.1, 0.6) == pytest.approx(0.6)
 
 
-@pytest.mark.parametrize("fraction,n_source,batch,expected", [(0.03, 1000, 8, 30), (0.03, 100, 8, 8),
-                                                              (0.5, 10, 2, 5), (0.03, 3, 4, 3)])
+# floor(n * fraction) as crst_seg.py savelst_SrcTgt, at least one image (the mixed set needs no
+# batch of source images: before the mixed set, at least a batch was drawn)
+@pytest.mark.parametrize("fraction,n_source,batch,expected", [(0.03, 1000, 8, 30), (0.03, 100, 8, 3),
+                                                              (0.5, 10, 2, 5), (0.03, 3, 4, 1),
+                                                              (0.0325, 1000, 2, 32)])
 def test_source_subset_size_and_seeding(tmp_path, fraction, n_source, batch, expected):
     ctx = FakeContext(tmp_path, n_source=n_source, batch_size=batch)
     method, _ = make(tmp_path, ctx, source_start=fraction, source_max=max(fraction, 0.06), rounds=2)
@@ -195,7 +205,7 @@ def test_labels_file_complete_reused_on_resume_and_nothing_else_written(tmp_path
     monkeypatch.setattr(resumed, "_thresholds_pass", fail)
     start(resumed, resume=True)
     resumed.load_extra_state(state)
-    assert torch.equal(resumed.thresholds, method.thresholds) and resumed.rare == method.rare
+    assert torch.equal(resumed.thresholds, method.thresholds) and resumed.mine == method.mine
     assert ctx2.subsets[-1] == ctx.subsets[-1]
     assert np.array_equal(np.load(path), first)
     # an incomplete file (wrong shape, as a crash would leave only a temp file) is recomputed on resume
@@ -210,27 +220,29 @@ def test_labels_file_complete_reused_on_resume_and_nothing_else_written(tmp_path
         start(other)
 
 
-@pytest.mark.parametrize("counts,k,expected", [([5, 0, 2, 9], 3, [2, 0, 3]), ([0, 0, 4, 4], 3, [2, 3]),
-                                               ([1, 1, 1, 1], 2, [0, 1]), ([3, 2, 1, 0], 0, [])])
-def test_rare_classes_are_the_smallest_labelled_shares(counts, k, expected):
-    assert rare_classes(torch.tensor(counts), k) == expected
+# crst_seg.py kc_parameters: every class predicted on less than mine_port of the pixels, rarest first
+@pytest.mark.parametrize("counts,port,expected", [([5, 0, 2, 993], 1e-3, [1]), ([5, 0, 2, 993], 0.0051, [1, 2, 0]),
+                                                  ([1, 1, 1, 1], 0.25, []), ([1, 1, 1, 1], 0.2501, [0, 1, 2, 3]),
+                                                  ([3, 2, 1, 0], 0.0, []), ([0, 0, 0, 0], 0.5, [])])
+def test_mined_classes_are_those_predicted_below_mine_port(counts, port, expected):
+    assert mine_classes(torch.tensor(counts), port) == expected
 
 
 def test_extras_label_and_crop_centres_on_rare_class_pixels(tmp_path):
-    method, ctx = make(tmp_path, mine_chance=1.0)
+    method, ctx = make(tmp_path, mine_chance=1.0, mine_port=0.3)
     start(method)
     stored = np.load(method.labels_path(0))
-    extras = ctx.target_stream.extras
-    assert isinstance(extras, _RoundExtras) and extras.rare == method.rare and method.rare
+    extras = ctx.extras
+    assert isinstance(extras, _RoundExtras) and extras.mine == method.mine and method.mine
     centred = 0
     for epoch in range(4):
-        ctx.target_stream.epoch = epoch
+        ctx.mixed_stream.epoch = epoch
         for i in range(len(ctx.target)):
             e = extras(i)
             assert e["label"].dtype == torch.int64 and np.array_equal(e["label"].numpy(), stored[i])
-            if any((stored[i] == c).any() for c in method.rare):
+            if any((stored[i] == c).any() for c in method.mine):
                 y, x = e["crop_center"]
-                assert stored[i][y, x] in method.rare
+                assert stored[i][y, x] in method.mine
                 centred += 1
             else:
                 assert e["crop_center"] is None
@@ -241,20 +253,22 @@ def test_extras_label_and_crop_centres_on_rare_class_pixels(tmp_path):
     clone = pickle.loads(pickle.dumps(extras))
     assert clone(2)["crop_center"] == extras(2)["crop_center"]
     # mine_chance 0: no crop centres
-    never, ctx0 = make(tmp_path / "never", mine_chance=0.0)
+    never, ctx0 = make(tmp_path / "never", mine_chance=0.0, mine_port=0.3)
     start(never)
-    assert all(ctx0.target_stream.extras(i)["crop_center"] is None for i in range(5))
-    # the stream's batches carry the pseudo-labels
-    batch = next(ctx.target_stream)
+    assert all(ctx0.extras(i)["crop_center"] is None for i in range(5))
+    # the stream's batches carry the labels (source) and pseudo-labels (target)
+    batch = next(ctx.mixed_stream)
     assert batch["label"].shape == (2, 4, 8)
 
 
 @pytest.mark.parametrize("option,value", [("rounds", 0), ("iters_per_round", 0), ("subsample", 0),
                                           ("portion_start", 0.6), ("portion_max", 1.5), ("source_start", 0.0),
                                           ("source_step", -0.1), ("mine_chance", 1.5), ("bins", 3),
-                                          ("rare_classes", -1), ("label_batch_size", 0), ("rounds", 2.5)])
+                                          ("mine_port", 1.5), ("mine_port", "0.001"), ("label_batch_size", 0),
+                                          ("rounds", 2.5), ("epochs_per_round", 0), ("label_scale", 0.0),
+                                          ("flip_average", 1), ("freeze_bn", "yes")])
 def test_bad_options_raise(tmp_path, option, value):
-    with pytest.raises(ValueError, match=option):
+    with pytest.raises(ValueError, match=f"cbst.{option}"):
         make(tmp_path, **{option: value})
 
 
@@ -272,10 +286,10 @@ def tiny_config(init=None):
                  "target": merge(synth, {"options": {"domain": "target"}}),
                  "val": {"name": "synthetic", "split": "val", "options": {"domain": "target", "size": [32, 64],
                                                                           "length": 4}},
-                 "target_view": {"crop": [16, 32]}, "batch_size": 2},
+                 "source_view": {"crop": [16, 32]}, "target_view": {"crop": [16, 32]}, "batch_size": 2},
         "optimizer": {"name": "adam", "lr": 1e-3, "schedule": "constant"},
         "train": {"iters": 2, "panels": 0},
-        "cbst": {"rounds": 2, "source_start": 0.5, "source_max": 0.5},
+        "cbst": {"rounds": 2, "iters_per_round": 2, "source_start": 0.5, "source_max": 0.5},
     })
 
 
@@ -310,3 +324,203 @@ def test_trainer_two_rounds_and_resume_mid_round(tmp_path, source_checkpoint):
         assert torch.equal(v, again["model"][k]), k
     for k in ("thresholds", "subset", "label_counts"):
         assert torch.equal(final["method"]["extra"][k], again["method"]["extra"][k])
+
+
+# -- issue 12: as crst_seg.py runs it ---------------------------------------------------------------
+def test_mixed_set_unions_parts_with_their_own_views_and_extras():
+    from udafast.engine.data import MixedSet
+    a = [{"image": torch.full((1, 2, 2), float(i)), "label": torch.zeros(2, 2, dtype=torch.int64)} for i in range(3)]
+    b = [{"image": torch.full((1, 2, 2), 10.0 + i)} for i in range(2)]
+
+    def tag(value):
+        return lambda sample, generator, extras=None: dict(sample, image=sample["image"] + value,
+                                                           label=(extras or {}).get("label", sample.get("label")))
+
+    mixed = MixedSet([(a, tag(100), None), ([], tag(0), None),
+                      (b, tag(200), lambda j: {"label": torch.full((2, 2), j, dtype=torch.int64)})])
+    assert len(mixed) == 5 and [mixed.locate(i) for i in range(5)] == [(0, 0), (0, 1), (0, 2), (2, 0), (2, 1)]
+    out = [mixed.view(mixed[i], None, mixed.extras(i)) for i in range(5)]
+    assert [float(o["image"][0, 0, 0]) for o in out] == [100, 101, 102, 210, 211]
+    assert [int(o["label"][0, 0]) for o in out] == [0, 0, 0, 0, 1]
+    with pytest.raises(IndexError):
+        mixed.locate(5)
+
+
+def test_one_epoch_visits_each_selected_source_and_target_image_once_in_a_shuffled_mixed_order(tmp_path):
+    ctx = FakeContext(tmp_path, n=5, n_source=40, batch_size=2)
+    method, _ = make(tmp_path, ctx, source_start=0.075, source_max=0.075)  # floor(40 * 0.075) = 3 source images
+    start(method)
+    stream = ctx.mixed_stream
+    assert ctx.subsets[-1] == method.subset.tolist() and len(method.subset) == 3
+    assert stream.batches_per_epoch == 4 and method.stages()[0].iters == 2 * 4  # epochs_per_round 2
+    epochs = []
+    for _ in range(2):
+        order = []
+        for _ in range(stream.batches_per_epoch):
+            batch = next(stream)
+            assert batch["image"].shape == (2, 3, 4, 8) and batch["label"].shape == (2, 4, 8)
+            order += batch["index"].tolist()
+        epochs.append(order)
+    for order in epochs:
+        assert sorted(order) == list(range(8))  # 3 source (0-2) + 5 target (3-7), each once
+        sources = [p for p, i in enumerate(order) if i < 3]
+        assert sources != [0, 1, 2] and sources != [5, 6, 7]  # not one domain then the other
+    assert epochs[0] != epochs[1]  # reshuffled every epoch
+    # batches mix the domains
+    assert any((a < 3) != (b < 3) for a, b in zip(epochs[0][::2], epochs[0][1::2]))
+
+
+def test_trainer_steps_the_method_on_the_mixed_stream(tmp_path, source_checkpoint, monkeypatch):
+    seen = []
+    original = CBST.step
+
+    def spy(self, batch, it, iters):
+        seen.append(sorted(batch))
+        return original(self, batch, it, iters)
+
+    monkeypatch.setattr(CBST, "step", spy)
+    cfg = tiny_config(init=source_checkpoint)
+    cfg["cbst"] = {"rounds": 1, "source_start": 0.5, "source_max": 0.5}  # 4 + 8 images: 6 batches, 2 epochs
+    metrics = Trainer(cfg, tmp_path / "run", tensorboard=False).run()
+    assert metrics["stages"]["round0"]["iters"] == 12 and seen == [["mixed"]] * 12
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batchnorm_is_frozen_while_retraining(tmp_path, freeze):
+    from udafast.models import build_model
+    model = build_model({"name": "small", "num_classes": C, "width": 4, "feature_dim": 16})
+    bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bn
+    method, ctx = make(tmp_path, freeze_bn=freeze, label_scale=1.0)
+    start(method, model=model)
+    model.train()  # as the trainer leaves it
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method.step({"mixed": next(ctx.mixed_stream)}, 0, 10)
+    after = model.state_dict()
+    bn_keys = [k for k in after if any(k.startswith(n + ".") for n, m in model.named_modules()
+                                         if isinstance(m, nn.BatchNorm2d))]
+    assert any(k.endswith("running_mean") for k in bn_keys) and any(k.endswith(".weight") for k in bn_keys)
+    changed = {k for k in bn_keys if not torch.equal(before[k], after[k])}
+    if freeze:  # running statistics used and kept, affine parameters not trained
+        assert not changed
+        assert all(not p.requires_grad for m in bn for p in m.parameters())
+    else:
+        assert any(k.endswith("running_mean") for k in changed) and any(k.endswith(".weight") for k in changed)
+    assert not torch.equal(before["classifier.weight"], after["classifier.weight"])  # the step did train
+
+
+class MirrorNet(nn.Module):
+    """Logits of a 1x3 convolution (asymmetric kernel): not its own mirror image."""
+    normalization = "imagenet"
+
+    def __init__(self, classes=3):
+        super().__init__()
+        g = torch.Generator().manual_seed(4)
+        self.conv = nn.Conv2d(2, classes, (1, 3), padding=(0, 1)).double()
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g, dtype=torch.float64))
+            self.conv.bias.copy_(torch.randn(classes, generator=g, dtype=torch.float64))
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        return {"logits": self.conv(x)}
+
+
+def _hand_logits(weight, bias, image):
+    """The 1x3 convolution (zero padding) pixel by pixel: [C, H, W]."""
+    ch, h, w = image.shape
+    out = np.zeros((weight.shape[0], h, w))
+    for c in range(weight.shape[0]):
+        for y in range(h):
+            for x in range(w):
+                total = bias[c]
+                for i in range(ch):
+                    for k in range(3):
+                        xx = x + k - 1
+                        if 0 <= xx < w:
+                            total += weight[c, i, 0, k] * image[i, y, xx]
+                out[c, y, x] = total
+    return out
+
+
+def _softmax(z):
+    e = np.exp(z - z.max(0, keepdims=True))
+    return e / e.sum(0, keepdims=True)
+
+
+def test_labelling_pass_averages_the_image_and_its_mirror_by_hand():
+    from udafast.methods.cbst import label_probabilities
+    net = MirrorNet()
+    image = torch.randn(1, 2, 3, 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    w, b, x = net.conv.weight.detach().numpy(), net.conv.bias.detach().numpy(), image[0].numpy()
+    plain = _softmax(_hand_logits(w, b, x))
+    mirrored = _softmax(_hand_logits(w, b, x[:, :, ::-1]))[:, :, ::-1]  # the mirror's prediction, mirrored back
+    expected = 0.5 * (plain + mirrored)
+    identity = lambda t: t  # noqa: E731
+    got = label_probabilities(net, image, identity, scale=1.0, flip=True)
+    assert got.dtype == torch.float32 and np.allclose(got[0].numpy(), expected, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(plain, expected, atol=1e-3)  # the mirror matters for this network
+    assert np.allclose(label_probabilities(net, image, identity, scale=1.0, flip=False)[0].numpy(), plain,
+                       rtol=1e-6, atol=1e-7)
+
+
+def test_labelling_pass_runs_at_the_code_eval_scale_with_flips_in_both_passes(tmp_path):
+    import torch.nn.functional as F
+    from udafast.methods.cbst import label_probabilities
+    net = MirrorNet()
+    image = torch.rand(1, 2, 20, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    got = label_probabilities(net, image, lambda t: t, scale=0.9, flip=False)
+    assert net.sizes == [(18, 27)] and got.shape == (1, 3, 20, 30)
+    small = F.interpolate(image, size=(18, 27), mode="bilinear", align_corners=False)
+    expected = torch.softmax(F.interpolate(net.conv(small), size=(20, 30), mode="bilinear", align_corners=True), 1)
+    assert torch.allclose(got, expected.float(), rtol=1e-6, atol=1e-7)
+    # through CBST: both passes (thresholds, labels) see the frame at 0.9 and its mirror
+    seen = []
+
+    class Spy(PixelNet):
+        def forward(self, x):
+            seen.append(tuple(x.shape))
+            return super().forward(x)
+
+    method, ctx = make(tmp_path)
+    assert method.options["label_scale"] == 0.9 and method.options["flip_average"] is True
+    start(method, model=Spy())
+    frames = len(ctx.target)
+    assert len(seen) == 2 * 2 * math.ceil(frames / 2)  # 2 passes x (image, mirror) x batches of 2
+    assert {s[-2:] for s in seen} == {(round(8 * 0.9), round(12 * 0.9))}
+
+
+def test_rounds_last_epochs_of_the_mixed_set_and_fractions_add_up_as_the_script(tmp_path):
+    ctx = FakeContext(tmp_path, n=5, n_source=200, batch_size=2)
+    method, _ = make(tmp_path, ctx, rounds=3)
+    p = 0.03
+    for t in range(3):
+        assert method.subset_size(t) == math.floor(200 * p)  # crst_seg.py: src_portion += step, floor(n * portion)
+        assert method.stages()[t].iters == 2 * ((math.floor(200 * p) + 5) // 2)
+        p = min(p + 0.0025, 0.06)
+    assert [s.iters for s in make(tmp_path, ctx, iters_per_round=7)[0].stages()] == [7, 7, 7]
+
+
+def test_source_and_target_crops_must_match(tmp_path):
+    cfg = config()
+    cfg["data"] = {"source_view": {"crop": [4, 8]}, "target_view": {"crop": [4, 6]}}
+    with pytest.raises(ValueError, match="data.source_view.crop"):
+        CBST(cfg, FakeContext(tmp_path))
+    cfg["data"]["target_view"]["crop"] = (4, 8)
+    CBST(cfg, FakeContext(tmp_path))
+
+
+def test_round_pseudo_labels_are_recorded_against_the_target_truth(tmp_path, monkeypatch):
+    ctx = FakeContext(tmp_path)
+    g = torch.Generator().manual_seed(9)
+    for s in ctx.target:
+        s["truth"] = torch.randint(0, C, s["image"].shape[-2:], generator=g)
+    calls = []
+    method, _ = make(tmp_path, ctx)
+    monkeypatch.setattr(method, "record_labels", lambda name, labels, truth=None: calls.append((name, labels, truth)))
+    start(method)
+    stored = torch.from_numpy(np.load(method.labels_path(0)).astype(np.int64))
+    assert [c[0] for c in calls] == ["pseudo"] * 3  # batches of 2 of the 5 frames
+    assert torch.equal(torch.cat([c[1] for c in calls]), stored)
+    assert torch.equal(torch.cat([c[2] for c in calls]), torch.stack([s["truth"] for s in ctx.target]))

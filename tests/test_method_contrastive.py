@@ -400,3 +400,11 @@ def test_self_training_weight_is_max_prob_to_the_6_with_ramp():
     # one valid pixel of two: log 2 * 0.5**6 * ramp, averaged over both pixels
     got = self_training_loss(logits, pseudo, probs, 0.3)
     assert float(got) == pytest.approx(math.log(2) * 0.5 ** 6 * 0.3 / 2)
+
+
+def test_teacher_labels_are_recorded_against_truth():
+    method = _method(bank_start=10**6, loss_start=10**6)
+    batch = _batch(b=4)
+    batch["target"]["truth"] = torch.randint(0, C, (4, 32, 32))
+    method.step(batch, 0, 10)
+    assert "teacher" in method.label_quality

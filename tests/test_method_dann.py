@@ -97,11 +97,46 @@ def test_step_gradients_match_hand_computation(weight, fixed):
     assert losses["seg"].item() == pytest.approx(ce.item(), rel=1e-5)
     assert losses["domain"].item() == pytest.approx(dom.item(), rel=1e-5)
     for p, gc, gd in zip(params, g_ce, g_dom[:len(params)]):
-        # the network descends CE and ascends the domain loss (reversed, times lambda)
+        # the network descends CE and ascends the domain loss (reversed, times weight * lambda)
         torch.testing.assert_close(grads[p], gc - lambd * weight * gd, rtol=1e-4, atol=1e-6)
     for p, gd in zip(cls.parameters(), g_dom[len(params):]):
-        # the classifier descends it
-        torch.testing.assert_close(grads[p], weight * gd, rtol=1e-4, atol=1e-6)
+        # the classifier descends the full, unweighted domain loss (SPEC part 2 DANN)
+        torch.testing.assert_close(grads[p], gd, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight, fixed", [(0.001, 0.6), (0.1, None)])
+def test_classifier_gradient_unscaled_feature_gradient_reversed_and_scaled(weight, fixed):
+    """After one step's backward: the domain classifier's gradient is the gradient of the unweighted
+    BCE (it would be `weight` times it if the weight scaled the whole domain loss); the gradient
+    reaching the target features (which feed no other loss) is -weight * lambda_p times the BCE's."""
+    method = make_method(weight=weight, grl_lambda=fixed)
+    batch = tiny_domain_batch()
+    it, iters = 4, 10
+    lambd = fixed if fixed is not None else grl_lambda(it / iters)
+    model, cls = method.model, method.classifier
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = []
+    forward = model.forward
+
+    def keeping(images, return_backbone=False):
+        out = forward(images, return_backbone=return_backbone)
+        out["backbone"].retain_grad()
+        kept.append(out["backbone"])
+        return out
+    model.forward = keeping
+    grads, _ = _captured_step(method, batch, it, iters)
+    model.forward = forward
+
+    # the same BCE on the same features, without the reversal, by hand
+    model.load_state_dict(before)
+    f_s, f_t = (kept[0].detach().requires_grad_(), kept[1].detach().requires_grad_())
+    bce = domain_loss(cls(f_s), cls(f_t))
+    cls_params = list(cls.parameters())
+    g = torch.autograd.grad(bce, cls_params + [f_t])
+    for p, gp in zip(cls_params, g[:-1]):
+        torch.testing.assert_close(grads[p], gp, rtol=1e-5, atol=1e-8)
+        assert not torch.allclose(grads[p], weight * gp, rtol=1e-3, atol=0.0)   # not scaled
+    torch.testing.assert_close(kept[1].grad, -weight * lambd * g[-1], rtol=1e-5, atol=1e-12)
 
 
 def test_classifier_is_a_group_of_the_model_optimiser_at_the_heads_lr():

@@ -80,3 +80,16 @@ def test_summarize_and_write(tmp_path):
     path = write_results(results, tmp_path / "r.json")
     assert json.loads(open(path).read())["methods"]["proda"]["miou_mean"] == 30.5
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_summary_shows_the_pseudo_label_class_means():
+    runs = {"cbst": []}
+    for seed, (cov, prec) in enumerate([(0.2, 0.8), (0.4, 0.6)]):
+        m = fake_metrics("cbst", seed, 25.0)
+        m["pseudo_labels"] = {"round0": {"labels": {"coverage_total": cov, "precision_mean": prec,
+                                                     "recall_mean": None, "accuracy": 0.9}}}
+        runs["cbst"].append(m)
+    entry = summarize(runs)["methods"]["cbst"]
+    assert entry["pseudo_labels"]["round0"]["labels"] == {"coverage_total": 30.0, "precision_mean": 70.0,
+                                                          "recall_mean": None, "accuracy": 90.0}
+    assert "| 30.0 / 70.0 / - (labels, round0) |" in format_results(summarize(runs))

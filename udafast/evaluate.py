@@ -29,9 +29,9 @@ def load_model(checkpoint, device="cpu"):
     checkpoint = str(checkpoint)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
-    from udafast.models import load_checkpoint, model_from_checkpoint
+    from udafast.models import load_model_checkpoint, model_from_checkpoint
 
-    state = load_checkpoint(checkpoint, map_location="cpu")
+    state = load_model_checkpoint(checkpoint, map_location="cpu")  # also the authors' released models
     model = model_from_checkpoint(state, map_location="cpu").to(device).eval()
     size = state.get("eval_input_size")
     model.eval_input_size = tuple(size) if size is not None else None

@@ -24,7 +24,7 @@ from udafast.data.labels import IGNORE_INDEX
 
 __all__ = [
     "Compose", "Resize", "RandomScale", "RandomCrop", "RandomHorizontalFlip", "Normalize", "normalize",
-    "denormalize", "weak_view", "StrongView", "strong_augment", "warp_like", "RANDAUGMENT_OPS",
+    "denormalize", "weak_view", "StrongView", "strong_augment", "warp_like", "frame_to_view", "RANDAUGMENT_OPS",
     "IMAGENET_MEAN", "IMAGENET_STD", "CAFFE_MEAN_BGR",
 ]
 
@@ -73,8 +73,9 @@ def _resize_label(label, size):
 def _resize_sample(sample, size, antialias=True):
     out = dict(sample)
     out["image"] = _resize_image(sample["image"], size, antialias)
-    if "label" in sample:
-        out["label"] = _resize_label(sample["label"], size)
+    for key in ("label", "truth"):  # "truth": a target's true labels kept to score pseudo-labels
+        if key in sample:
+            out[key] = _resize_label(sample[key], size)
     return out
 
 
@@ -191,7 +192,8 @@ class RandomHorizontalFlip:
 
 def normalize(image, mode="imagenet"):
     """Images [..., 3, H, W] RGB in [0, 1] -> network input. `imagenet`: (x - mean) / std per RGB
-    channel; `caffe`: DeepLab's Caffe convention, BGR order, 0-255 scale, minus CAFFE_MEAN_BGR."""
+    channel; `caffe`: DeepLab's Caffe convention, BGR order, 0-255 scale, minus CAFFE_MEAN_BGR;
+    `unit`: RGB in [0, 1] as is (microsoft/ProDA data/cityscapes_dataset.py: mean 0, / 255)."""
     if image.dim() < 3 or image.shape[-3] != 3:
         raise ValueError(f"image: expected [..., 3, H, W], got {tuple(image.shape)}")
     shape = (3, 1, 1)
@@ -202,7 +204,9 @@ def normalize(image, mode="imagenet"):
     if mode == "caffe":
         mean = torch.tensor(CAFFE_MEAN_BGR, dtype=image.dtype, device=image.device).view(shape)
         return image.flip(-3) * 255.0 - mean
-    raise ValueError(f"mode: expected 'imagenet' or 'caffe', got {mode!r}")
+    if mode == "unit":
+        return image
+    raise ValueError(f"mode: expected 'imagenet', 'caffe' or 'unit', got {mode!r}")
 
 
 def denormalize(image, mode="imagenet"):
@@ -215,7 +219,9 @@ def denormalize(image, mode="imagenet"):
     if mode == "caffe":
         mean = torch.tensor(CAFFE_MEAN_BGR, dtype=image.dtype, device=image.device).view(shape)
         return ((image + mean) / 255.0).flip(-3)
-    raise ValueError(f"mode: expected 'imagenet' or 'caffe', got {mode!r}")
+    if mode == "unit":
+        return image
+    raise ValueError(f"mode: expected 'imagenet', 'caffe' or 'unit', got {mode!r}")
 
 
 class Normalize:
@@ -519,3 +525,24 @@ def warp_like(tensor, params, mode="nearest", fill=None, cutout_fill=None, retur
     if return_mask:
         return out, mask.squeeze(-3) > 0.5
     return out
+
+
+def frame_to_view(maps: torch.Tensor, geometry: torch.Tensor, frame_size, view_size) -> torch.Tensor:
+    """Maps of whole frames [B, C, h, w] (any resolution r = h / frame height) taken into the
+    training views that `geometry` [B, 5] describes (scaled height and width, crop top and left,
+    flipped; what `udafast.engine.data.TrainView` records): per sample, resized bilinearly
+    (align_corners=True) to the scaled frame at resolution r, cropped at the view's offset to
+    `view_size` (h, w at resolution r; zeros where the crop passes the scaled frame), flipped.
+    ProDA's `full2weak` (microsoft/ProDA models/adaptation_modelv2.py) on its teacher's features."""
+    fh = int(frame_size[0])
+    r = maps.shape[-2] / fh
+    vh, vw = (int(v) for v in view_size)
+    out = []
+    for m, (sh, sw, y0, x0, flipped) in zip(maps, geometry.tolist()):
+        m = F.interpolate(m[None], size=(int(sh * r), int(sw * r)), mode="bilinear", align_corners=True)[0]
+        top, left = int(y0 * r), int(x0 * r)
+        m = m[..., top:top + vh, left:left + vw]
+        if tuple(m.shape[-2:]) != (vh, vw):  # the crop reaches past the scaled frame (it was padded)
+            m = F.pad(m, (0, vw - m.shape[-1], 0, vh - m.shape[-2]))
+        out.append(m.flip(-1) if flipped else m)
+    return torch.stack(out)

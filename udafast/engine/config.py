@@ -45,9 +45,13 @@ DEFAULTS = {
         # values outside the table), counted in log.csv and metrics.json; false: the run stops
         # naming the file. Evaluation always stops.
         "skip_bad_samples": False,
+        # the target training set's true labels, read only to score the pseudo-labels a method makes
+        # (metrics.json "pseudo_labels"), never trained on: "auto" = where they come free (the
+        # embedded benchmark), true = required (e.g. Cityscapes train with its gtFine), false = never
+        "target_truth": "auto",
     },
     "optimizer": {"name": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
-                  "schedule": "poly", "power": 0.9},
+                  "schedule": "poly", "power": 0.9, "poly_iters": None},
     # stage_iters: when set, every stage of a multi-stage method runs that many iterations (quick checks)
     # grad_accum: micro-batches per update; amp: null or "bf16" (autocast); on_nonfinite: "stop" or
     # "skip"; sync_bn: BatchNorm over the batches of every process (torchrun); activation_checkpointing:

@@ -3,7 +3,11 @@
 A sample's view is a pure function of (stream seed, epoch, position), whatever the number of
 loader workers, so that a run is reproducible and a stream can resume from `(epoch, position)`.
 Methods can attach per-sample data to a stream (`extras(index) -> dict`): a `"label"` (pseudo-labels
-in the frame of the resized image) follows the image pixel for pixel; `"crop_center"` (y, x) in
+in the frame of the resized image) follows the image pixel for pixel, as does a sample's `"truth"`
+(the target's true labels, kept apart from the training labels to score pseudo-labels); `"frame": True`
+adds the whole resized frame as the sample's "frame" (ProDA's teacher sees it, then takes its outputs
+into the view with `udafast.data.transforms.frame_to_view` and the sample's "geometry", which every
+view records: [scaled height, scaled width, crop top, crop left, flipped]); `"crop_center"` (y, x) in
 that frame centres the random crop on a pixel (or None); any other tensor [..., h, w]
 is a map of the whole frame at any resolution (e.g. soft labels at the network's output stride) and
 is cropped and flipped proportionally, so crops are aligned to the map's stride.
@@ -23,7 +27,7 @@ from udafast.data import BadSampleError, build_dataset
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import Resize, _pair, _resize_image, _resize_label
 
-__all__ = ["TrainView", "BatchStream", "SkipLog", "build_split", "collate"]
+__all__ = ["TrainView", "BatchStream", "MixedSet", "SkipLog", "TruthLabels", "build_split", "collate"]
 
 
 def build_split(spec, transform=None, **override):
@@ -31,6 +35,30 @@ def build_split(spec, transform=None, **override):
     options = dict(spec.get("options") or {})
     options.update(override)
     return build_dataset(spec["name"], spec.get("root"), spec.get("split", "train"), transform=transform, **options)
+
+
+class TruthLabels(Dataset):
+    """A labelled target dataset whose samples carry their labels as "truth" instead of "label":
+    read to score pseudo-labels, never trained on."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        sample = dict(self.dataset[index])
+        sample["truth"] = sample.pop("label")
+        return sample
+
+    def __getattr__(self, name):  # the wrapped dataset's attributes (e.g. `labelled`, `files`)
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __repr__(self):
+        return f"TruthLabels({self.dataset!r})"
 
 
 def _rand(generator):
@@ -83,6 +111,9 @@ class TrainView:
             for key, value in extras.items():
                 if key == "crop_center":
                     sample["crop_center"] = value
+                elif key == "frame":
+                    if value:
+                        sample["frame"] = sample["image"]
                 elif key == "label":
                     if tuple(value.shape) != tuple(sample["image"].shape[-2:]):
                         raise ValueError(f"extras: label of shape {tuple(value.shape)} for an image of "
@@ -91,42 +122,45 @@ class TrainView:
                 else:
                     maps[key] = value
             sample["maps"] = maps
-        image, label = sample["image"], sample.get("label")
+        image = sample["image"]
+        labels = {k: sample[k] for k in _LABEL_KEYS if sample.get(k) is not None}
         maps = dict(sample.get("maps") or {})
+        offset, flipped = (0, 0), False
         if self.scale_range is not None:
             lo, hi = self.scale_range
             s = lo + (hi - lo) * _rand(generator)
             size = (max(1, round(image.shape[-2] * s)), max(1, round(image.shape[-1] * s)))
             image = _resize_image(image, size)
-            if label is not None:
-                label = _resize_label(label, size)
+            labels = {k: _resize_label(v, size) for k, v in labels.items()}
+        scaled = tuple(image.shape[-2:])
         if self.crop is not None:
             center = sample.get("crop_center")
             if center is not None and self.scale_range is not None:
                 center = (center[0] * image.shape[-2] / sample["image"].shape[-2],
                           center[1] * image.shape[-1] / sample["image"].shape[-1])
-            image, label, maps = self._crop(image, label, maps, generator, center)
+            image, labels, maps, offset = self._crop(image, labels, maps, generator, center)
         if self.flip > 0 and _rand(generator) < self.flip:
+            flipped = True
             image = image.flip(-1)
-            label = None if label is None else label.flip(-1)
+            labels = {k: v.flip(-1) for k, v in labels.items()}
             maps = {k: v.flip(-1) for k, v in maps.items()}
         out = dict(sample)
         out["image"] = image.contiguous()
-        if label is not None:
-            out["label"] = label.contiguous()
+        out.update({k: v.contiguous() for k, v in labels.items()})
+        out["geometry"] = torch.tensor([*scaled, *offset, int(flipped)], dtype=torch.int64)
         out.pop("maps", None)
         out.pop("crop_center", None)
         if maps:
             out["maps"] = {k: v.contiguous() for k, v in maps.items()}
         return out
 
-    def _crop(self, image, label, maps, generator, center=None):
+    def _crop(self, image, labels, maps, generator, center=None):
         ch, cw = self.crop
         h, w = image.shape[-2:]
         if h < ch or w < cw:
             pad = (0, max(0, cw - w), 0, max(0, ch - h))
             image = F.pad(image, pad, value=0.0)
-            label = None if label is None else F.pad(label, pad, value=IGNORE_INDEX)
+            labels = {k: F.pad(v, pad, value=IGNORE_INDEX) for k, v in labels.items()}
             maps = {k: _pad_map(v, h, w, max(h, ch), max(w, cw)) for k, v in maps.items()}
             h, w = image.shape[-2:]
         a = self.align
@@ -137,13 +171,17 @@ class TrainView:
             y0 = min(max(0, int(cy) - ch // 2), h - ch) // a * a
             x0 = min(max(0, int(cx) - cw // 2), w - cw) // a * a
         image = image[..., y0:y0 + ch, x0:x0 + cw]
-        label = None if label is None else label[..., y0:y0 + ch, x0:x0 + cw]
+        labels = {k: v[..., y0:y0 + ch, x0:x0 + cw] for k, v in labels.items()}
         maps = {k: _crop_map(v, h, w, y0, x0, ch, cw) for k, v in maps.items()}
-        return image, label, maps
+        return image, labels, maps, (y0, x0)
 
     def __repr__(self):
         return (f"TrainView(resize={self.resize}, scale_range={self.scale_range}, crop={self.crop}, "
                 f"flip={self.flip}, align={self.align})")
+
+
+#: per-pixel label maps of a sample that follow the image through every geometric step
+_LABEL_KEYS = ("label", "truth")
 
 
 def _pad_map(m, h, w, nh, nw):
@@ -238,6 +276,50 @@ class _Views(Dataset):
         return out
 
 
+class MixedSet(Dataset):
+    """The union of `parts`, each (dataset, view, extras or None), as one dataset for one
+    `BatchStream` (CBST trains on source subset + pseudo-labelled target as one shuffled set, as
+    crst_seg.py's ConcatDataset does): index i is part k's sample i - offset_k, and each sample
+    goes through its own part's view and extras (`view` and `extras` dispatch on it). Picklable for
+    loader workers when its parts are."""
+
+    def __init__(self, parts):
+        self.parts = [tuple(p) for p in parts]
+        self.offsets, total = [], 0
+        for dataset, _, _ in self.parts:
+            self.offsets.append(total)
+            total += len(dataset)
+        self.total = total
+
+    def __len__(self):
+        return self.total
+
+    def locate(self, index):
+        """(part, index in that part) of a union index."""
+        if not 0 <= index < self.total:
+            raise IndexError(f"MixedSet: index {index} out of range for {self.total} samples")
+        k = max(i for i, start in enumerate(self.offsets) if start <= index and len(self.parts[i][0]) > 0)
+        return k, index - self.offsets[k]
+
+    def __getitem__(self, index):
+        k, j = self.locate(index)
+        sample = dict(self.parts[k][0][j])
+        sample["_part"] = k
+        return sample
+
+    def extras(self, index):
+        k, j = self.locate(index)
+        extras = self.parts[k][2]
+        return None if extras is None else extras(j)
+
+    def view(self, sample, generator, extras=None):
+        sample = dict(sample)
+        return self.parts[sample.pop("_part")][1](sample, generator, extras)
+
+    def __repr__(self):
+        return f"MixedSet({', '.join(f'{len(d)} of {d!r}' for d, _, _ in self.parts)})"
+
+
 def collate(samples):
     """Stack the samples' tensors (images, labels, maps), indices as int64, names as a list, and
     concatenate their "skipped" lists; a sample with an "error" makes the batch {"error": it}."""
@@ -247,8 +329,9 @@ def collate(samples):
     out = {"image": torch.stack([s["image"] for s in samples]),
            "index": torch.tensor([s["index"] for s in samples], dtype=torch.int64),
            "name": [s.get("name") for s in samples]}
-    if all("label" in s for s in samples):
-        out["label"] = torch.stack([s["label"] for s in samples])
+    for key in _LABEL_KEYS + ("frame", "geometry"):
+        if samples and all(key in s for s in samples):
+            out[key] = torch.stack([s[key] for s in samples])
     if samples and "maps" in samples[0]:
         out["maps"] = {k: torch.stack([s["maps"][k] for s in samples]) for k in samples[0]["maps"]}
     if any("skipped" in s for s in samples):

@@ -127,10 +127,43 @@ def summarize(runs, preset=None):
             for stage in per_seed[0]["stages"]:
                 s_mean, s_std = _mean_std([m["stages"][stage]["miou"] for m in per_seed])
                 entry["stages"][stage] = {"miou_mean": s_mean, "miou_std": s_std}
+        quality = _label_quality(per_seed)
+        if quality:
+            entry["pseudo_labels"] = quality
         if all("best" in m for m in per_seed):
             entry["best_miou_mean"], entry["best_miou_std"] = _mean_std([m["best"]["miou"] for m in per_seed])
         methods[name] = entry
     return {"methods": methods, "preset": preset, "commit": _commit()}
+
+
+#: the class means of metrics.json's "pseudo_labels" that the results show
+LABEL_FIGURES = ("coverage_total", "precision_mean", "recall_mean", "accuracy")
+
+
+def _label_quality(per_seed):
+    """{stage: {label set: {figure: mean over seeds, in percent}}} of the runs' pseudo-label quality."""
+    out = {}
+    for stage, sets in (per_seed[0].get("pseudo_labels") or {}).items():
+        for name in sets:
+            figures = {}
+            for key in LABEL_FIGURES:
+                values = [m.get("pseudo_labels", {}).get(stage, {}).get(name, {}).get(key) for m in per_seed]
+                mean, _ = _mean_std([None if v is None else 100 * v for v in values])
+                figures[key] = mean
+            out.setdefault(stage, {})[name] = figures
+    return out
+
+
+def _quality_cell(entry):
+    """"coverage / precision / recall" (class means, %) of the last label set the method made."""
+    quality = entry.get("pseudo_labels")
+    if not quality:
+        return "-"
+    stage = list(quality)[-1]
+    name = list(quality[stage])[-1]
+    f = quality[stage][name]
+    cells = [("-" if f[k] is None else f"{f[k]:.1f}") for k in ("coverage_total", "precision_mean", "recall_mean")]
+    return f"{' / '.join(cells)} ({name}, {stage})"
 
 
 def _commit():
@@ -146,13 +179,14 @@ def _commit():
 def format_results(results):
     """A Markdown table: method, mIoU mean ± std over the seeds, seconds per iteration."""
     seeds = next(iter(results["methods"].values()))["seeds"] if results["methods"] else []
-    lines = [f"| Method | mIoU (mean ± std over seeds {', '.join(map(str, seeds))}) | s/iter | iters |",
-             "|---|---|---|---|"]
+    lines = [f"| Method | mIoU (mean ± std over seeds {', '.join(map(str, seeds))}) | s/iter | iters | "
+             f"pseudo-labels: coverage / precision / recall, class means % |",
+             "|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         lines.append(f"| {name} | {m['miou_mean']:.2f} ± {m['miou_std']:.2f} | {m['sec_per_iter']:.3f} | "
-                     f"{m['iters']} |")
+                     f"{m['iters']} | {_quality_cell(m)} |")
         for stage, s in (m.get("stages") or {}).items():
-            lines.append(f"| &nbsp;&nbsp;{name} after {stage} | {s['miou_mean']:.2f} ± {s['miou_std']:.2f} | | |")
+            lines.append(f"| &nbsp;&nbsp;{name} after {stage} | {s['miou_mean']:.2f} ± {s['miou_std']:.2f} | | | |")
     return "\n".join(lines)
 
 

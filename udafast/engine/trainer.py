@@ -41,13 +41,13 @@ from udafast.data.labels import colorize
 from udafast.engine import distributed as dist
 from udafast.engine import checkpoints
 from udafast.engine.config import dump_config, merge
-from udafast.engine.data import BatchStream, SkipLog, TrainView, build_split, collate
+from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
 from udafast.engine.evaluation import evaluate_model, predict
 from udafast.engine.logging import RunLogger
 from udafast.methods import build_method, method_class
 from udafast.methods.base import Stage
 from udafast.models import build_model
-from udafast.models.checkpoint import load_checkpoint, save_checkpoint
+from udafast.models.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint
 
 __all__ = ["Trainer", "RunContext", "seed_everything", "NonFiniteLoss"]
 
@@ -99,12 +99,23 @@ class RunContext:
             logger.track("skipped_samples", lambda: self.skip_log.count)
         self.source = build_split(data["source"])
         self.target = None
+        #: whether target batches and frames carry "truth" (the true labels, to score pseudo-labels)
+        self.has_truth = False
         if method_cls.uses_target:
             target_spec = data["target"]
-            self.target = build_split(target_spec, **_label_option(target_spec["name"], method_cls.uses_target_labels))
-            if method_cls.uses_target_labels and not getattr(self.target, "labelled", False):
-                raise ValueError(f"data.target: the {method_cls.name} method trains on target labels, but "
-                                 f"{self.target!r} has none")
+            truth = data.get("target_truth", "auto")
+            if truth not in ("auto", True, False):
+                raise ValueError(f"data.target_truth: expected auto, true or false, got {truth!r}")
+            truth = truth is True or (truth == "auto" and target_spec["name"] == "synthetic")
+            wanted = method_cls.uses_target_labels or truth
+            self.target = build_split(target_spec, **_label_option(target_spec["name"], wanted))
+            if wanted and not getattr(self.target, "labelled", False):
+                what = "trains on target labels" if method_cls.uses_target_labels else "scores pseudo-labels " \
+                    "against target labels (data.target_truth: true)"
+                raise ValueError(f"data.target: the {method_cls.name} method {what}, but {self.target!r} has none")
+            if truth and not method_cls.uses_target_labels:
+                self.target = TruthLabels(self.target)
+                self.has_truth = True
         self.val = build_split(data["val"])
         stride = 8  # every network here has output stride 8
         self.source_view = TrainView.from_config(data.get("source_view"))
@@ -115,6 +126,7 @@ class RunContext:
                                          num_workers=workers, rank=self.rank, world=self.world,
                                          skip_log=self.skip_log)
         self.target_stream = None
+        self.mixed_stream = None  # see set_mixed_stream
         if self.target is not None:
             self.target_stream = BatchStream(self.target, batch_size, self.target_view, seed=self.seed * 2 + 2,
                                              num_workers=workers, rank=self.rank, world=self.world,
@@ -125,18 +137,19 @@ class RunContext:
 
     def build_model(self, overrides=None, init=True):
         """A fresh network from the config's `model` (merged with `overrides`) on the device; with
-        `init`, loaded with the weights of the config's `init` checkpoint when one is set."""
+        `init`, loaded with the weights of the config's `init` checkpoint when one is set, or of the
+        checkpoint `init` names (a path)."""
         wanted = self.method_cls.model_overrides  # a dict, or a function of the model config giving one
         wanted = wanted(self.config["model"]) if callable(wanted) else wanted
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
         if self.world > 1 and self.config["train"].get("sync_bn"):
             model = dist.convert_sync_batchnorm(model)
         model.backbone.activation_checkpointing = bool(self.config["train"].get("activation_checkpointing"))
-        path = self.config.get("init")
+        path = init if isinstance(init, str) else self.config.get("init")
         if init and path:
             # the backbone must come whole from the init; heads the init has in another form (e.g.
             # ProDA's feature head after a DeepLabV2 source network) start fresh
-            state, own = load_checkpoint(path)["model"], model.state_dict()
+            state, own = load_model_checkpoint(path)["model"], model.state_dict()  # the authors' models too
             fits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
             lost = [k for k in own if k.startswith("backbone.") and k not in fits]
             if lost:
@@ -153,6 +166,27 @@ class RunContext:
         self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
                                          seed=self.source_stream.seed, num_workers=self.source_stream.num_workers,
                                          rank=self.rank, world=self.world, skip_log=self.skip_log)
+
+    def set_mixed_stream(self, source_indices, target_extras=None, seed=None):
+        """From now on the trainer draws one stream over the union of these source images (through
+        the source view) and the target set (through the target view and `target_extras`, as
+        `BatchStream.set_extras`), shuffled together: `method.step` gets {"mixed": batch}, where
+        batch["index"] < len(source_indices) marks a source image (its position in
+        `source_indices`), the others target frame index + len(source_indices). CBST's training set
+        (crst_seg.py: ConcatDataset of source subset and target, shuffled). `seed`: the stream's
+        (default the run's). None as `source_indices` removes the stream. -> the stream."""
+        if self.mixed_stream is not None:
+            self.mixed_stream.close()
+        if source_indices is None:
+            self.mixed_stream = None
+            return None
+        mixed = MixedSet([(torch.utils.data.Subset(self.source, list(source_indices)), self.source_view, None),
+                          (self.target, self.target_view, target_extras)])
+        self.mixed_stream = BatchStream(mixed, self.source_stream.batch_size, mixed.view,
+                                        seed=self.seed * 2 + 3 if seed is None else seed, extras=mixed.extras,
+                                        num_workers=self.source_stream.num_workers, rank=self.rank, world=self.world,
+                                        skip_log=self.skip_log)
+        return self.mixed_stream
 
     def _note_skip(self, text):
         """A skipped file's message: through the logger on rank 0, on stderr with the rank elsewhere."""
@@ -188,7 +222,7 @@ class RunContext:
                 s = self._target_frame(i)
                 if s is None:
                     continue
-                s = {k: v for k, v in s.items() if k != "label"}
+                s = {k: v for k, v in s.items() if k != "label"}  # (its "truth" stays, if any)
                 s["index"] = i
                 samples.append(s)
             if samples:
@@ -300,7 +334,7 @@ class Trainer:
             return self._run_stages(method, ctx, stages, todo, resume_ckpt, logger)
         finally:
             if ctx is not None:  # stop loader workers now, also when the run failed
-                for stream in (ctx.source_stream, ctx.target_stream):
+                for stream in (ctx.source_stream, ctx.target_stream, ctx.mixed_stream):
                     if stream is not None:
                         stream.close()
             logger.close()
@@ -353,6 +387,8 @@ class Trainer:
         ctx.source_stream.load_state_dict(ckpt["streams"]["source"])
         if ctx.target_stream is not None and ckpt["streams"].get("target"):
             ctx.target_stream.load_state_dict(ckpt["streams"]["target"])
+        if ctx.mixed_stream is not None and ckpt["streams"].get("mixed"):
+            ctx.mixed_stream.load_state_dict(ckpt["streams"]["mixed"])
         self._restore_rng(method, ctx, ckpt)
         if self.scaler is not None and ckpt.get("scaler") is not None:
             self.scaler.load_state_dict(ckpt["scaler"])
@@ -380,7 +416,8 @@ class Trainer:
         config = self.config
         train = config["train"]
         eval_every, ckpt_every = int(train.get("eval_every") or 0), int(train.get("ckpt_every") or 0)
-        state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}, "nonfinite_steps": 0}
+        state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}, "nonfinite_steps": 0,
+                 "pseudo_labels": {}}
         first, start_iter = 0, 0
         if resume_ckpt is not None:
             first, start_iter = self._resume_position(resume_ckpt, stages, todo, state, logger)
@@ -434,6 +471,7 @@ class Trainer:
             for guard in guards:
                 guard.remove()
             method.end_stage(stage)
+            self._report_labels(method, stage, state, logger)
             if len(stages) > 1:
                 self._save(method, ctx, index, stage.iters, state, f"{stage.name}.pt")
             result = self._evaluate(method, ctx, index, stage, state, logger, keep_best=bool(eval_every))
@@ -470,9 +508,12 @@ class Trainer:
         for micro in range(self.accumulate):
             for guard in guards:
                 guard.micro_step = micro
-            batch = {"source": next(ctx.source_stream)}
-            if ctx.target_stream is not None:
-                batch["target"] = next(ctx.target_stream)
+            if ctx.mixed_stream is not None:  # one stream over both domains (RunContext.set_mixed_stream)
+                batch = {"mixed": next(ctx.mixed_stream)}
+            else:
+                batch = {"source": next(ctx.source_stream)}
+                if ctx.target_stream is not None:
+                    batch["target"] = next(ctx.target_stream)
             with self._autocast(ctx.device):
                 losses = method.step(batch, it, iters)
             for k, v in losses.items():
@@ -514,7 +555,8 @@ class Trainer:
         udafast.engine.checkpoints (with `train.ckpt_every`, also as iter_<N>.pt). Rank 0 writes it,
         with every process's random state; the others wait for it."""
         streams = {"source": ctx.source_stream.state_dict(),
-                   "target": None if ctx.target_stream is None else ctx.target_stream.state_dict()}
+                   "target": None if ctx.target_stream is None else ctx.target_stream.state_dict(),
+                   "mixed": None if ctx.mixed_stream is None else ctx.mixed_stream.state_dict()}
         extra = {} if self.scaler is None else {"scaler": self.scaler.state_dict()}
         if ctx.skip_log is not None:
             extra["skipped"] = self._skipped(ctx)
@@ -550,6 +592,27 @@ class Trainer:
     def _save_periodic(self, method, ctx, stage_index, stage_iter, state):
         """The checkpoint of every `train.ckpt_every` iterations: last.pt and iter_<N>.pt."""
         self._save(method, ctx, stage_index, stage_iter, state, checkpoints.LAST)
+
+    def _report_labels(self, method, stage, state, logger):
+        """The quality of the pseudo-labels the method made in `stage` (summed over processes): into
+        metrics.json's "pseudo_labels", TensorBoard and the log; the counts then start afresh."""
+        report = {}
+        for name in sorted(method.label_quality):
+            meter = method.label_quality[name]
+            counts = meter.counts()
+            if self.world > 1:
+                dist.all_reduce_(counts)
+                meter.load_counts(counts)
+            summary = meter.summary()
+            report[name] = summary
+            scalars = {k: summary[k] for k in ("coverage_total", "precision_mean", "recall_mean", "accuracy")
+                       if summary[k] is not None}
+            logger.log_scalars(f"pseudo_labels/{stage.name}/{name}", scalars, state["global_iter"])
+            logger.message(f"  [{stage.name}] pseudo-labels {name!r}: " + ", ".join(
+                f"{k} {100 * v:.1f}%" for k, v in scalars.items()))
+        method.label_quality = {}
+        if report:
+            state["pseudo_labels"][stage.name] = report
 
     def _evaluate(self, method, ctx, stage_index, stage, state, logger, keep_best):
         ev = self.config["eval"]
@@ -618,6 +681,8 @@ class Trainer:
         # the score before a method's last change after training (Method.finish_stage), e.g. miou_before_bn_update
         last_stage = state["stage_results"].get(stages[todo[-1]].name, {})
         metrics.update({k: v for k, v in last_stage.items() if k.startswith("miou_before_")})
+        if state["pseudo_labels"]:
+            metrics["pseudo_labels"] = state["pseudo_labels"]
         if state["best"] is not None:
             metrics["best"] = {**state["best"], "checkpoint": "checkpoints/best.pt"}
         if "miou13" in result:
@@ -652,7 +717,7 @@ def _buffers(modules, clone=False):
 
 #: the trainer's counters a checkpoint carries (any counter added to the run's state that a resumed
 #: run must continue from belongs here)
-_RESUMED = ("global_iter", "best", "stage_results", "nonfinite_steps")
+_RESUMED = ("global_iter", "best", "stage_results", "nonfinite_steps", "pseudo_labels")
 
 
 def _per_class(result):
@@ -663,7 +728,8 @@ def _per_class(result):
 def _apply_schedule(optimizers, it, iters):
     lrs = {}
     for name, opt in optimizers.items():
-        factor = (1.0 - it / iters) ** opt.power if opt.schedule == "poly" else 1.0
+        horizon = getattr(opt, "poly_iters", None) or iters
+        factor = max(0.0, 1.0 - it / horizon) ** opt.power if opt.schedule == "poly" else 1.0
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         lrs[name] = opt.param_groups[0]["lr"]

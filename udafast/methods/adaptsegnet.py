@@ -11,8 +11,16 @@ of the detached predictions. `L` is BCE-with-logits, or the squared error with `
 Logits are upsampled (bilinear, align_corners) to each domain's input size before the softmax.
 
 Tsai et al., "Learning to Adapt Structured Output Space for Semantic Segmentation", CVPR 2018
-(https://github.com/wasidennis/AdaptSegNet). The code's quirks (ASPP summing two dilations,
-frozen BatchNorm affines) are the network's options `model.aspp` / `model.freeze_bn_affine`.
+(https://github.com/wasidennis/AdaptSegNet). Where the paper is silent the code decides
+(train_gta2cityscapes_multi.py, model/deeplab_multi.py): every BatchNorm affine frozen while batch
+statistics are used (`model.freeze_bn_affine`, on by default for DeepLabV2), the poly schedule of
+the network and of the discriminators over NUM_STEPS 250k while the run stops at 150k
+(`optimizer.poly_iters`, `adaptsegnet.discriminator.poly_iters` in the shipped configs), the
+generator's two backward passes then the discriminators' on detached, upsampled predictions, all
+three optimisers stepping after them (the same values as stepping the generator first: the
+discriminators' inputs are detached before it). Where they disagree the paper is the default: the
+code's ASPP sums only dilations 6 and 12 (`model.aspp: two`, off by default). A test runs two
+iterations against a transcription of the code (tests/fixtures/authors/adaptsegnet_iteration.json).
 """
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import Method, seg_loss
@@ -61,6 +69,15 @@ class AdaptSegNet(Method):
         "discriminator": {"name": "adam", "lr": 1.0e-4, "betas": [0.9, 0.99], "weight_decay": 0.0,
                           "schedule": "poly", "power": 0.9},
     }
+
+    @staticmethod
+    def model_overrides(model_config):
+        """The code's BatchNorm: every affine frozen (model/deeplab_multi.py sets requires_grad False),
+        batch statistics used (model.train()); the paper is silent, so the code is the default.
+        An explicit `model.freeze_bn_affine` wins; the small CPU model has no such option."""
+        if model_config.get("name") == "deeplabv2_r101" and "freeze_bn_affine" not in model_config:
+            return {"freeze_bn_affine": True}
+        return {}
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)

@@ -2,7 +2,8 @@
 
 Per level a fully convolutional discriminator sees the softmax of the (upsampled) segmentation
 logits. The generator's adversarial loss pushes target predictions toward the source label 0; each
-discriminator learns `0.5 L(source, 0) + 0.5 L(target, 1)`. `gan="vanilla"` uses BCE-with-logits,
+discriminator learns `w_s L(source, 0) + w_t L(target, 1)`: (0.5, 0.5) as AdaptSegNet's
+`train_gta2cityscapes_multi.py` halves it, (1, 1) as ProDA's `adaptation_modelv2.py` `step_adv` sums it. `gan="vanilla"` uses BCE-with-logits,
 `gan="lsgan"` the squared error (LS-GAN).
 """
 import torch
@@ -45,15 +46,18 @@ def _gan_loss(logits, label, gan):
 
 class OutputSpaceAdversary:
     """One discriminator per level name (e.g. ("main", "aux")), their Adam optimiser spec, and the
-    two losses. `device`: where the discriminators live."""
+    two losses. `device`: where the discriminators live; `discriminator`: its class (AdaptSegNet's
+    `Discriminator` or ProDA's `ProDADiscriminator`)."""
 
-    def __init__(self, levels, num_classes, gan="vanilla", optimizer=None, device="cpu", ndf=64):
+    def __init__(self, levels, num_classes, gan="vanilla", optimizer=None, device="cpu", ndf=64,
+                 disc_weights=(0.5, 0.5), discriminator=Discriminator):
         if gan not in GANS:
             raise ValueError(f"gan: expected one of {GANS}, got {gan!r}")
         if not levels:
             raise ValueError("levels: expected at least one level")
         self.levels, self.gan = tuple(levels), gan
-        self.discriminators = {lv: Discriminator(num_classes, ndf).to(device) for lv in self.levels}
+        self.disc_weights = tuple(float(w) for w in disc_weights)
+        self.discriminators = {lv: discriminator(num_classes, ndf).to(device) for lv in self.levels}
         spec = {"name": "adam", "lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.0, "schedule": "poly",
                 "power": 0.9, **(optimizer or {})}
         params = [p for d in self.discriminators.values() for p in d.parameters()]
@@ -82,7 +86,8 @@ class OutputSpaceAdversary:
             d = self.discriminators[lv]
             src = F.softmax(upsample(source_logits[lv].detach(), source_size), dim=1)
             tgt = F.softmax(upsample(target_logits[lv].detach(), target_size), dim=1)
-            loss = 0.5 * _gan_loss(d(src), SOURCE_LABEL, self.gan) + 0.5 * _gan_loss(d(tgt), TARGET_LABEL, self.gan)
+            w_src, w_tgt = self.disc_weights
+            loss = w_src * _gan_loss(d(src), SOURCE_LABEL, self.gan) + w_tgt * _gan_loss(d(tgt), TARGET_LABEL, self.gan)
             loss.backward()
             losses[lv] = loss.detach()
         self.optimizer.step()

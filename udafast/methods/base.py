@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
 from udafast.engine.config import merge
+from udafast.methods.label_quality import LabelQuality
 
 __all__ = ["Method", "Stage", "seg_loss", "upsample", "EMATeacher", "build_optimizer"]
 
@@ -45,7 +46,8 @@ def seg_loss(logits, labels, ignore_index=IGNORE_INDEX):
 
 def build_optimizer(groups, spec):
     """An optimiser over param `groups` from an `optimizer:` config entry (sgd or adam; lr, momentum,
-    weight_decay, betas). Each group keeps its starting lr as `initial_lr` for the schedule."""
+    weight_decay, betas, schedule, power, poly_iters). Each group keeps its starting lr as
+    `initial_lr` for the schedule."""
     name = spec.get("name", "sgd")
     for g in groups:
         g.setdefault("lr", spec["lr"])
@@ -62,6 +64,12 @@ def build_optimizer(groups, spec):
     opt.power = float(spec.get("power", 0.9))
     if opt.schedule not in ("poly", "constant"):
         raise ValueError(f"optimizer.schedule: expected 'poly' or 'constant', got {opt.schedule!r}")
+    # the poly schedule's horizon: None = the stage's iterations; a number N decays as (1 - it / N)^power
+    # and the stage may stop before N (AdaptSegNet's code: NUM_STEPS 250000, NUM_STEPS_STOP 150000)
+    horizon = spec.get("poly_iters")
+    if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon <= 0):
+        raise ValueError(f"optimizer.poly_iters: expected null or a positive integer, got {horizon!r}")
+    opt.poly_iters = horizon
     return opt
 
 
@@ -117,6 +125,7 @@ class Method:
         self.model = None
         self.modules = {}      # name -> nn.Module or EMATeacher, saved with the checkpoint
         self.optimizers = {}   # name -> optimizer (see build_optimizer), scheduled by the trainer
+        self.label_quality = {}  # name -> LabelQuality of the pseudo-labels made since the last report
         # per process under torchrun (augmentation draws differ across shards; rank 0 = one process's)
         rank = getattr(ctx, "rank", 0)
         self.generator = torch.Generator(device="cpu").manual_seed(int(config.get("seed", 0)) + 7919 + 1_000_003 * rank)
@@ -154,6 +163,16 @@ class Method:
         model = model or self.model
         return normalize(images.to(self.device, non_blocking=True), getattr(model, "normalization", "imagenet"))
 
+    # -- what the method makes ------------------------------------------------------------------
+    def record_labels(self, name, labels, truth=None):
+        """Count pseudo-labels `labels` (255 = unlabelled) the method made under `name`, against the
+        target's true labels `truth` aligned with them (a target batch's or frame's "truth", None
+        where the run has none). The trainer reports and resets them at each evaluation."""
+        meter = self.label_quality.get(name)
+        if meter is None:
+            meter = self.label_quality[name] = LabelQuality(int(self.config["model"].get("num_classes", 19)))
+        meter.update(labels, truth)
+
     # -- state ----------------------------------------------------------------------------------
     def extra_state(self):
         """Adaptation state beyond modules and optimisers (tensors, dicts, plain values)."""
@@ -166,7 +185,8 @@ class Method:
         return {"modules": {k: m.state_dict() for k, m in self.modules.items()},
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "generator": self.generator.get_state(),
-                "extra": self.extra_state()}
+                "extra": self.extra_state(),
+                "label_quality": {k: m.counts() for k, m in self.label_quality.items()}}
 
     def load_state_dict(self, state):
         missing = (set(self.modules) ^ set(state["modules"])) | (set(self.optimizers) ^ set(state["optimizers"]))
@@ -179,3 +199,7 @@ class Method:
             o.load_state_dict(state["optimizers"][k])
         self.generator.set_state(state["generator"])
         self.load_extra_state(state["extra"])
+        self.label_quality = {}
+        for k, counts in state.get("label_quality", {}).items():
+            self.label_quality[k] = LabelQuality(int(self.config["model"].get("num_classes", 19)))
+            self.label_quality[k].load_counts(counts)

@@ -1,65 +1,98 @@
 """CBST: class-balanced self-training (Zou et al., "Unsupervised Domain Adaptation for Semantic
-Segmentation via Class-Balanced Self-Training", ECCV 2018).
+Segmentation via Class-Balanced Self-Training", ECCV 2018), as the authors' PyTorch code runs it
+(yzou2/CRST `crst_seg.py`, run by its `cbst.sh`: `--random-mirror --random-scale --rm-prob
+--test-flipping`).
 
-Training runs in rounds t = 0, 1, ...; each starts from the network the previous one ended with
-(the first from a source-trained network: the configs set `init: "@source_only"`). At the start of
-a round, with the current network w:
+Training runs in rounds t = 0, 1, ... (`rounds` 3: crst_seg.py NUM_ROUNDS 4, whose last round only
+evaluates); each starts from the network the previous one ended with (the first from a
+source-trained network: the configs set `init: "@source_only"`). At the start of a round, with the
+current network w:
 
-1. Class-balanced thresholds. Every target training image goes through w (eval mode, logits
-   upsampled to the resized frame with align_corners=True, softmax p). Per class c, the
-   confidences max_k p_k of the pixels predicted c are ranked; k_c is the confidence at the top
-   portion p_t of them (SPEC 1.1), with the target portion p_t = min(0.2 + 0.05 t, 0.5).
-2. Pseudo-labels (SPEC 1.1, `cbst_pseudo_labels`): y_hat = argmax_c p_c / k_c, ignored (255)
-   where max_c p_c / k_c < 1, i.e. pixel i gets class c when its probability reaches that class's
-   threshold -- the closed-form solution of the paper's self-training objective with the
-   class-normalised -log k_c penalty.
-3. Retraining for the round's iterations on a random subset of the source images (a fraction
-   min(0.03 + 0.0025 t, 0.06) of them, drawn anew each round) and all pseudo-labelled target images:
+1. Labelling pass (crst_seg.py `val`). Every target training image, resized by `label_scale`
+   (0.9, crst_seg.py EVAL_SCALE), goes through w in eval mode; the logits are upsampled to the
+   target frame (align_corners=True) and softmaxed; with `flip_average` (cbst.sh's
+   `--test-flipping`) the softmax of the mirrored image, mirrored back, is averaged in:
+   p = (p(x) + flip(p(flip(x)))) / 2. conf = max_c p_c, pred = argmax_c p_c.
+2. Class-balanced thresholds (crst_seg.py `kc_parameters`, SPEC 1.1). Per class c, the
+   confidences of the pixels predicted c, keeping every `subsample`-th (4, DS_RATE) of each
+   image's list in raster order, are ranked; k_c is the confidence at the top portion p_t of them
+   (1.0 where floor(N_c p_t) = 0), p_t = min(p_{t-1} + 0.05, 0.5) from 0.2.
+3. Pseudo-labels (crst_seg.py `label_selection`, `cbst_pseudo_labels`): y_hat = argmax_c p_c / k_c,
+   ignored (255) where max_c p_c / k_c < 1.
+4. Patch mining (crst_seg.py `kc_parameters`: `mine_id`): every class whose share of the argmax-
+   predicted target pixels of the labelling pass (all pixels, not subsampled) is below
+   `mine_port` (1e-3) is mined; the code computes `rare_id` (the `rare_cls_num` rarest) but never
+   uses it. With probability `mine_chance` (0.8) a target crop is centred on a random pixel of a
+   random mined class present in the image's pseudo-labels (crst_seg's GTA5StMineDataSet).
+5. Retraining (crst_seg.py `train`) for `epochs_per_round` (2, EPR) epochs over ONE shuffled set:
+   a random subset of the source images (floor(s_t n) of them, s_t = min(s_{t-1} + 0.0025,
+   0.06) from 0.03, drawn anew each round) and every pseudo-labelled target image
+   (`RunContext.set_mixed_stream`; crst_seg.py's ConcatDataset + shuffled DataLoader). Each batch
+   mixes both domains; the loss is the cross-entropy over all labelled pixels of the batch
+   (crst_seg.py `reg_loss_calc` with no regulariser: summed CE / number of labelled pixels), the
+   logits upsampled to the crop with align_corners=True. With `freeze_bn` (default) the network
+   runs in eval mode while retraining -- BatchNorm uses and keeps its running statistics, dropout
+   is off -- and BatchNorm affine parameters are not trained (crst_seg.py calls `model.eval()`
+   without `--is-training`; deeplab/model.py sets their requires_grad False). A fresh SGD per
+   round, backbone at lr, heads at 10 lr, constant (crst_seg.py: LEARNING_RATE 5e-5, POWER 0,
+   MOMENTUM 0.9, WEIGHT_DECAY 5e-4; the configs set these).
 
-       L(w) = CE(w; source, y_s) + CE(w; target, y_hat)        (255 ignored)
-
-   with rare-class patch mining: the `rare_classes` (3) classes with the smallest share of
-   pseudo-labelled pixels get, with probability `mine_chance` (0.8), target crops centred on one of
-   their pixels.
-
-How udafast differs from the authors' code, which writes every image's 19x1024x2048 float32
-probability map (160 MB) to disk and sorts Python lists of confidences: the thresholds come from a
-streaming `ClassThresholds` histogram (C x `bins` int64 counts, bounded memory), so the pseudo-
-labels need a second forward pass over the target set instead of the stored probabilities; no
-probability file is ever written. The only file is the round's pseudo-labels, uint8 [N, H, W]
-in the resized frame, `<out_dir>/cbst/round<t>_labels.npy` (a .npy memmap, written under a
-temporary name and renamed when complete; a resumed round reuses a complete one).
-
-`subsample` (4): the authors keep every 4th pixel of each class's confidence list (per image,
-pixels in raster order). The histogram is fed exactly those pixels: in each image, the pixels of
-class c whose rank among that image's class-c pixels (raster order) is a multiple of `subsample`;
-the others are left out (given the ignore label). The streaming threshold is then SPEC 1.1's: the
-lower edge of the histogram bin holding the exact threshold of the kept pixels.
+Where udafast differs from the authors' code:
+- The code writes every image's 19x1024x2048 float32 probability map (160 MB) to disk and sorts
+  Python lists of confidences. udafast streams a `ClassThresholds` histogram (C x `bins` int64),
+  so a threshold is the lower edge of the bin holding the code's exact threshold (SPEC 1.1), and
+  a second forward pass over the target set makes the pseudo-labels instead of reading stored
+  probabilities; no probability file is written. The round's pseudo-labels are uint8 [N, H, W] in
+  the target frame, `<out_dir>/cbst/round<t>_labels.npy` (a .npy memmap, written under a temporary
+  name and renamed when complete; a resumed round reuses a complete one).
+- An epoch is floor(|set| / batch) batches (the stream drops the last incomplete batch; the
+  code's loader keeps it), and the source subset has at least one image (the code's list
+  writer fails on none).
+- crst_seg.py's `get_1x_lr_params_NOscale` yields each backbone parameter once per module that
+  contains it (layerN, its block, the conv: 3x, a downsample conv 4x) and PyTorch 0.4's SGD then
+  steps it that many times per iteration. The paper states one learning rate; udafast steps every
+  parameter once.
+- Random scaling draws the factor uniformly in the view's `scale_range`; the code draws it from
+  {0.5, 0.6, ..., 1.5}.
 """
+import math
 import os
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
 from udafast.methods.base import Method, Stage, build_optimizer, seg_loss, upsample
 from udafast.ops import ClassThresholds, cbst_pseudo_labels
 
-__all__ = ["CBST", "portion_schedule", "source_fraction", "subsample_mask", "rare_classes"]
+__all__ = ["CBST", "portion_schedule", "source_fraction", "subsample_mask", "mine_classes", "label_probabilities",
+           "freeze_batchnorm"]
 
 #: the smallest positive normal float32: what a streaming threshold of 0.0 becomes (see `_labels_pass`)
 _TINY = torch.finfo(torch.float32).tiny
 
 
+def _stepped(round_index, start, step, maximum):
+    """crst_seg.py's portion after `round_index` rounds: `p = min(p + step, max)` from `start`,
+    added up in float64 as the script does (so floor(n * p) matches it)."""
+    p = float(start)
+    for _ in range(int(round_index)):
+        p = min(p + step, maximum)
+    return p
+
+
 def portion_schedule(round_index, start=0.2, step=0.05, maximum=0.5):
-    """The target portion p_t of round t: min(start + step * t, maximum)."""
-    return min(start + step * round_index, maximum)
+    """The target portion p_t of round t: min(p_{t-1} + step, maximum) from `start`
+    (crst_seg.py: INIT_TGT_PORT, TGT_PORT_STEP, MAX_TGT_PORT)."""
+    return _stepped(round_index, start, step, maximum)
 
 
 def source_fraction(round_index, start=0.03, step=0.0025, maximum=0.06):
-    """The fraction of the source images trained on in round t: min(start + step * t, maximum)."""
-    return min(start + step * round_index, maximum)
+    """The fraction of the source images trained on in round t: min(s_{t-1} + step, maximum) from
+    `start` (crst_seg.py: INIT_SRC_PORT, SRC_PORT_STEP, MAX_SRC_PORT)."""
+    return _stepped(round_index, start, step, maximum)
 
 
 def subsample_mask(pred, num_classes, every, ignore_index=IGNORE_INDEX):
@@ -79,18 +112,53 @@ def subsample_mask(pred, num_classes, every, ignore_index=IGNORE_INDEX):
     return keep.reshape(pred.shape)
 
 
-def rare_classes(counts, k):
-    """The `k` classes with the fewest pseudo-labelled pixels among those with any (ties: lower
-    class id first) -> list of ints."""
-    counts = torch.as_tensor(counts)
-    present = torch.nonzero(counts > 0).reshape(-1)
-    order = torch.sort(counts[present], stable=True).indices
-    return [int(c) for c in present[order][:k]]
+def mine_classes(pred_counts, mine_port):
+    """The classes to mine (crst_seg.py `kc_parameters`' `mine_id`): every class whose share of the
+    argmax-predicted pixels is below `mine_port`, by ascending share (ties: lower class id) -> list
+    of ints. The shares are computed in float32 as the script computes them."""
+    size = np.asarray(torch.as_tensor(pred_counts).cpu().numpy(), dtype=np.float64).astype(np.float32)
+    total = np.sum(size)
+    if not total > 0:
+        return []
+    share = size / total
+    order = np.argsort(share, kind="stable")
+    return [int(c) for c in order if share[c] < np.float32(mine_port)]
+
+
+def freeze_batchnorm(model):
+    """BatchNorm affine parameters of `model` stop training (requires_grad False), as the authors'
+    deeplab/model.py sets them; returns how many tensors were frozen."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+                n += 1
+    return n
+
+
+@torch.no_grad()
+def label_probabilities(model, images, normalize, scale=1.0, flip=True):
+    """The labelling pass's softmax [B, C, H, W] at the images' size (crst_seg.py `val`): the
+    images (in [0, 1]) resized by `scale` (bilinear, as cv2.resize), through `model` (as it is:
+    the caller sets eval mode), logits upsampled to H x W with align_corners=True, softmax; with
+    `flip`, averaged with the softmax of the mirrored images mirrored back."""
+    size = tuple(images.shape[-2:])
+    x = images
+    if scale != 1.0:
+        scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
+        x = F.interpolate(images, size=scaled, mode="bilinear", align_corners=False)
+    x = normalize(x)
+    probs = F.softmax(upsample(model(x)["logits"], size).float(), dim=1)
+    if flip:
+        mirrored = F.softmax(upsample(model(x.flip(-1))["logits"], size).float(), dim=1).flip(-1)
+        probs = 0.5 * (probs + mirrored)
+    return probs
 
 
 class _RoundExtras:
-    """The target stream's per-sample extras in a round: the pseudo-label ("label") and a crop
-    centre ("crop_center") on a pixel of a rare class present in it, with probability
+    """The target frames' per-sample extras in a round: the pseudo-label ("label") and a crop
+    centre ("crop_center") on a pixel of a mined class present in it, with probability
     `mine_chance`, else None.
 
     The choice is drawn from a generator seeded by (run seed, round, index, stream epoch): each
@@ -98,8 +166,8 @@ class _RoundExtras:
     resuming. Picklable for loader workers: the memmap is reopened there, and the epoch is frozen
     at the value it had when the epoch's loader was made."""
 
-    def __init__(self, path, rare, mine_chance, seed, round_index, stream):
-        self.path, self.rare, self.mine_chance = path, list(rare), float(mine_chance)
+    def __init__(self, path, mine, mine_chance, seed, round_index, stream):
+        self.path, self.mine, self.mine_chance = path, list(mine), float(mine_chance)
         self.seed, self.round_index = int(seed), int(round_index)
         self._stream, self._epoch, self._labels = stream, 0, None
 
@@ -124,8 +192,10 @@ class _RoundExtras:
         label = torch.from_numpy(np.asarray(self._labels[index], dtype=np.int64))
         center = None
         g = self.generator(index)
-        if self.rare and float(torch.rand((), generator=g)) < self.mine_chance:
-            present = [c for c in self.rare if bool((label == c).any())]
+        # crst_seg.py GTA5StMineDataSet: mine with probability mine_chance, one mined class present
+        # in the label chosen uniformly, then one of its pixels uniformly
+        if self.mine and float(torch.rand((), generator=g)) < self.mine_chance:
+            present = [c for c in self.mine if bool((label == c).any())]
             if present:
                 c = present[int(torch.randint(len(present), (), generator=g))]
                 ys, xs = torch.nonzero(label == c, as_tuple=True)
@@ -137,16 +207,20 @@ class _RoundExtras:
 class CBST(Method):
     name = "cbst"
     defaults = {
-        "rounds": 3,
-        "iters_per_round": None,   # None: train.iters
-        # target portion p_t = min(start + step * t, max)
+        "rounds": 3,               # crst_seg.py NUM_ROUNDS 4: rounds 0-2 train, the last only evaluates
+        "epochs_per_round": 2,     # crst_seg.py EPR: epochs over source subset + target per round
+        "iters_per_round": None,   # an int: iterations per round instead of epochs_per_round
+        # target portion p_t = min(p_{t-1} + step, max) from start (crst_seg.py)
         "portion_start": 0.2, "portion_step": 0.05, "portion_max": 0.5,
-        # source subset fraction = min(start + step * t, max), at least batch_size images
+        # source subset fraction s_t = min(s_{t-1} + step, max) from start (crst_seg.py)
         "source_start": 0.03, "source_step": 0.0025, "source_max": 0.06,
-        "subsample": 4,            # every n-th pixel of each class's confidence list
+        "subsample": 4,            # crst_seg.py DS_RATE: every n-th pixel of each class's list per image
         "bins": 65536,             # ClassThresholds histogram bins
-        "rare_classes": 3,
-        "mine_chance": 0.8,
+        "mine_port": 1.0e-3,       # crst_seg.py MINE_PORT (kc_parameters): mine classes predicted below this share
+        "mine_chance": 0.8,        # crst_seg.py MINE_CHANCE
+        "flip_average": True,      # cbst.sh --test-flipping: label passes average the image and its mirror
+        "label_scale": 0.9,        # crst_seg.py EVAL_SCALE: label passes see the frame resized by this
+        "freeze_bn": True,         # crst_seg.py model.eval() while retraining; deeplab/model.py BN affine frozen
         "label_batch_size": None,  # images per forward while pseudo-labelling (None: data.batch_size)
     }
 
@@ -154,10 +228,10 @@ class CBST(Method):
         super().__init__(config, ctx)
         o = self.options
         _check_int("rounds", o["rounds"], 1)
+        _check_int("epochs_per_round", o["epochs_per_round"], 1)
         if o["iters_per_round"] is not None:
             _check_int("iters_per_round", o["iters_per_round"], 1)
         _check_int("subsample", o["subsample"], 1)
-        _check_int("rare_classes", o["rare_classes"], 0)
         if o["label_batch_size"] is not None:
             _check_int("label_batch_size", o["label_batch_size"], 1)
         bins = o["bins"]
@@ -172,9 +246,22 @@ class CBST(Method):
                 raise ValueError(f"cbst.{prefix}_start: {start} is above {prefix}_max {top}")
         if o["source_start"] <= 0:
             raise ValueError(f"cbst.source_start: expected a fraction > 0, got {o['source_start']!r}")
-        mc = o["mine_chance"]
-        if isinstance(mc, bool) or not isinstance(mc, (int, float)) or not 0.0 <= mc <= 1.0:
-            raise ValueError(f"cbst.mine_chance: expected a probability, got {mc!r}")
+        for key in ("mine_chance", "mine_port"):
+            v = o[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"cbst.{key}: expected a number in [0, 1], got {v!r}")
+        ls = o["label_scale"]
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 < ls <= 4.0:
+            raise ValueError(f"cbst.label_scale: expected a number in (0, 4], got {ls!r}")
+        for key in ("flip_average", "freeze_bn"):
+            if not isinstance(o[key], bool):
+                raise ValueError(f"cbst.{key}: expected true or false, got {o[key]!r}")
+        data = config.get("data") or {}
+        crops = [(data.get(f"{d}_view") or {}).get("crop") for d in ("source", "target")]
+        if _crop_size(crops[0]) != _crop_size(crops[1]):
+            raise ValueError(f"data.source_view.crop: CBST trains on one mixed set of source and target crops "
+                             f"(crst_seg.py crops both to --input-size), so it must equal data.target_view.crop; "
+                             f"got {crops[0]!r} and {crops[1]!r}")
         self.num_classes = int(config["model"]["num_classes"])
         if self.num_classes >= IGNORE_INDEX:
             raise ValueError(f"model.num_classes: CBST stores labels as uint8 with {IGNORE_INDEX} ignored, "
@@ -185,18 +272,34 @@ class CBST(Method):
         self.thresholds = None     # float32 [C], as used for the round's labels
         self.subset = None         # int64: the round's source indices
         self.label_counts = None   # int64 [C]: pseudo-labelled pixels per class
-        self.rare = []
+        self.pred_counts = None    # int64 [C]: argmax-predicted pixels per class in the labelling pass
+        self.mine = []
 
     # -- rounds ---------------------------------------------------------------------------------
     def stages(self):
-        iters = self.options["iters_per_round"] or int(self.config["train"]["iters"])
-        return [Stage(f"round{r}", int(iters)) for r in range(self.options["rounds"])]
+        o = self.options
+        if o["iters_per_round"] is not None:
+            return [Stage(f"round{r}", int(o["iters_per_round"])) for r in range(o["rounds"])]
+        return [Stage(f"round{r}", o["epochs_per_round"] * self.batches_per_epoch(r)) for r in range(o["rounds"])]
+
+    def subset_size(self, round_index):
+        """floor(s_t * n) source images (crst_seg.py savelst_SrcTgt), at least one."""
+        n = len(self.ctx.source)
+        return min(n, max(1, math.floor(n * self.source_fraction(round_index))))
+
+    def batches_per_epoch(self, round_index):
+        """Batches in one epoch of round t's set (source subset + target), every process's share."""
+        world = getattr(self.ctx, "world", 1)
+        size = self.subset_size(round_index) + len(self.ctx.target)
+        return max(1, size // world // self.ctx.source_stream.batch_size)
 
     def labels_path(self, round_index):
         return os.path.join(self.folder, f"round{round_index}_labels.npy")
 
     def start_stage(self, stage, model, resume=False):
         self.model = model
+        if self.options["freeze_bn"]:
+            freeze_batchnorm(model)
         opt = self.config["optimizer"]
         self.optimizers = {"model": build_optimizer(model.param_groups(opt["lr"]), opt)}
         self.round = [s.name for s in self.stages()].index(stage.name)
@@ -206,12 +309,12 @@ class CBST(Method):
             self.ctx.log(f"cbst round {self.round}: reusing {path}")
             return
         self.subset = self._draw_subset(self.round)
-        self.thresholds = self._thresholds_pass(self.portion(self.round))
+        self.thresholds, self.pred_counts = self._thresholds_pass(self.portion(self.round))
         self.label_counts = self._labels_pass(self.thresholds, path)
-        self.rare = rare_classes(self.label_counts, self.options["rare_classes"])
+        self.mine = mine_classes(self.pred_counts, self.options["mine_port"])
         self.ctx.log(f"cbst round {self.round}: portion {self.portion(self.round):.3f}, "
                      f"{len(self.subset)} source images, {self.labelled_share():.1%} of target pixels "
-                     f"labelled, rare classes {self.rare}")
+                     f"labelled, mined classes {self.mine}")
         self._attach()
 
     def portion(self, round_index):
@@ -229,16 +332,15 @@ class CBST(Method):
     def _draw_subset(self, round_index):
         """A random subset of the source images, from a generator of (run seed, round)."""
         n = len(self.ctx.source)
-        at_least = self.ctx.source_stream.batch_size * getattr(self.ctx, "world", 1)  # a batch per process
-        size = min(n, max(at_least, round(self.source_fraction(round_index) * n)))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + round_index)
-        return torch.sort(torch.randperm(n, generator=g)[:size]).values
+        return torch.sort(torch.randperm(n, generator=g)[:self.subset_size(round_index)]).values
 
     def _attach(self):
-        self.ctx.set_source_subset(self.subset.tolist())
-        stream = self.ctx.target_stream
-        stream.set_extras(_RoundExtras(self.labels_path(self.round), self.rare, self.options["mine_chance"],
-                                       self.seed, self.round, stream))
+        """The round's training set: source subset + pseudo-labelled target as one shuffled stream."""
+        extras = _RoundExtras(self.labels_path(self.round), self.mine, self.options["mine_chance"],
+                              self.seed, self.round, None)
+        seed = (self.seed * 1_000_003 + 7919 * (self.round + 1)) % 2**31
+        extras._stream = self.ctx.set_mixed_stream(self.subset.tolist(), extras, seed=seed)
 
     # -- pseudo-labelling -----------------------------------------------------------------------
     def _frame_pixels(self):
@@ -259,26 +361,32 @@ class CBST(Method):
 
     @torch.no_grad()
     def _probabilities(self):
-        """(indices, softmax [B, C, H, W] in the resized frame) over the target training set (this
-        process's share of it under several processes)."""
+        """(indices, softmax [B, C, H, W] in the target frame, the frames' true labels or None) over
+        the target training set (this process's share of it under several processes), as
+        `label_probabilities`."""
         was_training = self.model.training
         self.model.eval()
+        o = self.options
         try:
-            for batch in self.ctx.target_frames(self.options["label_batch_size"], shard=True):
-                logits = self.model(self.normalize(batch["image"]))["logits"]
-                yield batch["index"], F.softmax(upsample(logits, batch["image"].shape[-2:]).float(), dim=1)
+            for batch in self.ctx.target_frames(o["label_batch_size"], shard=True):
+                images = batch["image"].to(self.device)
+                yield batch["index"], label_probabilities(self.model, images, self.normalize,
+                                                          float(o["label_scale"]), o["flip_average"]), batch.get("truth")
         finally:
             self.model.train(was_training)
 
     def _thresholds_pass(self, portion):
-        """First pass: the streaming class-balanced thresholds k_c at `portion` -> float32 [C]."""
+        """First pass: the streaming class-balanced thresholds k_c at `portion` -> (float32 [C],
+        argmax-predicted pixels per class int64 [C])."""
         hist = ClassThresholds(self.num_classes, self.options["bins"], device=self.device, backend=self.backend)
-        for _, probs in self._probabilities():
+        predicted = torch.zeros(self.num_classes, dtype=torch.int64)
+        for _, probs, _ in self._probabilities():
             conf, pred = probs.max(dim=1)  # one reduction (4x faster than amax + argmax); first max wins
+            predicted += torch.bincount(pred.reshape(-1).cpu(), minlength=self.num_classes)[:self.num_classes]
             keep = subsample_mask(pred, self.num_classes, self.options["subsample"])
             hist.update(conf, torch.where(keep, pred, IGNORE_INDEX))
         hist.all_reduce()
-        return hist.thresholds(portion).cpu()
+        return hist.thresholds(portion).cpu(), self.ctx.all_reduce_(predicted)
 
     def _labels_pass(self, thresholds, path):
         """Second pass: the pseudo-labels into `path` (uint8 [N, H, W]) -> pixels per class, int64 [C].
@@ -293,8 +401,9 @@ class CBST(Method):
         own = np.arange(self.ctx.rank, len(self.ctx.target), self.ctx.world)  # this process's frames
         written = np.zeros(len(self.ctx.target), dtype=bool)
         with self.ctx.shared_array(path, np.uint8, (len(self.ctx.target), *self._frame_size())) as stored:
-            for index, probs in self._probabilities():
+            for index, probs, truth in self._probabilities():
                 labels = cbst_pseudo_labels(probs, k, backend=self.backend).cpu()
+                self.record_labels("pseudo", labels, truth)  # issue 12 item 3: coverage, precision, recall
                 counts += torch.bincount(labels[labels != IGNORE_INDEX], minlength=self.num_classes)[:self.num_classes]
                 stored[index.numpy()] = labels.to(torch.uint8).numpy()
                 written[index.numpy()] = True
@@ -304,26 +413,34 @@ class CBST(Method):
 
     # -- the step -------------------------------------------------------------------------------
     def step(self, batch, it, iters):
-        source, target = batch["source"], batch["target"]
-        loss_src = seg_loss(self.model(self.normalize(source["image"]))["logits"], source["label"].to(self.device))
-        loss_tgt = seg_loss(self.model(self.normalize(target["image"]))["logits"], target["label"].to(self.device))
+        """One SGD step on a batch of the round's mixed set: cross-entropy over every labelled pixel
+        of the batch, source and target alike (crst_seg.py `train` / `reg_loss_calc`)."""
+        mixed = batch["mixed"]
+        if self.options["freeze_bn"]:
+            self.model.eval()  # crst_seg.py: running BatchNorm statistics, used and kept
+        loss = seg_loss(self.model(self.normalize(mixed["image"]))["logits"], mixed["label"].to(self.device))
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        (loss_src + loss_tgt).backward()
+        loss.backward()
         opt.step()
-        return {"seg": loss_src.detach(), "pseudo": loss_tgt.detach()}
+        return {"seg": loss.detach()}
 
     # -- state ----------------------------------------------------------------------------------
     def extra_state(self):
         return {"round": self.round, "thresholds": self.thresholds, "subset": self.subset,
-                "label_counts": self.label_counts, "rare": list(self.rare)}
+                "label_counts": self.label_counts, "pred_counts": self.pred_counts, "mine": list(self.mine)}
 
     def load_extra_state(self, state):
         if state["round"] != self.round:
             raise ValueError(f"cbst: the checkpoint is of round {state['round']}, this stage is round {self.round}")
         self.thresholds, self.subset = state["thresholds"], state["subset"]
-        self.label_counts, self.rare = state["label_counts"], list(state["rare"])
+        self.label_counts, self.pred_counts = state["label_counts"], state["pred_counts"]
+        self.mine = list(state["mine"])
         self._attach()
+
+
+def _crop_size(crop):
+    return None if crop is None else tuple(crop) if isinstance(crop, (list, tuple)) else (crop, crop)
 
 
 def _check_int(name, value, low):

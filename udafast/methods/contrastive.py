@@ -526,6 +526,8 @@ class Contrastive(Method):
         with torch.no_grad():
             probs = F.softmax(upsample(teacher["net"](self.normalize(x_t))["logits"], size_t), dim=1)
             max_probs, pseudo = probs.max(1)
+        truth = batch["target"].get("truth")
+        self.record_labels("teacher", pseudo, None if truth is None else truth[: x_t.shape[0]].to(self.device))
         if o["class_balance"]:
             self.balance.add(y_s, pseudo)
 

@@ -1,12 +1,15 @@
 """DANN: domain-adversarial training by gradient reversal, per pixel on the backbone features.
 
-    L = CE(source) + w * mean_pixels BCE(D(R(f)), domain)
+    L = CE(source) + mean_pixels BCE(D(R(f)), domain)
 
 with `f` the stride-8 backbone features of both domains, `D` a per-pixel domain classifier (1x1
 convs in -> hidden -> hidden -> 1, ReLU), domain labels source 0 / target 1, the BCE averaged over
 every pixel of both domains, and `R` the gradient reversal layer: identity forward, gradient times
-`-lambda_p` backward, so one optimiser step trains `D` to tell the domains apart and the network to
-make them indistinguishable. `lambda_p = 2 / (1 + exp(-10 p)) - 1` over training progress `p`.
+`-w * lambda_p` backward. One optimiser step trains `D` on the full domain loss (its gradient is the
+BCE's, unscaled) and the network to make the domains indistinguishable: the features receive
+`-w * lambda_p` times the BCE's gradient. `lambda_p = 2 / (1 + exp(-10 p)) - 1` over training
+progress `p`; w (`dann.weight`) scales only the reversed gradient (SPEC part 2), as in the paper,
+where the classifier descends the domain loss and lambda scales what reaches the features.
 
 Ganin & Lempitsky, "Unsupervised Domain Adaptation by Backpropagation", ICML 2015; Ganin et al.,
 "Domain-Adversarial Training of Neural Networks", JMLR 2016. No official segmentation version
@@ -72,7 +75,7 @@ def _check(options):
 class DANN(Method):
     name = "dann"
     defaults = {
-        "weight": 0.001,       # of the domain loss
+        "weight": 0.001,       # scales the gradient reversed into the features (not the classifier's)
         "grl_lambda": None,    # None: the schedule 2 / (1 + exp(-10 p)) - 1; a number: fixed
         "hidden": 1024,        # the domain classifier's width
     }
@@ -102,9 +105,12 @@ class DANN(Method):
         out_s = self.model(self.normalize(source["image"]), return_backbone=True)
         out_t = self.model(self.normalize(target["image"]), return_backbone=True)
         seg = seg_loss(out_s["logits"], source["label"].to(self.device))
-        dom = domain_loss(self.classifier(grad_reverse(out_s["backbone"], lambd)),
-                          self.classifier(grad_reverse(out_t["backbone"], lambd)))
-        loss = seg + self.options["weight"] * dom
+        # the weight scales only the gradient reversed into the features; the classifier minimises
+        # the full domain loss (its own gradient unscaled)
+        scale = self.options["weight"] * lambd
+        dom = domain_loss(self.classifier(grad_reverse(out_s["backbone"], scale)),
+                          self.classifier(grad_reverse(out_t["backbone"], scale)))
+        loss = seg + dom
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

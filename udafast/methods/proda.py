@@ -1,27 +1,46 @@
 """ProDA: prototypical pseudo-label denoising and target structure learning.
 
 Zhang, Zhang, Zhang, Chen, Wang, Wen, "Prototypical Pseudo Label Denoising and Target Structure
-Learning for Domain Adaptive Semantic Segmentation", CVPR 2021 (SPEC part 2). Four stages:
+Learning for Domain Adaptive Semantic Segmentation", CVPR 2021 (SPEC part 2), run as the authors'
+code (microsoft/ProDA: `models/adaptation_modelv2.py`, `calc_prototype.py`,
+`generate_pseudo_label.py` and the README's commands) runs it where the paper is silent. Four stages:
 
-- `warmup`: `L = CE_src + 0.01 L_adv`, single-level output-space adversarial training (LS-GAN).
-- start of `stage1`, with the warm-up network: the fixed soft labels `p_{t,0}` (its softmax on every
-  target training frame at the output stride, float16 in `<out_dir>/proda/soft_labels.npy`, outside
-  the checkpoints), the initial prototypes `eta_c` (class means of the head features over the target
-  set, class = the warm-up argmax; a class never predicted keeps a zero prototype until the teacher
-  predicts it), and the EMA teacher (a copy, momentum 0.999).
-- `stage1`: with `w = prototype_softmax(teacher features of the weak view)`,
-  `y_hat = argmax_c(w_c p_{t,0,c})` warped into the strong view (cutout and out-of-image pixels
-  ignored), and the student on the strong view,
-      `L = CE_src + (0.1 CE + 1.0 RCE)(y_hat) + 0.1 REG + 10 KL(w_strong || softmax(-d_student / tau))`,
-  all target terms at a quarter of the crop (stride-8 outputs upsampled). After each step the
-  prototypes move towards the teacher's per-image class means (SPEC 1.3) and the teacher towards the
-  student.
-- `stage2`, `stage3`: self-distillation of the previous stage's network (frozen) into a fresh student
-  (`ctx.build_model()`: the run's init, i.e. the warm-up's initialisation; no self-supervised
-  weights here): `L = CE(y) + KL(teacher || student)` on the strong view, `y` = the teacher's argmax
-  on the weak view where its confidence exceeds 0.95 (else ignored).
+- `warmup`: `L = CE_src + 0.01 L_adv`, single-level output-space adversarial training (LS-GAN) with
+  ProDA's own discriminator (`models/discriminator.py` FCDiscriminator: `ProDADiscriminator`); it
+  learns `L(source, 0) + L(target, 1)`, summed as `step_adv` sums it.
+- start of `stage1`, with the warm-up network in eval mode, one pass over the target training frames:
+  the fixed soft labels `p_{t,0}` (its softmax at the output stride, float16 in
+  `<out_dir>/proda/soft_labels.npy`, outside the checkpoints) and the initial prototypes `eta_c`
+  averaged as `calc_prototype.py` averages them: per image, the mean feature of each class predicted
+  at >= 10 pixels; per class, the running mean of those image means over 4 epochs of the frames, its
+  count capped at 3000 (`proto_init: pixel_mean` = the plain pixel mean instead). The EMA teacher is
+  a copy of the warm-up network.
+- `stage1` (`step` with the stage-1 command's flags): the teacher runs on the whole target frame in
+  train mode (batch statistics: the code never puts `BaseNet_ema` in eval mode), its outputs at a
+  quarter of the frame, its features then taken into the weak view (`full2weak`:
+  `udafast.data.transforms.frame_to_view`). With `w = prototype_softmax(those features)`,
+  `y_hat = argmax_c(w_c p_{t,0,c})` on the weak view (the soft labels follow the weak view), and
+      `L = CE_src + (0.1 CE + 1.0 RCE + 0.1 REG)(student's weak view; y_hat)
+           + 10 KL(w warped into the strong view || softmax(-d_student(strong view) / tau))`,
+  every target term at a quarter of the crop (stride-8 outputs upsampled). After each step the
+  prototypes move towards the teacher's per-image class means on the whole frame (SPEC 1.3), the
+  teacher's parameters towards the student's (0.999) and its buffers are copied from the student.
+- `stage2`, `stage3`: self-distillation of the previous stage's network (frozen, eval mode). At the
+  start of the stage, one pass of that network over the target frames makes hard labels as
+  `generate_pseudo_label.py --flip` does (softmax of the image and of its mirror, upsampled to the
+  frame, averaged; the argmax where the confidence exceeds 0.95, else ignored), stored as uint8 in
+  `<out_dir>/proda/<stage>_labels.npy`. The student, on the strong view, learns
+  `CE(labels) + KL(teacher(strong view) || student)` (the labels follow the weak view, are taken to
+  a quarter of the crop and warped into the strong view). Stage 2's student starts from
+  `proda.student_init` where given (the authors: SimCLRv2 ImageNet weights), else the run's init;
+  stage 3's continues from stage 2's network, as the README's stage-3 command restores it.
+
+Each pseudo-label map is scored against the target's true labels where the run has them
+(`Method.record_labels`): `p_t0` (the warm-up argmax) and `y_hat` in stage 1, the distillation labels
+in stages 2 and 3.
 """
 import contextlib
+import copy
 import os
 
 import numpy as np
@@ -29,13 +48,14 @@ import torch
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.data.transforms import strong_augment, warp_like
+from udafast.data.transforms import frame_to_view, strong_augment, warp_like
 from udafast.engine.config import merge
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import EMATeacher, Method, Stage, build_optimizer, seg_loss, upsample
+from udafast.models.heads import ProDADiscriminator
 from udafast.ops import class_feature_sums, kl_loss, prototype_rectify, prototype_softmax, sce_loss, update_prototypes
 
-__all__ = ["ProDA", "SoftLabels"]
+__all__ = ["ProDA", "SoftLabels", "HardLabels", "initial_prototypes", "distillation_labels"]
 
 STAGES = ("warmup", "stage1", "stage2", "stage3")
 SOFT_LABELS = "soft_labels.npy"
@@ -52,10 +72,56 @@ class SoftLabels:
     def __call__(self, index):
         if self._array is None:
             self._array = np.load(self.path, mmap_mode="r")
-        return {"soft": torch.from_numpy(np.asarray(self._array[index], dtype=np.float32))}
+        return {"soft": torch.from_numpy(np.asarray(self._array[index], dtype=np.float32)), "frame": True}
 
     def __getstate__(self):
         return {"path": self.path, "_array": None}
+
+
+class HardLabels(SoftLabels):
+    """A stage's stored distillation labels [N, H, W] (uint8 memmap, 255 = ignored, in the frame of
+    the target view's resize) as a stream's extras: frame `i` -> {"label": int64 [H, W]}."""
+
+    def __call__(self, index):
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return {"label": torch.from_numpy(np.asarray(self._array[index], dtype=np.int64))}
+
+
+def initial_prototypes(sums, counts, min_pixels=10, epochs=4, cap=3000):
+    """The initial prototypes [C, D] as `calc_prototype.py` averages them, from per-image class
+    feature sums [N, C, D] and pixel counts [N, C] in frame order: for `epochs` passes over the
+    images, each class with at least `min_pixels` pixels in an image moves its prototype to the
+    running mean `(eta * n + v) / (n + 1)` of the image's class mean `v`, `n` capped at `cap`
+    (`update_objective_SingleVector(..., 'mean')`). A class no image has stays 0."""
+    sums = sums.to(torch.float64)
+    n_images, num_classes, dim = sums.shape
+    proto = torch.zeros(num_classes, dim, dtype=torch.float64, device=sums.device)
+    seen = torch.zeros(num_classes, dtype=torch.float64, device=sums.device)
+    kept = counts >= min_pixels
+    means = sums / counts.clamp(min=1).unsqueeze(-1).to(torch.float64)
+    for _ in range(epochs):
+        for i in range(n_images):
+            ok = kept[i]
+            if not bool(ok.any()):
+                continue
+            n = seen[ok].unsqueeze(1)
+            proto[ok] = (proto[ok] * n + means[i, ok]) / (n + 1)
+            seen[ok] = (seen[ok] + 1).clamp(max=cap)
+    return proto
+
+
+@torch.no_grad()
+def distillation_labels(logits, flipped_logits, size, threshold):
+    """Hard labels [B, H, W] as `generate_pseudo_label.py --flip` makes them and the code's dataset
+    thresholds them: the softmax of `logits` and of `flipped_logits` (the network on the mirrored
+    images; None = no mirror averaging), upsampled bilinearly (align_corners=True) to `size`, the
+    mirror's flipped back, averaged; the argmax, ignored (255) where the confidence is <= `threshold`."""
+    probs = upsample(F.softmax(logits.float(), dim=1), size)
+    if flipped_logits is not None:
+        probs = (probs + upsample(F.softmax(flipped_logits.float(), dim=1), size).flip(-1)) / 2
+    conf, labels = probs.max(1)
+    return labels.masked_fill(conf <= threshold, IGNORE_INDEX)
 
 
 class ProDA(Method):
@@ -65,33 +131,52 @@ class ProDA(Method):
         "warmup_iters": None, "stage1_iters": None, "stage2_iters": None, "stage3_iters": None,
         # warm-up: output-space adversarial training
         "adv_weight": 0.01, "gan": "lsgan", "disc_lr": 1.0e-4,
-        "disc_ndf": 64,              # discriminator width (64, 128, 256, 512, 1 channels)
+        "disc_ndf": 64,              # discriminator width (models/discriminator.py FCDiscriminator: 64, 128, 256, 512, 1)
         "adv_scale": 1.0,            # the discriminator sees predictions at this fraction of the input size
+        "disc_weights": [1.0, 1.0],  # of L(source, 0), L(target, 1): adaptation_modelv2.py step_adv sums them
+        # initial prototypes: calc_prototype.py's running mean of per-image class means ("image_mean",
+        # over proto_init_epochs passes, count capped at proto_init_cap) or "pixel_mean"
+        "proto_init": "image_mean", "proto_init_epochs": 4, "proto_init_cap": 3000,
         # stage 1 (the authors' code trains every layer at this lr here: no heads x10)
         "stage1_lr": 1.0e-4,
         "tau": 1.0,                  # prototype softmax temperature
+        "rectify": True,             # prototype denoising (--proto_rectify); false: y_hat = argmax p_{t,0}
         "ce_weight": 0.1,            # alpha of the symmetric CE on y_hat
         "rce_weight": 1.0,           # beta
         "reg_weight": 0.1,           # the REG term of sce_loss
-        "kl_weight": 10.0,           # structure learning
+        "kl_weight": 10.0,           # structure learning (0: off, and the student's strong view is not run)
         "rectify_threshold": 0.0,    # y_hat ignored where the normalised rectified score is below (code: train_thred, 0)
+        # the view the SCE + REG terms see: "weak" (the stage-1 command runs S_pseudo 0:
+        # adaptation_modelv2.py step takes them on BaseNet(target_x)) or "strong"
+        "pl_view": "weak",
+        # the EMA teacher's forward: in train mode with batch statistics (adaptation_modelv2.py never
+        # puts BaseNet_ema in eval mode), on the whole frame taken into the weak view (target_image_full,
+        # full2weak); false, false = eval mode on the weak view
+        "teacher_batch_stats": True, "teacher_full_frame": True,
         "ema_momentum": 0.999,
         "proto_momentum": 0.9999,
         "proto_min_pixels": 10,
         # stages 2 and 3
         "distill_lr": 6.0e-4,        # heads x10
         "distill_threshold": 0.95,
+        "distill_flip": True,        # generate_pseudo_label.py --flip: labels from the image and its mirror
         "distill_kl_weight": 1.0,
         "distill_source_ce": False,  # the authors' code also back-propagates source CE here
         "code_kl_softmax": False,    # *code:* its KL takes the student's softmax where log-softmax belongs
-        # batch size of the pass over the target set at the start of stage 1 (None = data.batch_size)
+        # stage 2's student: a checkpoint or weights path (the authors: SimCLRv2, --student_init simclr);
+        # None = the run's init. Stage 3's continues from stage 2's network (the README's stage-3 command
+        # restores it) unless stage3_from_stage2 is false (then as stage 2's)
+        "student_init": None,
+        "stage3_from_stage2": True,
+        # batch size of the passes over the target set (None = data.batch_size)
         "pass_batch_size": None,
     }
 
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
         o = self.options
-        for key in ("warmup_iters", "stage1_iters", "stage2_iters", "stage3_iters", "pass_batch_size", "disc_ndf"):
+        for key in ("warmup_iters", "stage1_iters", "stage2_iters", "stage3_iters", "pass_batch_size", "disc_ndf",
+                    "proto_init_epochs", "proto_init_cap"):
             v = o[key]
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"proda.{key}: expected a positive int or None, got {v!r}")
@@ -111,9 +196,19 @@ class ProDA(Method):
         check_scale(o["adv_scale"], "proda.adv_scale")
         if o["gan"] not in GANS:
             raise ValueError(f"proda.gan: expected one of {GANS}, got {o['gan']!r}")
-        for key in ("distill_source_ce", "code_kl_softmax"):
+        for key in ("distill_source_ce", "code_kl_softmax", "rectify", "teacher_batch_stats", "teacher_full_frame",
+                    "distill_flip", "stage3_from_stage2"):
             if not isinstance(o[key], bool):
                 raise ValueError(f"proda.{key}: expected a bool, got {o[key]!r}")
+        for key, choices in (("proto_init", ("image_mean", "pixel_mean")), ("pl_view", ("weak", "strong"))):
+            if o[key] not in choices:
+                raise ValueError(f"proda.{key}: expected one of {choices}, got {o[key]!r}")
+        weights = o["disc_weights"]
+        if not isinstance(weights, (list, tuple)) or len(weights) != 2 or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0 for w in weights):
+            raise ValueError(f"proda.disc_weights: expected two numbers >= 0, got {weights!r}")
+        if o["student_init"] is not None and not isinstance(o["student_init"], str):
+            raise ValueError(f"proda.student_init: expected a path or null, got {o['student_init']!r}")
         self.num_classes = int(config["model"].get("num_classes", 19))
         self.stage = None
         self.prototypes = None
@@ -140,16 +235,18 @@ class ProDA(Method):
         self.prototypes = self.teacher = self.adversary = None
         self.ctx.target_stream.set_extras(None)
         spec = self.config["optimizer"]
+        o = self.options
         if stage.name == "warmup":
             self.model = model
             self.optimizers["model"] = build_optimizer(model.param_groups(spec["lr"]), spec)
-            self.adversary = OutputSpaceAdversary(("main",), self.num_classes, self.options["gan"],
-                                                  optimizer={"lr": self.options["disc_lr"]}, device=self.device,
-                                                  ndf=self.options["disc_ndf"])
+            self.adversary = OutputSpaceAdversary(("main",), self.num_classes, o["gan"],
+                                                  optimizer={"lr": o["disc_lr"]}, device=self.device,
+                                                  ndf=o["disc_ndf"], disc_weights=o["disc_weights"],
+                                                  discriminator=ProDADiscriminator)
             self.adversary.register(self)
         elif stage.name == "stage1":
             self.model = model
-            lr = self.options["stage1_lr"]
+            lr = o["stage1_lr"]
             groups = [dict(g, lr=lr) for g in model.param_groups(lr)]  # every layer at lr
             self.optimizers["model"] = build_optimizer(groups, merge(spec, {"lr": lr}))
             self.prototypes = self._target_pass(model, need_prototypes=not resume)
@@ -160,18 +257,38 @@ class ProDA(Method):
             self.teacher = model.eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-            self.model = self.ctx.build_model()
-            lr = self.options["distill_lr"]
+            path = self._distill_pass(self.teacher, stage.name)
+            self.ctx.target_stream.set_extras(HardLabels(path))
+            if stage.name == "stage3" and o["stage3_from_stage2"]:
+                self.model = copy.deepcopy(model)
+                for p in self.model.parameters():
+                    p.requires_grad_(True)
+                start = "stage 2's network"
+            elif o["student_init"]:
+                self.model = self.ctx.build_model(init=o["student_init"])
+                start = o["student_init"]
+            else:
+                self.model = self.ctx.build_model()
+                start = f"the run's init ({self.config.get('init') or 'none: the model config weights'})"
+            self.model.train()
+            lr = o["distill_lr"]
             self.optimizers["model"] = build_optimizer(self.model.param_groups(lr), merge(spec, {"lr": lr}))
-            self.ctx.log(f"proda {stage.name}: distilling into a fresh student from the run's init "
-                         f"({self.config.get('init') or 'no init: the model config weights'})")
+            self.ctx.log(f"proda {stage.name}: distilling into a student from {start}")
+
+    def _truth_at(self, batch, size):
+        """The batch's true target labels at `size` (nearest), or None where the run has none."""
+        truth = batch.get("truth")
+        if truth is None:
+            return None
+        return F.interpolate(truth[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
     @torch.no_grad()
     def _target_pass(self, model, need_prototypes=True):
-        """One pass of the warm-up network over the target training frames: writes the soft labels
-        (unless a complete file is there) and returns the initial prototypes [C, D] (or None).
-        Under several processes each takes its share of the frames; the soft labels go into one
-        shared file and the class sums are added up."""
+        """One pass of the warm-up network (eval mode) over the target training frames: writes the
+        soft labels (unless a complete file is there), scores their argmax (`p_t0`) and returns the
+        initial prototypes [C, D] (or None). Under several processes each takes its share of the
+        frames; the soft labels go into one shared file and the class sums are added up."""
+        o = self.options
         path = self.soft_labels_path
         have_soft = _complete(path, len(self.ctx.target), self.num_classes)
         if have_soft and not need_prototypes:
@@ -179,42 +296,80 @@ class ProDA(Method):
             return None
         was_training = model.training
         model.eval()
+        n_frames = len(self.ctx.target)
         try:
             size, dim = self._output_shape(model)
-            sums = torch.zeros(self.num_classes, dim, dtype=torch.float64, device=self.device)
-            counts = torch.zeros(self.num_classes, dtype=torch.int64, device=self.device)
+            # per image and class: feature sums and pixel counts (calc_prototype.py averages image means)
+            sums = torch.zeros(n_frames, self.num_classes, dim, dtype=torch.float64, device=self.device)
+            counts = torch.zeros(n_frames, self.num_classes, dtype=torch.int64, device=self.device)
             with contextlib.ExitStack() as stack:
                 soft = None
                 if not have_soft:
                     soft = stack.enter_context(self.ctx.shared_array(
-                        path, np.float16, (len(self.ctx.target), self.num_classes) + size))
-                for batch in self.ctx.target_frames(self.options["pass_batch_size"], shard=True):
+                        path, np.float16, (n_frames, self.num_classes) + size))
+                for batch in self.ctx.target_frames(o["pass_batch_size"], shard=True):
                     out = model(self.normalize(batch["image"], model))
                     logits, features = out["logits"], out["features"]
+                    if tuple(logits.shape[-2:]) != size:
+                        raise ValueError(f"proda: target frames of different sizes ({tuple(logits.shape[-2:])} "
+                                         f"against {size} at the output stride); set data.target_view.resize")
+                    pred = logits.argmax(1)
+                    self.record_labels("p_t0", pred, self._truth_at(batch, size))
                     if soft is not None:
-                        if tuple(logits.shape[-2:]) != size:
-                            raise ValueError(f"proda: target frames of different sizes ({tuple(logits.shape[-2:])} "
-                                             f"against {size} at the output stride); set data.target_view.resize")
                         soft[batch["index"].numpy()] = F.softmax(logits, dim=1).to(torch.float16).cpu().numpy()
                     if need_prototypes:
-                        s, c = class_feature_sums(features.float(), logits.argmax(1), self.num_classes,
-                                                  backend=self.backend)
-                        sums += s.sum(0).double()
-                        counts += c.sum(0)
+                        s, c = class_feature_sums(features.float(), pred, self.num_classes, backend=self.backend)
+                        index = batch["index"].to(self.device)
+                        sums[index] = s.double()
+                        counts[index] = c
             if soft is not None:
-                self.ctx.log(f"proda: soft labels of {len(self.ctx.target)} target frames written to {path}")
+                self.ctx.log(f"proda: soft labels of {n_frames} target frames written to {path}")
         finally:
             model.train(was_training)
         if not need_prototypes:
             return None
-        self.ctx.all_reduce_(sums)
+        self.ctx.all_reduce_(sums)   # each frame's row comes from one process, zeros elsewhere
         self.ctx.all_reduce_(counts)
-        prototypes = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None].double(),
-                                 torch.zeros_like(sums)).float()
-        missing = [c for c in range(self.num_classes) if counts[c] == 0]
+        if o["proto_init"] == "image_mean":
+            prototypes = initial_prototypes(sums, counts, o["proto_min_pixels"], o["proto_init_epochs"],
+                                            o["proto_init_cap"])
+            present = counts >= o["proto_min_pixels"]
+        else:
+            total = counts.sum(0)
+            prototypes = torch.where(total[:, None] > 0, sums.sum(0) / total.clamp(min=1)[:, None].double(),
+                                     torch.zeros_like(sums[0]))
+            present = counts > 0
+        missing = [c for c in range(self.num_classes) if not bool(present[:, c].any())]
         if missing:
             self.ctx.log(f"proda: classes {missing} never predicted on the target set; their prototypes start at 0")
-        return prototypes
+        return prototypes.float()
+
+    @torch.no_grad()
+    def _distill_pass(self, teacher, stage_name):
+        """The stage's distillation labels from `teacher` over the target frames (`distillation_labels`,
+        mirror-averaged with `distill_flip`), written once to `<out_dir>/proda/<stage>_labels.npy`
+        (uint8, reused when complete) and scored (`distill`) -> the file's path."""
+        o = self.options
+        path = os.path.join(self.ctx.out_dir, "proda", f"{stage_name}_labels.npy")
+        n_frames = len(self.ctx.target)
+        frame = self.ctx.target_frame_size()
+        if _complete_labels(path, n_frames, frame):
+            self.ctx.log(f"proda {stage_name}: reusing the labels in {path}")
+            stored = np.load(path, mmap_mode="r")
+            for batch in self.ctx.target_frames(o["pass_batch_size"], shard=True):
+                self.record_labels("distill", torch.from_numpy(np.asarray(stored[batch["index"].numpy()])),
+                                   batch.get("truth"))
+            return path
+        with self.ctx.shared_array(path, np.uint8, (n_frames,) + frame) as labels_file:
+            for batch in self.ctx.target_frames(o["pass_batch_size"], shard=True):
+                images = self.normalize(batch["image"], teacher)
+                logits = teacher(images)["logits"]
+                flipped = teacher(images.flip(-1))["logits"] if o["distill_flip"] else None
+                labels = distillation_labels(logits, flipped, frame, o["distill_threshold"])
+                labels_file[batch["index"].numpy()] = labels.to(torch.uint8).cpu().numpy()
+                self.record_labels("distill", labels, batch.get("truth"))
+        self.ctx.log(f"proda {stage_name}: labels of {n_frames} target frames written to {path}")
+        return path
 
     def _output_shape(self, model):
         """((h, w) of the logits, feature channels) for the first target frame (that reads, under
@@ -250,69 +405,92 @@ class ProDA(Method):
         """The strong view of the weak `images` (CPU) and its params."""
         return strong_augment(images, self.generator)
 
-    def stage1_targets(self, teacher_out, soft, params, size):
-        """From the teacher's outputs on the weak view, the soft labels and the strong view's params:
-        (y_hat warped into the strong view [B, h, w], the teacher's prototype softmax warped [B, C, h, w],
-        the valid mask [B, h, w], the teacher's features and argmax at `size` for the prototype update)."""
+    def teacher_outputs(self, target, size):
+        """The EMA teacher on the target batch -> (its features taken into the weak view at `size`, its
+        features and logits on what it saw at a quarter of that size). It sees the whole frames
+        (`teacher_full_frame`) in train mode (`teacher_batch_stats`), as adaptation_modelv2.py runs
+        `BaseNet_ema` on `target_image_full` and `full2weak` takes its features into the weak view."""
         o = self.options
-        feats = upsample(teacher_out["features"].float(), size)
-        pred = upsample(teacher_out["logits"].float(), size).argmax(1)
-        soft = upsample(soft.to(feats.device, torch.float32), size)
-        y_hat = prototype_rectify(feats, self.prototypes, soft, o["tau"], backend=self.backend)
-        z = prototype_softmax(feats, self.prototypes, o["tau"], backend=self.backend)
+        full = o["teacher_full_frame"]
+        images = target["frame"] if full else target["image"]
+        teacher = self.teacher.model
+        teacher.train(o["teacher_batch_stats"])
+        try:
+            with torch.no_grad():
+                out = teacher(self.normalize(images, teacher))
+        finally:
+            teacher.eval()
+        quarter = (images.shape[-2] // 4, images.shape[-1] // 4)
+        feats, logits = upsample(out["features"].float(), quarter), upsample(out["logits"].float(), quarter)
+        weak = frame_to_view(feats, target["geometry"], images.shape[-2:], size) if full else feats
+        return weak, feats, logits
+
+    def stage1_targets(self, weak_feats, soft, size):
+        """From the teacher's features on the weak view [B, D, h, w] and the weak view's soft labels
+        (any size, resized to `size`): (y_hat [B, h, w], w = the teacher's prototype softmax or None
+        when nothing needs it). y_hat = argmax_c(w_c p_{t,0,c}) with `rectify`, else argmax p_{t,0}."""
+        o = self.options
+        soft = upsample(soft.to(weak_feats.device, torch.float32), size)
+        z = None
+        if o["kl_weight"] > 0 or (o["rectify"] and o["rectify_threshold"] > 0):
+            z = prototype_softmax(weak_feats, self.prototypes, o["tau"], backend=self.backend)
+        if not o["rectify"]:
+            return soft.argmax(1), z
+        y_hat = prototype_rectify(weak_feats, self.prototypes, soft, o["tau"], backend=self.backend)
         if o["rectify_threshold"] > 0:
             rectified = z * soft
             score = rectified.max(1).values / rectified.sum(1).clamp_min(1e-12)
             y_hat = y_hat.masked_fill(score < o["rectify_threshold"], IGNORE_INDEX)
-        y_strong = warp_like(y_hat, params, "nearest", cutout_fill=IGNORE_INDEX)
-        z_strong = warp_like(z, params, "bilinear")
-        # pixels of the strong view that come from the image and lie outside the cutout
-        valid = warp_like(torch.ones_like(y_hat, dtype=torch.float32), params, "nearest", fill=0.0,
-                          cutout_fill=0.0) > 0.5
-        return y_strong, z_strong, valid, feats, pred
+        return y_hat, z
 
-    def stage1_losses(self, student_out, y_strong, z_strong, valid, size):
-        """{"pl": (ce_weight CE + rce_weight RCE + reg_weight REG)(y_hat), "kl": KL_struct} of the
-        student's outputs on the strong view, at `size`."""
+    def structure_loss(self, student_strong_out, z, params, size):
+        """KL_struct: the teacher's prototype softmax `z` (weak view) warped into the strong view
+        (cutout and out-of-image pixels left out) against the student's prototype log-softmax on the
+        strong view, at `size`."""
         o = self.options
-        logits = upsample(student_out["logits"], size)
-        feats = upsample(student_out["features"], size)
-        pl = sce_loss(logits, y_strong, alpha=o["ce_weight"], beta=o["rce_weight"], reg_weight=o["reg_weight"],
-                      backend=self.backend)
+        z_strong = warp_like(z, params, "bilinear").to(self.device)
+        valid = (warp_like(torch.ones(z.shape[:1] + z.shape[2:], dtype=torch.float32, device=z.device), params,
+                           "nearest", fill=0.0, cutout_fill=0.0) > 0.5).to(self.device)
+        feats = upsample(student_strong_out["features"], size)
         # kl_loss takes logits: the log-softmax -d/tau - logsumexp is one (log_softmax is idempotent)
         log_w = prototype_softmax(feats, self.prototypes, o["tau"], log=True, backend=self.backend)
-        kl = kl_loss(log_w, z_strong, valid_mask=valid, backend=self.backend)
-        return {"pl": pl, "kl": kl}
+        return kl_loss(log_w, z_strong, valid_mask=valid, backend=self.backend)
 
     def _step_stage1(self, batch):
         o = self.options
         source, target = batch["source"], batch["target"]
         weak = target["image"]
         size = (weak.shape[-2] // 4, weak.shape[-1] // 4)
-        with torch.no_grad():
-            t_out = self.teacher.model(self.normalize(weak))
-        strong, params = self._views(weak)
-        y_strong, z_strong, valid, t_feats, t_pred = self.stage1_targets(t_out, target["maps"]["soft"], params, size)
+        weak_feats, seen_feats, seen_logits = self.teacher_outputs(target, size)
+        y_hat, z = self.stage1_targets(weak_feats, target["maps"]["soft"], size)
+        self.record_labels("y_hat", y_hat, self._truth_at(target, size))
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
         _, loss_src = self._source_ce(source)
-        losses = self.stage1_losses(self.model(self.normalize(strong)), y_strong.to(self.device),
-                                    z_strong.to(self.device), valid.to(self.device), size)
-        (loss_src + losses["pl"] + o["kl_weight"] * losses["kl"]).backward()
+        strong_out = params = None
+        if o["kl_weight"] > 0 or o["pl_view"] == "strong":
+            strong, params = self._views(weak)
+            strong_out = self.model(self.normalize(strong))
+        if o["pl_view"] == "weak":
+            pl_logits, y = self.model(self.normalize(weak))["logits"], y_hat
+        else:
+            pl_logits, y = strong_out["logits"], warp_like(y_hat, params, "nearest", cutout_fill=IGNORE_INDEX)
+        pl = sce_loss(upsample(pl_logits, size), y.to(self.device), alpha=o["ce_weight"], beta=o["rce_weight"],
+                      reg_weight=o["reg_weight"], backend=self.backend)
+        loss = loss_src + pl
+        logged = {"seg": loss_src.detach(), "pl": pl.detach()}
+        if o["kl_weight"] > 0:
+            kl = self.structure_loss(strong_out, z, params, size)
+            loss = loss + o["kl_weight"] * kl
+            logged["kl"] = kl.detach()
+        loss.backward()
         opt.step()
-        sums, counts = class_feature_sums(t_feats, t_pred, self.num_classes, backend=self.backend)
+        # the prototypes follow the teacher's class means on what it saw (adaptation_modelv2.py: ema_out)
+        sums, counts = class_feature_sums(seen_feats, seen_logits.argmax(1), self.num_classes, backend=self.backend)
         update_prototypes(self.prototypes, sums, counts, momentum=o["proto_momentum"],
                           min_pixels=o["proto_min_pixels"])
         self.teacher.update(self.model, o["ema_momentum"])
-        return {"seg": loss_src.detach(), "pl": losses["pl"].detach(), "kl": losses["kl"].detach()}
-
-    def distill_targets(self, teacher_weak_logits, params, size):
-        """Hard labels of the teacher on the weak view (confidence > threshold, else ignored), warped
-        into the strong view (cutout and out-of-image pixels ignored)."""
-        probs = F.softmax(upsample(teacher_weak_logits.float(), size), dim=1)
-        conf, labels = probs.max(1)
-        labels = labels.masked_fill(conf <= self.options["distill_threshold"], IGNORE_INDEX)
-        return warp_like(labels, params, "nearest", cutout_fill=IGNORE_INDEX)
+        return logged
 
     def distill_losses(self, student_logits, teacher_probs, labels):
         """{"ce": CE(labels), "kd": KL(teacher || student)} (the code's softmax-for-log-softmax KL with
@@ -331,8 +509,11 @@ class ProDA(Method):
         weak = target["image"]
         size = (weak.shape[-2] // 4, weak.shape[-1] // 4)
         strong, params = self._views(weak)
+        # the stage's labels follow the weak view, then a quarter of it (nearest, as the code's
+        # interpolate(target_lp, scale_factor=0.25)) and the strong view
+        labels = F.interpolate(target["label"][:, None].float(), size=size, mode="nearest")[:, 0].long()
+        labels = warp_like(labels, params, "nearest", cutout_fill=IGNORE_INDEX)
         with torch.no_grad():
-            labels = self.distill_targets(self.teacher(self.normalize(weak, self.teacher))["logits"], params, size)
             t_probs = F.softmax(upsample(self.teacher(self.normalize(strong, self.teacher))["logits"].float(), size), 1)
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
@@ -368,3 +549,14 @@ def _complete(path, n, num_classes):
     except ValueError:
         return False
     return array.dtype == np.float16 and array.ndim == 4 and array.shape[:2] == (n, num_classes)
+
+
+def _complete_labels(path, n, frame):
+    """A stage's labels file is there (renamed into place when complete) and fits n frames of `frame`."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        array = np.load(path, mmap_mode="r")
+    except ValueError:
+        return False
+    return array.dtype == np.uint8 and array.shape == (n,) + tuple(frame)

@@ -5,10 +5,14 @@ from torchvision- or DeepLab-format backbone weights) or "small" (a CPU-sized ne
 outputs); `model(images)` returns {"logits", "aux"[, "features"][, "backbone"]}, `model.config` the
 resolved config, `model.normalization` the input normalisation, `model.param_groups(lr)` the
 optimiser groups (heads x10). Checkpoints: `save_checkpoint`, `load_checkpoint`,
-`model_from_checkpoint`.
+`model_from_checkpoint`; the authors' released models (ProDA, AdaptSegNet, CRST) load through
+`model_from_checkpoint(path)` / `load_model_checkpoint` and as `pretrained` (udafast.models.authors).
 """
 from udafast.models.build import MODEL_NAMES, build_model  # noqa: F401
-from udafast.models.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint  # noqa: F401
+from udafast.models.authors import AUTHORS_FORMATS, read_authors_checkpoint  # noqa: F401
+from udafast.models.checkpoint import (  # noqa: F401
+    load_checkpoint, load_model_checkpoint, model_from_checkpoint, save_checkpoint,
+)
 from udafast.models.heads import (  # noqa: F401
     ClassSelectors, Discriminator, DomainClassifier, PredictionHead, ProjectionHead,
 )

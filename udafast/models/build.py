@@ -2,18 +2,19 @@
 import os
 from collections.abc import Mapping
 
-from udafast.models.resnet import LAYOUTS, load_backbone_weights, read_backbone_weights
+from udafast.models.authors import load_fitting_heads
+from udafast.models.resnet import LAYOUTS, load_backbone_weights, read_weights
 from udafast.models.segmentation import ASPP_MODES, HEADS, DeepLabV2, SmallSegNet
 
 __all__ = ["build_model", "MODEL_NAMES"]
 
 MODEL_NAMES = ("deeplabv2_r101", "small")
-NORMALIZATIONS = ("imagenet", "caffe")
+NORMALIZATIONS = ("imagenet", "caffe", "unit")
 
 _DEFAULTS = {
     "deeplabv2_r101": {"num_classes": 19, "aspp": "four", "head": "deeplabv2", "head_dropout": 0.1, "feature_dim": 256,
                        "freeze_bn_affine": False, "pretrained": None, "weights_format": "auto",
-                       "normalization": None},
+                       "normalization": None, "aux_head": True, "bn_clr": False},
     "small": {"num_classes": 19, "width": 16, "feature_dim": 256, "normalization": "imagenet"},
 }
 
@@ -38,7 +39,12 @@ def build_model(config, *, load_pretrained=True):
     (0.1, ProDA's dropout before its classifier); feature_dim (256); freeze_bn_affine (False);
     pretrained (a path to ResNet-101 backbone weights, or None); weights_format ("auto",
     "torchvision" or "deeplab": also picks the network layout, see udafast.models.resnet);
-    normalization ("caffe" for DeepLab-format weights, else "imagenet").
+    normalization ("caffe" for DeepLab-format weights, else "imagenet"; "unit" = RGB in [0, 1]);
+    aux_head (True: the layer3 classifier); bn_clr (False: ProDA's BatchNorm on the layer4 features).
+    A `pretrained` file that is one of the authors' released models (udafast.models.authors: ProDA,
+    AdaptSegNet, CRST) loads its heads too where they have this model's shapes (the names loaded in
+    `model.pretrained_heads`); heads of another shape (e.g. the DeepLab init's 21-class classifier)
+    start fresh, as the authors' training scripts do; its input normalisation is the authors'.
     small keys: num_classes (19), width (16), feature_dim (256), normalization ("imagenet").
 
     `model.config` holds every key resolved (the detected weights format included), so a model
@@ -71,24 +77,29 @@ def build_model(config, *, load_pretrained=True):
         dropout = resolved["head_dropout"]
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"config['head_dropout']: expected a number in [0, 1), got {dropout!r}")
-        if not isinstance(resolved["freeze_bn_affine"], bool):
-            raise ValueError(f"config['freeze_bn_affine']: expected a bool, got {resolved['freeze_bn_affine']!r}")
+        for key in ("freeze_bn_affine", "aux_head", "bn_clr"):
+            if not isinstance(resolved[key], bool):
+                raise ValueError(f"config[{key!r}]: expected a bool, got {resolved[key]!r}")
         path = resolved["pretrained"]
         if path is not None:
             if not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"config['pretrained']: expected a path or None, got {path!r}")
             path = resolved["pretrained"] = os.fspath(path)
-        state = None
+        state = heads = None
         if path is not None and (load_pretrained or resolved["weights_format"] == "auto"):
-            state, resolved["weights_format"] = read_backbone_weights(path, resolved["weights_format"])
+            state, resolved["weights_format"], heads = read_weights(path, resolved["weights_format"])
         elif resolved["weights_format"] == "auto":
             resolved["weights_format"] = "torchvision"
         model = DeepLabV2(resolved["num_classes"], resolved["aspp"], resolved["head"], float(dropout),
-                          resolved["weights_format"], resolved["freeze_bn_affine"], resolved["feature_dim"])
+                          resolved["weights_format"], resolved["freeze_bn_affine"], resolved["feature_dim"],
+                          resolved["aux_head"], resolved["bn_clr"])
         if state is not None and load_pretrained:
             load_backbone_weights(model.backbone, state, path, resolved["weights_format"])
+            if heads is not None:
+                model.pretrained_heads = load_fitting_heads(model, heads)
         if resolved["normalization"] is None:
-            resolved["normalization"] = "caffe" if resolved["weights_format"] == "deeplab" else "imagenet"
+            resolved["normalization"] = heads[2] if heads is not None else \
+                "caffe" if resolved["weights_format"] == "deeplab" else "imagenet"
     model.normalization = resolved["normalization"]
     model.config = resolved
     return model

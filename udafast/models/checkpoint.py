@@ -16,7 +16,7 @@ import torch
 
 from udafast.models.build import build_model
 
-__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "FORMAT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model_checkpoint", "model_from_checkpoint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 _RESERVED = ("format_version", "config", "model", "iter")
@@ -97,15 +97,35 @@ def load_checkpoint(path, map_location="cpu"):
     return ckpt
 
 
+def load_model_checkpoint(path, map_location="cpu"):
+    """`load_checkpoint`, or, for a file that is not a udafast checkpoint, one of the authors'
+    released models (ProDA `.pkl`, AdaptSegNet, CRST; udafast.models.authors) as a checkpoint dict
+    with the config of the network it was trained in and "authors" set to its format. For the
+    model's weights only (evaluation, `init`), never to resume a run."""
+    from udafast.models.authors import detect_format, read_authors_checkpoint, read_state_file
+
+    try:
+        return load_checkpoint(path, map_location)
+    except ValueError as error:
+        try:
+            state, _ = read_state_file(path)
+        except ValueError:
+            raise error from None
+        if detect_format(state) is None:
+            raise error from None
+    return read_authors_checkpoint(path, state)
+
+
 def model_from_checkpoint(path_or_dict, map_location="cpu"):
     """The model of a checkpoint (a path or the dict from `load_checkpoint`), rebuilt from its
-    config and loaded with its weights; the pretrained backbone file is not read again. The model is
-    moved to `map_location` when that names a device."""
+    config and loaded with its weights; the pretrained backbone file is not read again. A path may
+    also be one of the authors' released models (see `load_model_checkpoint`). The model is moved
+    to `map_location` when that names a device."""
     if isinstance(path_or_dict, Mapping):
         ckpt = path_or_dict
         _validate(ckpt, "checkpoint dict")
     else:
-        ckpt = load_checkpoint(path_or_dict, map_location)
+        ckpt = load_model_checkpoint(path_or_dict, map_location)
     model = build_model(ckpt["config"], load_pretrained=False)
     try:
         model.load_state_dict(ckpt["model"])

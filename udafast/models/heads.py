@@ -47,6 +47,28 @@ class Discriminator(nn.Module):
         return self.classifier(x)
 
 
+class ProDADiscriminator(nn.Module):
+    """ProDA's warm-up discriminator (microsoft/ProDA models/discriminator.py `FCDiscriminator`): four
+    3x3 stride-2 convs (padding 1) with 64, 128, 256, 512 channels (times `ndf / 64`), ReLU after
+    the first three and LeakyReLU(0.2) after the fourth, then a 1x1 conv to one channel; output
+    [B, 1, ~H/16, ~W/16] logits."""
+
+    def __init__(self, num_classes=19, ndf=64):
+        super().__init__()
+        _positive_int(num_classes, "num_classes")
+        _positive_int(ndf, "ndf")
+        self.conv1 = nn.Conv2d(num_classes, ndf, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(ndf, ndf * 2, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(ndf * 2, ndf * 4, 3, stride=2, padding=1)
+        self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 3, stride=2, padding=1)
+        self.classifier = nn.Conv2d(ndf * 8, 1, 1)
+
+    def forward(self, x):
+        for conv in (self.conv1, self.conv2, self.conv3):
+            x = F.relu(conv(x))
+        return self.classifier(F.leaky_relu(self.conv4(x), 0.2))
+
+
 class DomainClassifier(nn.Module):
     """DANN's per-pixel domain classifier: 1x1 convs in -> hidden -> hidden -> 1 with ReLU between
     (in 2048 for ResNet-101's stride-8 features); output [B, 1, H, W] logits. The gradient reversal

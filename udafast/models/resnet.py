@@ -10,19 +10,19 @@ Two layouts share every parameter name and shape (torchvision's: `conv1`, `bn1`,
 In both, layer3 and layer4 keep stride 1 and use dilation 2 and 4 in every block (DeepLabV2).
 """
 import os
-from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
 
 from udafast.models.recompute import stage
 
-__all__ = ["ResNetBackbone", "LAYOUTS", "read_backbone_weights", "load_backbone_weights"]
+__all__ = ["ResNetBackbone", "LAYOUTS", "read_backbone_weights", "read_weights", "load_backbone_weights"]
 
 LAYOUTS = ("torchvision", "deeplab")
 RESNET101_BLOCKS = (3, 4, 23, 3)
-# The classifier of the ImageNet file (fc) and the DeepLab init's own heads (layer5/6) are not ours.
-_IGNORED_PREFIXES = ("fc.", "layer5.", "layer6.")
+# Not the backbone's: the ImageNet file's classifier (fc), the authors' heads (layer5/6, ProDA's
+# bn_pretrain), which udafast.models.authors maps onto the model's heads.
+_IGNORED_PREFIXES = ("fc.", "layer5.", "layer6.", "bn_pretrain.")
 _DEEPLAB_PREFIX = "Scale."
 
 
@@ -107,25 +107,31 @@ def read_backbone_weights(path, weights_format="auto"):
     """Read a ResNet state dict from `path` -> (state dict with torchvision key names, format).
 
     `weights_format`: "torchvision" (keys `conv1.weight`, `layer1.0.conv1.weight`, ...), "deeplab"
-    (the authors' Caffe conversion: the same names prefixed `Scale.`) or "auto" (a `Scale.` prefix
-    means deeplab). Classifier keys (`fc.*`, DeepLab's `layer5.*`/`layer6.*`) are dropped."""
+    (the authors' Caffe conversion: the same names prefixed `Scale.`, or one of the authors' released
+    models, udafast.models.authors) or "auto" (a `Scale.` prefix or an authors' model means deeplab).
+    Classifier keys (`fc.*`, the heads `layer5.*`/`layer6.*`, `bn_pretrain.*`) are left out: see
+    `read_weights` for them."""
+    state, weights_format, _ = read_weights(path, weights_format)
+    return state, weights_format
+
+
+def read_weights(path, weights_format="auto"):
+    """`read_backbone_weights` plus the file's heads: -> (backbone state, format, heads) where heads
+    is None, or (authors' format, the whole prefix-stripped state, input normalisation) when the
+    file is one of the authors' models (ProDA `.pkl`, AdaptSegNet, CRST / the DeepLab init)."""
+    from udafast.models.authors import AUTHORS_NORMALIZATION, detect_format, read_state_file, strip_prefixes
+
     if weights_format not in ("auto",) + LAYOUTS:
         raise ValueError(f"weights_format: expected 'auto', 'torchvision' or 'deeplab', got {weights_format!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone weights not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated or foreign file: say which, not a raw unpickling error
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{path}: cannot read backbone weights ({type(e).__name__}: {reason})") from None
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ValueError(f"{path}: expected a state dict of named tensors")
+    state, _ = read_state_file(path, prefixes=("module.",))
     has_prefix = any(k.startswith(_DEEPLAB_PREFIX) for k in state)
+    stripped = strip_prefixes(state, (_DEEPLAB_PREFIX,))
+    fmt = detect_format(stripped)
     if weights_format == "auto":
-        if has_prefix:
+        if has_prefix or fmt is not None:  # every authors' network is the DeepLab layout
             weights_format = "deeplab"
         elif "conv1.weight" in state:
             weights_format = "torchvision"
@@ -134,8 +140,11 @@ def read_backbone_weights(path, weights_format="auto"):
                              f"first keys: {_first(list(state))}")
     if weights_format == "deeplab":
         state = {k[len(_DEEPLAB_PREFIX):] if k.startswith(_DEEPLAB_PREFIX) else k: v for k, v in state.items()}
+    heads = None
+    if fmt is not None and weights_format == "deeplab":
+        heads = (fmt, stripped, "caffe" if has_prefix else AUTHORS_NORMALIZATION[fmt])
     state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
-    return state, weights_format
+    return state, weights_format, heads
 
 
 def load_backbone_weights(backbone, state, path, weights_format):

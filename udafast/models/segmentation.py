@@ -2,7 +2,7 @@
 small CPU network with the same outputs.
 
 `model(images)` -> dict: `"logits"` [B, C, h, w] (output stride 8), `"aux"` the layer3 head's logits
-[B, C, h, w], `"features"` the 256-d features the main logits are classified from (models with a
+[B, C, h, w] (absent with `aux_head=False`), `"features"` the 256-d features the main logits are classified from (models with a
 feature head: ProDA's head and "small"), and with `return_backbone=True` also `"backbone"`, the
 stride-8 layer4 features (2048-d for ResNet-101) that DANN and the contrastive heads work on.
 """
@@ -55,9 +55,10 @@ class ASPPClassifier(nn.Module):
         self.mode = mode
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in ASPP_DILATIONS)
+        # the authors' Classifier_Module (AdaptSegNet model/deeplab_multi.py, CRST deeplab/model.py):
+        # weights N(0, 0.01), biases left at nn.Conv2d's default initialisation
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
-            nn.init.zeros_(conv.bias)
 
     def forward(self, x):
         used = self.conv2d_list if self.mode == "four" else self.conv2d_list[:2]
@@ -112,13 +113,17 @@ class DeepLabV2(SegmentationModel):
     BatchNorm weights and biases (the authors' code) while batch statistics are still used."""
 
     def __init__(self, num_classes=19, aspp="four", head="deeplabv2", head_dropout=0.1, layout="torchvision",
-                 freeze_bn_affine=False, feature_dim=256):
+                 freeze_bn_affine=False, feature_dim=256, aux_head=True, bn_clr=False):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
         self.backbone = ResNetBackbone(layout=layout)
         c3, c4 = self.backbone.out_channels
-        self.aux_classifier = ASPPClassifier(c3, num_classes, aspp)
+        # ProDA's distilled models (--bn_clr): a BatchNorm on the layer4 features before the head
+        # (microsoft/ProDA models/deeplabv2.py `bn_pretrain`), trained with the heads
+        self.backbone_norm = nn.BatchNorm2d(c4) if bn_clr else None
+        # ProDA's and CRST's networks have no layer3 classifier (aux_head False)
+        self.aux_classifier = ASPPClassifier(c3, num_classes, aspp) if aux_head else None
         if head == "deeplabv2":
             self.feature_head = None
             self.classifier = ASPPClassifier(c4, num_classes, aspp)
@@ -136,6 +141,8 @@ class DeepLabV2(SegmentationModel):
 
     def forward(self, images, return_backbone=False):
         c3, c4 = self.backbone(images)
+        if self.backbone_norm is not None:
+            c4 = self.backbone_norm(c4)
         out = {}
         if self.feature_head is None:
             out["logits"] = self.classifier(c4)
@@ -143,7 +150,8 @@ class DeepLabV2(SegmentationModel):
             features = self.feature_head(c4)
             out["logits"] = self.classifier(self.dropout(features))
             out["features"] = features
-        out["aux"] = self.aux_classifier(c3)
+        if self.aux_classifier is not None:
+            out["aux"] = self.aux_classifier(c3)
         if return_backbone:
             out["backbone"] = c4
         return out

@@ -1,0 +1,163 @@
+"""The ProDA paper's ablation (its Table 4: components of stage 1, then stages 2 and 3) on the
+embedded benchmark, beside the paper's GTA5 -> Cityscapes figures.
+
+    python -m benchmarks.proda_ablation                 # seeds 0, 1, 2 of the synthetic preset
+    python -m benchmarks.proda_ablation --seeds 0 --out runs/proda-ablation --results my.json
+
+Per seed: the source-only network, one whole ProDA run (warm-up, stage 1 with everything, stages 2
+and 3), and each other stage-1 row trained from that run's warm-up network and soft labels with its
+own flags (`ROWS`: the `--set` overrides a user passes to `python -m udafast.train --method proda`
+for the same row). Finished runs in `--out` with the same config are reused, so seeds can be run
+one at a time and then summarised together. Writes `<results>.json` and `.md`: target val mIoU (mean ± std over seeds) and
+the accuracy of the pseudo-labels each row trains on (the warm-up's argmax `p_t0` for the warm-up
+row, `y_hat` for the stage-1 rows, the distillation labels for stages 2 and 3).
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import yaml
+
+from udafast.engine.config import read_config
+from udafast.engine.runs import _commit, _mean_std, resolve_config, run_method
+
+#: (key, row, the paper's mIoU, the row's proda.* flags, where its mIoU comes from)
+ROWS = (
+    ("source_only", "source only", 36.6, None, None),
+    ("warmup", "warm-up", 41.6, None, "warmup"),
+    ("self_training", "stage 1: self-training (CE on argmax p_t0)", 45.2,
+     ["proda.rectify=false", "proda.ce_weight=1.0", "proda.rce_weight=0.0", "proda.reg_weight=0.0",
+      "proda.kl_weight=0.0"], "stage1"),
+    ("sce", "+ symmetric CE (alpha 0.1, beta 1, REG 0.1)", 45.6,
+     ["proda.rectify=false", "proda.kl_weight=0.0"], "stage1"),
+    ("denoising", "+ prototypical denoising", 52.3, ["proda.kl_weight=0.0"], "stage1"),
+    ("structure", "+ structure learning instead of denoising (KL 10)", 47.6, ["proda.rectify=false"], "stage1"),
+    ("stage1", "all of stage 1", 53.7, [], "stage1"),
+    ("stage2", "stage 2 (self-distillation)", 56.9, None, "stage2"),
+    ("stage3", "stage 3", 57.5, None, "stage3"),
+)
+#: the label set each stage trains on
+LABELS = {"warmup": ("stage1", "p_t0"), "stage1": ("stage1", "y_hat"), "stage2": ("stage2", "distill"),
+          "stage3": ("stage3", "distill")}
+
+
+def _accuracy(metrics, stage):
+    where = LABELS.get(stage)
+    if where is None:
+        return None
+    summary = metrics.get("pseudo_labels", {}).get(where[0], {}).get(where[1])
+    return None if summary is None or summary["accuracy"] is None else 100 * summary["accuracy"]
+
+
+def _link(src, dst):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if not os.path.exists(dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copyfile(src, dst)
+
+
+def _run(config, folder, **kw):
+    """The run's metrics: those of a finished run already in `folder` (same config), else a new run."""
+    done = os.path.join(folder, "metrics.json")
+    if os.path.isfile(done) and os.path.isfile(os.path.join(folder, "config.yaml")):
+        with open(os.path.join(folder, "config.yaml")) as f:
+            same = yaml.safe_load(f) == yaml.safe_load(yaml.safe_dump(_with_init(config, kw.get("source_run"))))
+        if same:
+            with open(done) as f:
+                return json.load(f)
+    return run_method(config, folder, **kw)
+
+
+def _with_init(config, source_run):
+    """`config` as the run folder's config.yaml records it (the source-only init resolved)."""
+    if config.get("init") == "@source_only" and source_run is not None:
+        config = dict(config, init=os.path.join(source_run, "checkpoints", "last.pt"))
+    return config
+
+
+def run_seed(file_config, out, seed, overrides=(), log=print):
+    """The rows' {key: {"miou", "accuracy"}} for one seed, runs under `out` (finished runs there
+    with the same config are reused)."""
+    source_config = resolve_config(file_config, "source_only", [*overrides, f"seed={seed}"])
+    source_dir = os.path.join(out, "source_only")
+    rows = {"source_only": {"miou": _run(source_config, source_dir, log=log)["miou"], "accuracy": None}}
+    full_dir = os.path.join(out, "proda")
+    config = resolve_config(file_config, "proda", [*overrides, f"seed={seed}"])
+    full = _run(config, full_dir, source_run=source_dir, log=log)
+    for key, _, _, flags, stage in ROWS:
+        if (stage is not None and flags is None) or key == "stage1":  # rows the whole run gives
+            rows[key] = {"miou": full["stages"][stage]["miou"], "accuracy": _accuracy(full, stage)}
+    for key, name, _, flags, stage in ROWS:
+        if flags is None or key == "stage1":
+            continue
+        folder = os.path.join(out, f"stage1_{key}")
+        # the row starts from the whole run's warm-up network and soft labels
+        _link(os.path.join(full_dir, "checkpoints", "warmup.pt"), os.path.join(folder, "checkpoints", "warmup.pt"))
+        _link(os.path.join(full_dir, "proda", "soft_labels.npy"), os.path.join(folder, "proda", "soft_labels.npy"))
+        variant = resolve_config(file_config, "proda", [*overrides, f"seed={seed}", *flags])
+        t0 = time.perf_counter()
+        metrics = _run(variant, folder, stage="stage1", source_run=source_dir, log=log)
+        rows[key] = {"miou": metrics["miou"], "accuracy": _accuracy(metrics, "stage1")}
+        log(f"seed {seed} {name}: mIoU {metrics['miou']:.2f} ({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+def summarize(per_seed, seeds, preset):
+    rows = []
+    for key, name, paper, flags, _ in ROWS:
+        miou = _mean_std([r[key]["miou"] for r in per_seed])
+        acc = _mean_std([r[key]["accuracy"] for r in per_seed])
+        rows.append({"key": key, "row": name, "paper_miou": paper, "flags": flags,
+                     "miou_mean": miou[0], "miou_std": miou[1], "miou_per_seed": [round(r[key]["miou"], 2) for r in per_seed],
+                     "label_accuracy_mean": acc[0], "label_accuracy_std": acc[1]})
+    return {"rows": rows, "seeds": list(seeds), "preset": preset, "commit": _commit()}
+
+
+def format_table(results):
+    seeds = ", ".join(map(str, results["seeds"]))
+    lines = [f"| row | mIoU here (mean ± std, seeds {seeds}) | pseudo-label accuracy % | paper (GTA5 -> Cityscapes) "
+             f"| flags (`--set`) |", "|---|---|---|---|---|"]
+    for r in results["rows"]:
+        acc = "-" if r["label_accuracy_mean"] is None else f"{r['label_accuracy_mean']:.1f} ± {r['label_accuracy_std']:.1f}"
+        flags = "-" if r["flags"] is None else (" ".join(f"`{f}`" for f in r["flags"]) or "(defaults)")
+        lines.append(f"| {r['row']} | {r['miou_mean']:.2f} ± {r['miou_std']:.2f} | {acc} | {r['paper_miou']} | {flags} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.proda_ablation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="synthetic", help="a preset or YAML file (default: synthetic)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    parser.add_argument("--out", default="runs/proda-ablation", help="the runs' folder")
+    parser.add_argument("--results", default="benchmarks/results/proda-ablation-synthetic.json")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    try:
+        file_config = read_config(args.config)
+        per_seed = [run_seed(file_config, os.path.join(args.out, f"seed_{s}"), s, args.set) for s in seeds]
+    except (ValueError, FileNotFoundError) as e:
+        print(f"proda_ablation: error: {e}", file=sys.stderr)
+        return 2
+    results = summarize(per_seed, seeds, args.config)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results, "w") as f:
+        json.dump(results, f, indent=2)
+    stem = args.results[:-5] if args.results.endswith(".json") else args.results
+    table = format_table(results)
+    with open(stem + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
