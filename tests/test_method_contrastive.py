@@ -91,15 +91,17 @@ def test_loss_gradients_reach_features_and_scores():
 
 
 # -- the teacher ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("it,iters,expected", [(0, 100, 0.995), (100, 100, 1.0), (50, 100, 0.9975),
-                                               (25, 100, 1 - 0.005 * (math.cos(math.pi / 4) + 1) / 2)])
+@pytest.mark.parametrize("it,iters,expected", [(0, 100, 0.0), (1, 100, 0.5), (100, 100, 1 - 1 / 101),
+                                               (5000, 10000, 0.9975),
+                                               (3000, 10000, 1 - 0.005 * (math.cos(math.pi * 0.3) + 1) / 2)])
 def test_momentum_schedule(it, iters, expected):
+    """The cosine 0.995 -> 1, capped by the script's early rule 1 - 1/(it+1) (update_ema_variables)."""
     assert teacher_momentum(it, iters) == pytest.approx(expected, abs=1e-12)
 
 
 def test_momentum_rises_monotonically():
-    values = [teacher_momentum(i, 40, 0.99) for i in range(41)]
-    assert values[0] == pytest.approx(0.99) and values[-1] == pytest.approx(1.0)
+    values = [teacher_momentum(i, 400, 0.99) for i in range(401)]
+    assert values[0] == 0.0 and values[99] == pytest.approx(0.99, abs=1e-3) and values[-1] == pytest.approx(1 - 1 / 401)
     assert all(a <= b for a, b in zip(values, values[1:]))
 
 
@@ -127,20 +129,44 @@ def _batch(b=2, h=32, w=32, seed=0):
             "target": {"image": torch.rand(b, 3, h, w, generator=g)}}
 
 
-def test_teacher_is_an_ema_of_student_and_heads():
+def test_teacher_is_an_ema_of_student_parameters_only():
     method = _method(bank_start=10**6, loss_start=10**6)
+    method.step(_batch(), 0, 10)  # momentum 0 at it 0: the teacher's parameters become the student's
     before_teacher = {k: v.clone() for k, v in method.teacher.model.state_dict().items()}
-    method.step(_batch(), 0, 10)
+    method.step(_batch(seed=1), 1, 10)
     student = method.student.state_dict()
-    m = teacher_momentum(0, 10, 0.995)
+    m = teacher_momentum(1, 10, 0.995)
+    assert m == 0.5
     for name, p in method.teacher.model.named_parameters():
         expected = m * before_teacher[name] + (1 - m) * student[name]
         assert torch.allclose(p, expected, atol=1e-7), name
     assert any(n.startswith("heads.projection") for n, _ in method.teacher.model.named_parameters())
-    # the heads train in the model's optimiser, at heads_lr_mult x lr
-    group = [g for g in method.optimizers["model"].param_groups if g.get("name") == "contrastive"][0]
-    assert group["lr"] == pytest.approx(0.1)
-    assert {id(p) for p in method.heads.parameters()} == {id(p) for p in group["params"]}
+    # its buffers are its own (the script's create_ema_model copies parameters only): its running
+    # statistics come from its own forwards, not the student's
+    buffers = dict(method.teacher.model.named_buffers())
+    name = "net.feature_head.1.running_mean"
+    assert not torch.allclose(buffers[name], student[name])
+
+
+def test_teacher_forward_runs_in_train_mode():
+    """The script's ema_model.train(): the teacher's BatchNorm layers normalise with batch statistics."""
+    method = _method(bank_start=0, loss_start=10**6, bank_threshold=0.0)
+    modes = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: modes.append(mod.training))
+             for m in method.teacher.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    method.step(_batch(), 0, 10)
+    for h in hooks:
+        h.remove()
+    assert modes and all(modes)
+
+
+def test_one_optimiser_group_at_one_learning_rate():
+    """The script's optim_parameters: every trainable parameter (network and heads) in one group."""
+    method = _method()
+    groups = method.optimizers["model"].param_groups
+    assert len(groups) == 1 and groups[0]["lr"] == pytest.approx(0.01)
+    trainable = {id(p) for p in method.student.parameters() if p.requires_grad}
+    assert {id(p) for p in groups[0]["params"]} == trainable
 
 
 def _fixed_teacher(method, logits_fn):
@@ -155,7 +181,9 @@ def _fixed_teacher(method, logits_fn):
     net.forward = forward
 
 
-def test_bank_fills_only_with_correct_confident_pixels_after_bank_start():
+def test_bank_fills_only_with_correct_confident_pixels_after_bank_start(monkeypatch):
+    import udafast.methods.contrastive as module
+    monkeypatch.setattr(module, "augment_samples", lambda images, labels, probs, *a, **k: (images, labels, probs))
     method = _method(bank_start=3, loss_start=10**6, per_class=2)
     batch = _batch(b=2, h=32, w=32)
     labels = batch["source"]["label"]
@@ -173,29 +201,24 @@ def test_bank_fills_only_with_correct_confident_pixels_after_bank_start():
     method.step(batch, 3, 10)
     counts = method.bank.counts
     assert counts[[0, 2, 3]].tolist() == [0, 0, 0]
-    eligible = [int((down[b, :, :2] == 1).sum()) for b in range(2)]
-    assert int(counts[1]) == sum(min(n, 2) for n in eligible) > 0
-
-
-def _selection_setup(ascending):
-    """One image whose class-0 pixels all qualify; the teacher's selector scores are known."""
-    method = _method(bank_start=0, loss_start=10**6, per_class=1, code_ascending_selection=ascending)
-    batch = _batch(b=1)
-    batch["source"]["label"].zero_()
-    _fixed_teacher(method, lambda shape: torch.cat([torch.full((shape[0], 1, *shape[2:]), 20.0),
-                                                    torch.zeros(shape[0], shape[1] - 1, *shape[2:])], 1))
-    teacher = method.teacher.model
-    with torch.no_grad():
-        out = teacher["net"](method.normalize(batch["source"]["image"]), return_backbone=True)
-        z = teacher["heads"]["projection"](out["backbone"].permute(0, 2, 3, 1).reshape(-1, out["backbone"].shape[1]))
-        s = torch.sigmoid(teacher["heads"]["selectors"](z, torch.zeros(len(z), dtype=torch.long)))
-    method.step(batch, 0, 10)
-    return method, z, s
+    # the script's test: softmax at the input size, then nearest-downsampled to the features
+    probs = F.softmax(F.interpolate(logits((2, C, 4, 4)), size=(32, 32), mode="bilinear", align_corners=True), 1)
+    confident = F.interpolate(probs[:, 1:2], size=(4, 4), mode="nearest")[:, 0] > 0.95
+    assert bool(confident[:, :, 0].all()) and not bool(confident[:, :, 3].any())
+    eligible = int(((down == 1) & confident).sum())
+    # per class over the batch: per_class x B = 4 (feature_memory.py's elements_per_class)
+    assert int(counts[1]) == min(eligible, 4) > 0
 
 
 @pytest.mark.parametrize("ascending", [False, True])
 def test_selection_keeps_highest_or_code_lowest(ascending):
-    method, z, s = _selection_setup(ascending)
+    """Per class and batch the per_class x B best by the teacher's selector (here 1 x 1)."""
+    method = _method(per_class=1, code_ascending_selection=ascending)
+    z = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
+    labels = torch.zeros(10, dtype=torch.long)
+    with torch.no_grad():
+        s = torch.sigmoid(method.teacher.model["heads"]["selectors"](z, labels))
+    method._push(z, labels, 1)
     assert int(method.bank.counts[0]) == 1
     pick = int(s.argmin() if ascending else s.argmax())
     assert torch.allclose(method.bank.get(0)[0], z[pick], atol=1e-6)
@@ -216,17 +239,13 @@ def test_memory_weights_flag(unit):
         assert bool(((scores[0] > 0) & (scores[0] < 1)).all())
 
 
-def test_loss_starts_at_loss_start_and_pseudo_threshold():
-    method = _method(bank_start=0, loss_start=1, max_pixels_per_class=3)
+def test_loss_starts_at_loss_start():
+    method = _method(bank_start=0, loss_start=1, max_pixels_per_class=3, bank_threshold=0.0)
     batch = _batch()
     out0 = method.step(batch, 0, 10)
-    assert "contrast_src" not in out0
+    assert "contrast_src" not in out0 and {"seg", "self_training", "entropy"} <= set(out0)
     out1 = method.step(batch, 1, 10)
     assert math.isfinite(out1["contrast_src"]) and math.isfinite(out1["contrast_tgt"])
-    # a threshold no prediction reaches leaves no target pixel
-    method.options["pseudo_threshold"] = 0.999999
-    labels = method._pseudo_labels(method.normalize(batch["target"]["image"]), (4, 4))
-    assert bool((labels == 255).all())
 
 
 def test_sample_limits_pixels_per_class():
@@ -239,12 +258,13 @@ def test_sample_limits_pixels_per_class():
 
 
 @pytest.mark.parametrize("key,value", [("weight", -1), ("momentum", 1.5), ("bank_size", 0), ("per_class", 1.5),
-                                       ("bank_start", -1), ("bank_threshold", 1.0), ("pseudo_threshold", "x"),
-                                       ("max_pixels_per_class", 1), ("heads_lr_mult", 0),
-                                       ("code_ascending_selection", 1)])
+                                       ("bank_start", -1), ("bank_threshold", 1.0), ("ramp_up", -1),
+                                       ("max_pixels_per_class", 1), ("target_batch", 0), ("target_views", 0),
+                                       ("entropy_weight", "x"), ("bn_update_iters", 1.5), ("final_bn_update", 1),
+                                       ("class_balance", "yes"), ("code_ascending_selection", 1)])
 def test_bad_options_raise(key, value):
     ctx = types.SimpleNamespace(device=torch.device("cpu"), backend="auto")
-    with pytest.raises(ValueError, match=key):
+    with pytest.raises(ValueError, match=f"contrastive.{key}"):
         Contrastive(_config(**{key: value}), ctx)
 
 
@@ -261,8 +281,8 @@ def _run_config(iters):
                  "batch_size": 2},
         "optimizer": {"name": "adam", "lr": 1e-3},
         "train": {"iters": iters, "panels": 0, "ckpt_every": 2},
-        "contrastive": {"bank_start": 0, "loss_start": 1, "bank_threshold": 0.0, "dim": 16,
-                        "max_pixels_per_class": 16},
+        "contrastive": {"bank_start": 0, "loss_start": 1, "ramp_up": 1, "bank_threshold": 0.0, "dim": 16,
+                        "max_pixels_per_class": 16, "bn_update_iters": 3},
     })
 
 
@@ -270,7 +290,11 @@ def test_trainer_run_writes_metrics_and_resumes_identically(tmp_path):
     config = _run_config(4)
     metrics = Trainer(config, tmp_path / "a", tensorboard=False).run()
     assert math.isfinite(metrics["miou"])
-    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["method"] == "contrastive"
+    written = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert written["method"] == "contrastive"
+    # the final BatchNorm re-estimation: scored before and after
+    assert math.isfinite(written["miou_before_bn_update"]) and written["miou"] == metrics["miou"]
+    assert written["stages"]["train"]["miou_before_bn_update"] == written["miou_before_bn_update"]
     full = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
     assert int(full["method"]["modules"]["bank"]["counts"].sum()) > 0
     # resumed from the checkpoint after iteration 2 of 4: the same network, teacher and bank
@@ -298,3 +322,89 @@ def test_state_round_trip():
     for (k, v), (_, w) in zip(a.teacher.state_dict().items(), b.teacher.state_dict().items()):
         assert torch.equal(v, w), k
     assert torch.equal(a.bank.features, b.bank.features) and torch.equal(a.bank.counts, b.bank.counts)
+
+
+def test_final_bn_update_reestimates_statistics_on_target_batches_only():
+    """update_BN_weak_unlabeled_data: forwards in train mode on `bn_update_iters` target batches of
+    `target_batch` images; the weights stay, the BatchNorm statistics move; off with the flag."""
+    for on in (True, False):
+        method = _method(final_bn_update=on, bn_update_iters=4)
+        seen = []
+        stream = iter([{"image": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(i))}
+                       for i in range(10)])
+        method.ctx.target_stream = stream
+        method.model.eval()
+        hook = method.model.register_forward_hook(lambda mod, i, o: seen.append((mod.training, i[0].shape[0])))
+        weights = {k: v.clone() for k, v in method.model.named_parameters()}
+        stats = {k: v.clone() for k, v in method.model.named_buffers()}
+        name = method.finish_stage(None)
+        hook.remove()
+        assert all(torch.equal(v, weights[k]) for k, v in method.model.named_parameters())
+        if on:
+            assert name == "bn_update" and seen == [(True, 2)] * 4  # half the batch, the script's unlabelled batch
+            assert not torch.allclose(dict(method.model.named_buffers())["feature_head.1.running_mean"],
+                                      stats["feature_head.1.running_mean"])
+            assert not method.model.training  # its mode is given back
+        else:
+            assert name is None and seen == []
+
+
+def test_views_classmix_only_after_ramp_up_and_labels_follow_images(monkeypatch):
+    """The student's target views: ClassMix (probability 0.75) only once it > ramp_up; the pseudo-labels
+    and max-probabilities go through the same masks and geometry as the images (here: every
+    view is checked against the teacher's labels warped by the recorded masks)."""
+    import udafast.methods.contrastive as module
+    calls = []
+    real = module.augment_samples
+
+    def spy(images, labels, probs, do_classmix, weak, generator, ignore_index=255):
+        calls.append((weak, do_classmix))
+        return real(images, labels, probs, do_classmix, weak, generator, ignore_index)
+    monkeypatch.setattr(module, "augment_samples", spy)
+    method = _method(ramp_up=5, bank_start=10**6, loss_start=10**6)
+    for it in range(12):
+        method.step(_batch(b=4, seed=it), it, 12)
+    strong = [(i // 3, mixed) for i, (weak, mixed) in enumerate(calls) if not weak]
+    weak = [w for w, _ in calls].count(True)
+    assert weak == 12 and len(strong) == 24  # one weak source view and two strong target views per step
+    assert not any(mixed for it, mixed in strong if it <= 5)
+    assert any(mixed for it, mixed in strong if it > 5)
+
+
+def test_augment_samples_warps_labels_and_probs_with_the_images():
+    """Mix, scale and flip move images, labels and probabilities alike (colour and blur touch the
+    images only). Labels in 6x6 blocks, probabilities a function of the label: after augmentation
+    they still agree away from block borders (bilinear against nearest), and padding is ignored
+    with probability 0."""
+    from udafast.methods.contrastive import augment_samples
+    B, H, W = 3, 48, 48
+    blocks = torch.randint(0, 4, (B, H // 6, W // 6), generator=torch.Generator().manual_seed(0))
+    labels = blocks.repeat_interleave(6, 1).repeat_interleave(6, 2)
+    probs = labels.double() / 10 + 0.5
+    images = (labels.double() / 4)[:, None].expand(B, 3, H, W).contiguous()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        x, y, p = augment_samples(images, labels, probs, True, False, g)
+        assert x.shape == images.shape and y.shape == labels.shape and p.shape == probs.shape
+        valid = y != 255
+        agree = ((p[valid] - (y[valid].double() / 10 + 0.5)).abs() < 1e-6).double().mean()
+        assert agree > 0.6  # by chance: about 0.3
+        assert bool((p[~valid] == 0).all())
+
+
+def test_self_training_weight_is_max_prob_to_the_6_with_ramp():
+    from udafast.methods.contrastive import self_training_loss
+    logits = torch.zeros(1, 2, 1, 2, dtype=torch.float64)
+    pseudo = torch.tensor([[[0, 255]]])
+    probs = torch.tensor([[[0.5, 0.9]]], dtype=torch.float64)
+    # one valid pixel of two: log 2 * 0.5**6 * ramp, averaged over both pixels
+    got = self_training_loss(logits, pseudo, probs, 0.3)
+    assert float(got) == pytest.approx(math.log(2) * 0.5 ** 6 * 0.3 / 2)
+
+
+def test_teacher_labels_are_recorded_against_truth():
+    method = _method(bank_start=10**6, loss_start=10**6)
+    batch = _batch(b=4)
+    batch["target"]["truth"] = torch.randint(0, C, (4, 32, 32))
+    method.step(batch, 0, 10)
+    assert "teacher" in method.label_quality

@@ -84,7 +84,9 @@ def test_target_labels_reach_only_the_oracle(tmp_path, name, labelled):
         assert ctx.target is None and ctx.target_stream is None
     else:
         assert ctx.target.labelled is labelled
-        assert ("label" in next(ctx.target_stream)) is labelled
+        batch = next(ctx.target_stream)
+        assert ("label" in batch) is labelled
+        assert ("truth" in batch) is (not labelled)  # an adapting method's pseudo-labels are scored against it
         frames = next(ctx.target_frames(2))
         assert "label" not in frames and frames["index"].tolist() == [0, 1]
 

@@ -41,6 +41,9 @@ class TruthLabels(Dataset):
     """A labelled target dataset whose samples carry their labels as "truth" instead of "label":
     read to score pseudo-labels, never trained on."""
 
+    #: no training labels (the oracle's test): its samples have "truth", not "label"
+    labelled = False
+
     def __init__(self, dataset):
         self.dataset = dataset
 

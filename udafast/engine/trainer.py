@@ -5,7 +5,9 @@
 Per iteration: the learning-rate schedule, a batch per domain, `method.step`, the log; every
 `train.eval_every` iterations an evaluation on target val (keeping `checkpoints/best.pt`), every
 `train.ckpt_every` a checkpoint; after each stage of a multi-stage method its network is saved as
-`checkpoints/<stage>.pt` and evaluated, and the run's state as `checkpoints/last.pt`.
+`checkpoints/<stage>.pt` and evaluated, and the run's state as `checkpoints/last.pt`. A method whose
+`finish_stage` changes the network once more (the contrastive method's BatchNorm re-estimation) is
+evaluated again; the first score is kept as `miou_before_<name>` in metrics.json.
 
 Checkpoints (udafast.engine.checkpoints): `last.pt` is always the newest complete one; with
 `train.ckpt_every`, every checkpoint is also `iter_<N>.pt` (N: the run's iteration), and the
@@ -474,6 +476,13 @@ class Trainer:
                 self._save(method, ctx, index, stage.iters, state, f"{stage.name}.pt")
             result = self._evaluate(method, ctx, index, stage, state, logger, keep_best=bool(eval_every))
             state["stage_results"][stage.name] = {"miou": result["miou"], "iters": stage.iters}
+            refined = method.finish_stage(stage)  # a last change after training (e.g. BatchNorm re-estimation)
+            if refined:
+                if self.world > 1:
+                    dist.average_buffers([method.model])
+                before = result["miou"]
+                result = self._evaluate(method, ctx, index, stage, state, logger, keep_best=bool(eval_every))
+                state["stage_results"][stage.name].update({"miou": result["miou"], f"miou_before_{refined}": before})
             self._save(method, ctx, index, stage.iters, state, "last.pt")
             self._panels(method.model, ctx, stage.name)
         return self._finish(method, ctx, result, state, stages, todo)
@@ -669,6 +678,9 @@ class Trainer:
             "processes": self.world,
             "nonfinite_steps": state["nonfinite_steps"],
         }
+        # the score before a method's last change after training (Method.finish_stage), e.g. miou_before_bn_update
+        last_stage = state["stage_results"].get(stages[todo[-1]].name, {})
+        metrics.update({k: v for k, v in last_stage.items() if k.startswith("miou_before_")})
         if state["pseudo_labels"]:
             metrics["pseudo_labels"] = state["pseudo_labels"]
         if state["best"] is not None:

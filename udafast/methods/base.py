@@ -144,6 +144,13 @@ class Method:
     def end_stage(self, stage):
         """Called after the last iteration of `stage` (before its evaluation)."""
 
+    def finish_stage(self, stage):
+        """Called after `stage`'s evaluation. A method that changes its network once more after
+        training (the contrastive method's final BatchNorm re-estimation) does it here and returns a
+        short name for it: the trainer then evaluates again and also reports the first score as
+        `miou_before_<name>`. None (the default): nothing changed."""
+        return None
+
     # -- the step -------------------------------------------------------------------------------
     def step(self, batch, it, iters):
         """One iteration on `batch = {"source": ..., "target": ...}` (images in [0, 1] on the CPU)

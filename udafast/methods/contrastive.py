@@ -3,39 +3,61 @@
 I. Alonso, A. Sabater, D. Ferstl, L. Montesano, A. C. Murillo, "Semi-Supervised Semantic
 Segmentation with Pixel-Level Contrastive Learning from a Class-wise Memory Bank", ICCV 2021.
 
-The student is the segmentation network plus three heads on its stride-8 backbone features:
-projection `g` (D -> 256 -> BN -> ReLU -> 256), prediction `h` (256 -> 256 -> BN -> ReLU -> 256)
-and, per class, selectors (256 -> 256 -> BN -> LeakyReLU(0.2) -> 1). The teacher is an EMA of all
-of it, with a momentum rising from m0 = 0.995 to 1 on a cosine over the T iterations:
+The method is the authors' domain-adaptation script (Shathe/SemiSeg-Contrastive
+`trainSSL_domain_adaptation_targetCity.py`, "the script" below) with no labelled target image:
+"labelled" is the source. Each iteration, as the script runs it:
 
-    m(it) = 1 - (1 - m0) * (cos(pi * it / T) + 1) / 2          (m(0) = m0, m(T) = 1)
-
-Memory bank (`ClassMemoryBank`, 256 entries per class): from labelled source pixels that the
-teacher predicts correctly with confidence > 0.95, the teacher's projections `g'(x)`, ranked per
-class by the teacher's selector score `s = sigmoid(S'_c(g'(x)))`; each push takes, per image and
-class, the `per_class` (1) highest-scoring ones, FIFO. Filling starts at `bank_start`, the loss at
-`loss_start`.
-
-Loss, for batch features `z_i = h(g(x_i))` (student) of class c and bank entries `m_j` of class c,
-over the classes with at least 2 of each:
+1. The teacher (an EMA of the student's parameters; its buffers are its own; its forward in train
+   mode, batch statistics, as the script's `ema_model.train()`) labels the weak target view, the
+   first `target_batch` (default half the batch: the script's `batch_size_unlabeled`) target
+   images as the stream gives them: `max_probs, pseudo = max softmax(upsample(logits))` at the
+   input size.
+2. The source batch gets the script's weak view (`augment_samples(weak=True)`: ClassMix with
+   probability 0.25, flip 0.5, colour jitter 0.2 at s = 0.125, random scale 0.5 in [0.75, 1.75]);
+   the target images get `target_views` (2) strong views (`augment_samples`: ClassMix with
+   probability 0.75 once `it > ramp_up`, flip 0.5, colour jitter 0.8 at s = 0.25, blur 0.2, random
+   scale 0.8), the pseudo-labels and max-probabilities warped and mixed with the same masks.
+3. Loss (the script's): class-weighted CE on the source view; on the target views the pixel-wise
+   CE weighted by `sigmoid_ramp_up(it, ramp_up) * max_prob ** 6` (averaged over every pixel,
+   ignored ones as 0), plus `0.01 * entropy` of the student's softmax on the target views,
+   normalised by log2(C) as the script's `entropy_loss` computes it (its mask broadcasts over the
+   batch: see `entropy_loss`; about the batch size times a masked mean). The class weights are 1 until `ramp_up`,
+   then the script's curriculum class balancing (`utils/class_balancing.py`: sqrt of median
+   frequency over source labels and a sliding window of pseudo-labels; `class_balance`).
+4. Memory bank (`ClassMemoryBank`, 256 entries per class) from `bank_start`: the teacher's
+   projections `g'(x)` of source-view pixels (labels nearest-downsampled to the features) that the
+   teacher predicts correctly with confidence > 0.95; per class and batch the `per_class x B`
+   highest-scored by the teacher's selector `s = sigmoid(S'_c(g'(x)))` (`utils/feature_memory.py`
+   `add_features_from_sample_learned`), FIFO.
+5. From `loss_start`, for student features `z_i = h(g(x_i))` of the source view (labels) and of the
+   target views (warped pseudo-labels), per class c with at least 2 of each:
 
     L = 1/C sum_c 1/(M_c N_c) sum_i sum_j  w_i v_j (1 - cos(z_i, m_j))
     w_i = s_i M_c / sum_i s_i,   s_i = sigmoid(S_c(z_i.detach()))   (M_c batch features)
-    v_j = r_j N_c / sum_j r_j,   r_j = sigmoid(R_c(m_j))            (N_c bank entries)
+    v_j = r_j N_c / sum_j r_j,   r_j = sigmoid(R_c(m_j / |m_j|))    (N_c bank entries)
 
-Both sides are weighted by learned per-class selectors and each side's weights are normalised to
-mean 1: the feature side by S_c (which also ranks the bank entries, through its EMA copy), the
-memory side by a second set of selectors R_c, as the authors' `contrastive_class_selector_memory`
-modules. In the authors' released loss the memory-side normalisation divides each weight by itself
-(the weights are transposed to a row before `shape[0] / sum(dim=0)`), so `v_j = 1` and R_c never
-learns: `code_unit_memory_weights`. Their bank update sorts the scores ascending and keeps the
-first, the lowest-scored features: `code_ascending_selection`.
+   `L_total = CE_src + CE_tgt + 0.01 H + weight * (L(source) + L(target))`, weight 0.2 (the script).
+6. One SGD group over every trainable parameter at one learning rate (the script's
+   `optim_parameters`), then the teacher update with momentum
+   `min(1 - 1/(it+1), 1 - (1 - m0) (cos(pi it / T) + 1) / 2)` (`update_ema_variables`).
 
-For unsupervised adaptation (ours, SPEC part 2): the bank fills from source pixels only; the loss
-applies to source pixels (their labels, nearest-downsampled to the features) and to target pixels
-(the teacher's argmax, optionally only where its confidence reaches `pseudo_threshold`). In total
+After the last iteration the script re-estimates BatchNorm statistics on `bn_update_iters` target
+batches (`update_BN_weak_unlabeled_data`; `final_bn_update`): the trainer scores the network before
+(`miou_before_bn_update` in metrics.json) and after. The script first reloads its best-on-val
+checkpoint (and reloads it during training when validation stalls): that uses target labels and is
+not done here (the last network is used).
 
-    L_total = CE_src + weight * (L(source) + L(target)).
+*code:* flags (SPEC part 2). In the released loss the memory-side normalisation divides each
+weight by itself (the weights are transposed to a row before `shape[0] / sum(dim=0)`), so `v_j = 1`
+and R_c never learns: `code_unit_memory_weights`. The bank update sorts the scores ascending and
+keeps the first, the lowest-scored features: `code_ascending_selection`.
+
+The augmentations follow `utils/transformsgpu.py` with kornia 0.4.1 (the script's
+requirements.txt): colour jitter with per-image factors, brightness additive (factor - 1), contrast
+multiplicative, saturation and hue in HSV, in a random order per batch; the blur is kornia's
+`GaussianBlur2d((23, 23), sigma=(0.1, 1.5))`, a fixed kernel with sigma 0.1 along the rows and 1.5
+along the columns (the script's (min, max) sigma reaches kornia as (sigma_x, sigma_y)), reflect
+border. Flip, scale and blur are drawn once per batch, as the script draws them.
 """
 import math
 
@@ -44,18 +66,39 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.methods.base import EMATeacher, Method, build_optimizer, seg_loss, upsample
+from udafast.methods.base import EMATeacher, Method, build_optimizer, upsample
 from udafast.models.heads import ClassSelectors, PredictionHead, ProjectionHead
-from udafast.ops import ClassMemoryBank, topk_per_class
+from udafast.ops import ClassMemoryBank
 
-__all__ = ["Contrastive", "class_memory_loss", "teacher_momentum"]
+__all__ = ["Contrastive", "class_memory_loss", "teacher_momentum", "sigmoid_ramp_up", "self_training_loss",
+           "entropy_loss", "ClassBalance", "class_mask", "class_mix_masks", "mix", "random_scale_crop",
+           "color_jitter", "gaussian_blur", "augment_samples"]
+
+# trainSSL_domain_adaptation_targetCity.py augment_samples: (weak, strong) probabilities and strengths
+WEAK_VIEW = {"flip": 0.5, "jitter": 0.2, "jitter_s": 0.125, "blur": 0.0, "scale": 0.5}
+STRONG_VIEW = {"flip": 0.5, "jitter": 0.8, "jitter_s": 0.25, "blur": 0.2, "scale": 0.8}
+SCALE_RANGE = (0.75, 1.75)       # augment_samples: random.uniform(0.75, 1.75)
+BLUR_KERNEL, BLUR_SIGMA = 23, (0.1, 1.5)  # transformsgpu.gaussian_blur (min_sigma, max_sigma from augment_samples)
+SOURCE_CLASSMIX_P, TARGET_CLASSMIX_P = 0.25, 0.75  # the script's main loop
 
 
+# -- schedules ------------------------------------------------------------------------------------
 def teacher_momentum(it, iters, base=0.995):
-    """The EMA momentum at iteration `it` of `iters`: `base` -> 1 on a half cosine."""
-    return 1.0 - (1.0 - base) * (math.cos(math.pi * it / iters) + 1.0) / 2.0
+    """The EMA momentum after iteration `it` of `iters` (the script's `update_ema_variables` with its
+    main loop's cosine): `base` -> 1 on a half cosine, and at most `1 - 1/(it+1)` (the "true"
+    average over the first iterations: 0 after the first, so the teacher starts as the student)."""
+    cosine = 1.0 - (1.0 - base) * (math.cos(math.pi * it / iters) + 1.0) / 2.0
+    return min(1.0 - 1.0 / (it + 1), cosine)
 
 
+def sigmoid_ramp_up(it, ramp_up):
+    """The script's `sigmoid_ramp_up`: exp(-5 (1 - it/ramp_up)^2) below `ramp_up`, else 1."""
+    if it >= ramp_up:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - float(it) / float(ramp_up)) ** 2)
+
+
+# -- losses ---------------------------------------------------------------------------------------
 def class_memory_loss(features, labels, scores, memory, memory_scores, num_classes):
     """The module docstring's L. `features` [N, D] (z_i), `labels` [N], `scores` [N] (s_i in
     (0, 1)); `memory[c]` [N_c, D] bank entries of class c (or None) and `memory_scores[c]` [N_c]
@@ -77,9 +120,270 @@ def class_memory_loss(features, labels, scores, memory, memory_scores, num_class
     return total / num_classes
 
 
-def _downsample_labels(labels, size):
-    """Hard labels [B, H, W] to `size` by nearest neighbour (the authors' code)."""
-    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+def self_training_loss(logits, pseudo, max_probs, ramp, class_weights=None, power=6, ignore_index=IGNORE_INDEX):
+    """The script's target CE (`CrossEntropyLoss2dPixelWiseWeighted`): per pixel
+    `w[y] * -log p_y * ramp * max_prob ** power`, 0 where `pseudo` is ignored, averaged over every
+    pixel. `logits` [B, C, H, W] at the labels' size."""
+    ce = F.cross_entropy(logits, pseudo, weight=class_weights, ignore_index=ignore_index, reduction="none")
+    return (ce * (ramp * max_probs.detach() ** power)).mean()
+
+
+def entropy_loss(probs, valid):
+    """The script's `entropy_loss(softmax, valid_mask)` on softmax `probs` [B, C, H, W] and the
+    pixels with a pseudo-label `valid` [B, H, W], as it computes it: its mask [B, 1, H, W] times the
+    per-pixel entropies [B, H, W] broadcasts to [B, B, H, W], so each image's entropy at a pixel
+    counts once per image of the batch valid at that position, over every image (ignored pixels
+    included), divided by the number of valid pixels and log2(C):
+
+        sum_b sum_p H_b(p) V(p) / (sum_p V(p) log2 C),   H = -sum_c p log2 p,  V(p) = #{b: valid_b(p)}
+
+    (with every pixel valid: B times the mean normalised entropy). 0 with a gradient path when
+    nothing is valid (the script divides by 0 there)."""
+    entropy = -(probs * torch.log2(probs + 1e-30)).sum(1)          # [B, H, W]
+    per_position = valid.to(entropy.dtype).sum(0)                   # V(p) [H, W]
+    n = per_position.sum()
+    if float(n) == 0:
+        return entropy.sum() * 0.0
+    return (entropy * per_position).sum() / (n * math.log2(probs.shape[1]))
+
+
+class ClassBalance:
+    """The script's curriculum class balancing (`utils/class_balancing.py` `ClassBalancing`): pixel
+    counts per class of the first `labelled_iters` labelled batches and of the last
+    `unlabelled_iters` pseudo-label batches; once `max(labelled_iters, unlabelled_iters)` batches
+    were added, weights `sqrt(median(f) / f)` (classes with no pixel: the largest weight), else 1."""
+
+    def __init__(self, num_classes, labelled_iters, unlabelled_iters):
+        self.num_classes = num_classes
+        self.labelled_iters, self.unlabelled_iters = int(labelled_iters), int(unlabelled_iters)
+        self.labelled = torch.zeros(num_classes, dtype=torch.float64)
+        self.window = torch.zeros(max(self.unlabelled_iters, 1), num_classes, dtype=torch.float64)
+        self.iter = 0
+
+    def _counts(self, labels):
+        labels = labels.reshape(-1)
+        labels = labels[(labels >= 0) & (labels < self.num_classes)]
+        return torch.bincount(labels.cpu(), minlength=self.num_classes).to(torch.float64)
+
+    def add(self, labelled, pseudo):
+        if self.iter < self.labelled_iters:
+            self.labelled += self._counts(labelled)
+        if self.unlabelled_iters > 0:
+            self.window[self.iter % self.unlabelled_iters] = self._counts(pseudo)
+        self.iter += 1
+
+    def weights(self):
+        if self.iter < max(self.labelled_iters, self.unlabelled_iters):
+            return torch.ones(self.num_classes, dtype=torch.float64)
+        freqs = self.labelled + (self.window.sum(0) if self.unlabelled_iters > 0 else 0.0)
+        w = torch.quantile(freqs, 0.5) / freqs  # np.median: the mean of the middle two for an even count
+        inf = torch.isinf(w)
+        w[inf] = 1.0
+        w[inf] = w.max()
+        return w.sqrt()
+
+    def state_dict(self):
+        return {"labelled": self.labelled.clone(), "window": self.window.clone(), "iter": self.iter}
+
+    def load_state_dict(self, state):
+        self.labelled = state["labelled"].clone()
+        self.window = state["window"].clone()
+        self.iter = int(state["iter"])
+
+
+# -- augmentations (the script's augment_samples over utils/transformsgpu.py) ---------------------
+def _uniform(generator, low=0.0, high=1.0, n=None):
+    u = torch.rand(() if n is None else (n,), generator=generator, dtype=torch.float64)
+    return low + (high - low) * (u.item() if n is None else u)
+
+
+def class_mask(labels, classes):
+    """`utils/transformmasks.generate_class_mask`: 1 where `labels` [H, W] is one of `classes`."""
+    return (labels[None] == classes.to(labels.device)[:, None, None]).sum(0)
+
+
+def class_mix_masks(labels, generator, ignore_index=IGNORE_INDEX):
+    """Per image, ClassMix's mask over floor(n/2) + 1 of its n classes (the ignore label left out
+    when another class is there), drawn without replacement (`augment_samples`)."""
+    masks = []
+    for lab in labels:
+        classes = torch.unique(lab)
+        if len(classes) > 1 and bool((classes == ignore_index).any()):
+            classes = classes[classes != ignore_index]
+        n = classes.numel()
+        pick = torch.randperm(n, generator=generator)[: (n - n % 2) // 2 + 1]
+        masks.append(class_mask(lab, classes[pick.to(classes.device)]))
+    return torch.stack(masks)
+
+
+def mix(mask, data=None, target=None, probs=None):
+    """`transformsgpu.mix`: image i takes image i+1's pixels where mask i+1 is set (cyclic)."""
+    def one(x, i):
+        j = (i + 1) % x.shape[0]
+        m = mask[j] if x.dim() == mask.dim() else mask[j][None]
+        return (1 - m) * x[i] + m * x[j]
+    out = []
+    for x in (data, target, probs):
+        out.append(None if x is None else torch.stack([one(x, i) for i in range(x.shape[0])]).to(x.dtype))
+    return tuple(out)
+
+
+def random_scale_crop(scale, data, target=None, probs=None, generator=None, ignore_index=IGNORE_INDEX):
+    """`transformsgpu.random_scale_crop`: rescale by `scale` (bilinear with align_corners for images
+    and probabilities, nearest for labels), then back to the input size: below 1 centred padding
+    (images and probabilities 0, labels `ignore_index`; an odd remainder goes to the top and the
+    right, as the script pads square crops), above 1 a random crop. (The script swaps height and
+    width in its offsets, which only square crops hide; here each axis uses its own.)"""
+    if scale == 1:
+        return data, target, probs
+    H, W = data.shape[-2:]
+    data = F.interpolate(data, scale_factor=scale, mode="bilinear", align_corners=True, recompute_scale_factor=True)
+    if target is not None:
+        target = F.interpolate(target[:, None].float(), scale_factor=scale, mode="nearest",
+                               recompute_scale_factor=True)[:, 0].long()
+    if probs is not None:
+        probs = F.interpolate(probs[:, None], scale_factor=scale, mode="bilinear", align_corners=True,
+                              recompute_scale_factor=True)[:, 0]
+    h, w = data.shape[-2:]
+    if scale < 1:
+        dh, dw = H - h, W - w
+        pad = (dw // 2, dw - dw // 2, dh - dh // 2, dh // 2)  # left, right, top, bottom
+        data = F.pad(data, pad, value=0.0)
+        if probs is not None:
+            probs = F.pad(probs, pad, value=0.0)
+        if target is not None:
+            target = F.pad(target, pad, value=ignore_index)
+    else:
+        y = int(torch.randint(0, h - H + 1, (), generator=generator))
+        x = int(torch.randint(0, w - W + 1, (), generator=generator))
+        data = data[..., y:y + H, x:x + W]
+        probs = None if probs is None else probs[..., y:y + H, x:x + W]
+        target = None if target is None else target[..., y:y + H, x:x + W]
+    return data, target, probs
+
+
+def _rgb_to_hsv(x):
+    r, g, b = x.unbind(1)
+    maxc, argmax = x.max(1)
+    minc = x.min(1).values
+    delta = maxc - minc
+    v = maxc
+    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
+    safe = delta.clamp_min(1e-12)
+    h = torch.stack([((g - b) / safe) % 6, (b - r) / safe + 2, (r - g) / safe + 4], 1).gather(1, argmax[:, None])[:, 0]
+    h = torch.where(delta > 0, h, torch.zeros_like(h)) * (math.pi / 3)  # radians in [0, 2 pi)
+    return h, s, v
+
+
+def _hsv_to_rgb(h, s, v):
+    h6 = (h / (math.pi / 3)) % 6
+    k = torch.stack([(5 + h6) % 6, (3 + h6) % 6, (1 + h6) % 6], 1)
+    return v[:, None] - (v * s)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def color_jitter(data, s, generator):
+    """kornia 0.4.1 `ColorJitter(brightness=s, contrast=s, saturation=s/2, hue=s/3)` on images in
+    [0, 1] (`transformsgpu.colorJitter`): per image factors, one random order per batch."""
+    B = data.shape[0]
+    dev, dt = data.device, data.dtype
+
+    def factors(low, high):
+        return _uniform(generator, low, high, B).to(dev, dt)[:, None, None, None]
+    brightness = factors(max(0.0, 1 - s), 1 + s)
+    contrast = factors(max(0.0, 1 - s), 1 + s)
+    saturation = factors(max(0.0, 1 - s / 2), 1 + s / 2)[:, 0]
+    hue = factors(-s / 3, s / 3)[:, 0]
+    order = torch.randperm(4, generator=generator).tolist()
+    for k in order:
+        if k == 0:
+            data = (data + (brightness - 1)).clamp(0, 1)
+        elif k == 1:
+            data = (data * contrast).clamp(0, 1)
+        else:
+            h, sat, v = _rgb_to_hsv(data)
+            if k == 2:
+                sat = (sat * saturation).clamp(0, 1)
+            else:
+                h = (h + hue * 2 * math.pi) % (2 * math.pi)
+            data = _hsv_to_rgb(h, sat, v).clamp(0, 1)
+    return data
+
+
+def _gaussian_1d(size, sigma, dtype, device):
+    x = torch.arange(size, dtype=dtype, device=device) - size // 2
+    g = torch.exp(-x ** 2 / (2.0 * sigma ** 2))
+    return g / g.sum()
+
+
+def gaussian_blur(data, kernel=BLUR_KERNEL, sigma=BLUR_SIGMA):
+    """kornia 0.4.1 `GaussianBlur2d((kernel, kernel), sigma)`, reflect border: sigma[0] along the
+    rows (H), sigma[1] along the columns (W)."""
+    C = data.shape[1]
+    ky = _gaussian_1d(kernel, sigma[0], data.dtype, data.device)
+    kx = _gaussian_1d(kernel, sigma[1], data.dtype, data.device)
+    p = kernel // 2
+    out = F.pad(data, (p, p, p, p), mode="reflect")
+    out = F.conv2d(out, ky.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    return F.conv2d(out, kx.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+
+
+def augment_samples(images, labels, probs, do_classmix, weak, generator, ignore_index=IGNORE_INDEX):
+    """The script's `augment_samples` (the draws in its order): ClassMix masks from `labels` when
+    `do_classmix`, then mix, random scale-crop, flip, colour jitter, blur. `images` [B, 3, H, W] in
+    [0, 1], `labels` [B, H, W], `probs` [B, H, W] or None -> the three, augmented."""
+    view = WEAK_VIEW if weak else STRONG_VIEW
+    masks = class_mix_masks(labels, generator, ignore_index) if do_classmix else None
+    flip = _uniform(generator) < view["flip"]
+    jitter = _uniform(generator) < view["jitter"]
+    blur = _uniform(generator) < view["blur"]
+    scale = _uniform(generator, *SCALE_RANGE) if _uniform(generator) < view["scale"] else 1.0
+    if masks is not None:
+        images, labels, probs = mix(masks, images, labels, probs)
+    images, labels, probs = random_scale_crop(scale, images, labels, probs, generator, ignore_index)
+    if flip:
+        images, labels = images.flip(3), labels.flip(2)
+        probs = None if probs is None else probs.flip(2)
+    if jitter:
+        images = color_jitter(images, view["jitter_s"], generator)
+    if blur:
+        images = gaussian_blur(images)
+    return images, labels, probs
+
+
+# -- the method -----------------------------------------------------------------------------------
+def _downsample(labels, size):
+    """A map [B, H, W] to `size` by nearest neighbour (the script's `interpolate(mode='nearest')`)."""
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
+
+
+def _bilinear_rows(n_in, n_out, keep, dtype, device):
+    """The rows of the [n_out, n_in] bilinear (align_corners=True) interpolation matrix at the
+    output positions `keep`."""
+    pos = keep.to(torch.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+    low = pos.floor().long().clamp(max=n_in - 1)
+    high = (low + 1).clamp(max=n_in - 1)
+    frac = pos - low
+    m = torch.zeros(len(keep), n_in, dtype=torch.float64)
+    m[torch.arange(len(keep)), low] += 1 - frac
+    m[torch.arange(len(keep)), high] += frac
+    return m.to(device, dtype)
+
+
+def _upsample_at(logits, size, down):
+    """`upsample(logits, size)` then nearest-downsampled to `down`, computed at the kept positions
+    only: `interpolate(mode="nearest")` keeps output row floor(i * H / h) of each size."""
+    (H, W), (h, w) = tuple(size), tuple(down)
+    if tuple(logits.shape[-2:]) == (H, W):
+        return _downsample_float(logits, down)
+    rows = torch.floor(torch.arange(h, dtype=torch.float64) * (H / h)).long().clamp(max=H - 1)
+    cols = torch.floor(torch.arange(w, dtype=torch.float64) * (W / w)).long().clamp(max=W - 1)
+    ry = _bilinear_rows(logits.shape[-2], H, rows, logits.dtype, logits.device)
+    rx = _bilinear_rows(logits.shape[-1], W, cols, logits.dtype, logits.device)
+    return torch.einsum("yi,bcij,xj->bcyx", ry, logits, rx)
+
+
+def _downsample_float(x, size):
+    return F.interpolate(x, size=tuple(size), mode="nearest")
 
 
 def _pixels(features):
@@ -87,20 +391,42 @@ def _pixels(features):
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
+class _ParameterEMA(EMATeacher):
+    """The script's teacher (`create_ema_model`, `update_ema_variables`): an EMA of the student's
+    parameters only; its buffers (BatchNorm statistics) are its own, and it stays in train mode, so
+    its forward normalises with batch statistics (the script calls `ema_model.train()`)."""
+
+    def __init__(self, student):
+        super().__init__(student)
+        self.model.train()
+
+    @torch.no_grad()
+    def update(self, student, momentum):
+        for t, s in zip(self.model.parameters(), student.parameters()):
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
 class Contrastive(Method):
     name = "contrastive"
     defaults = {
-        "weight": 0.1,               # of each contrastive term (paper 0.1 to 0.2)
-        "momentum": 0.995,           # teacher EMA momentum at the start, -> 1 on a cosine
+        "weight": 0.2,               # of each contrastive term (trainSSL_domain_adaptation_targetCity.py: * 0.2)
+        "momentum": 0.995,           # teacher EMA momentum at the start, -> 1 on a cosine (the script's main loop)
         "dim": 256,                  # projection / prediction width
-        "bank_size": 256,            # entries per class
-        "per_class": 1,              # features per class per image per push
-        "bank_start": 1000,          # iteration at which the bank starts filling
-        "loss_start": 2000,          # iteration at which the contrastive loss starts
-        "bank_threshold": 0.95,      # teacher confidence above which a correct source pixel may enter
-        "pseudo_threshold": 0.0,     # teacher confidence a target pixel needs to enter the loss (0: all)
-        "max_pixels_per_class": None,  # random subset per class and domain in the loss (None: all)
-        "heads_lr_mult": 10.0,       # the contrastive heads' lr over the optimiser's lr
+        "bank_size": 256,            # entries per class (the script's FeatureMemory(memory_per_class=256))
+        "per_class": 1,              # features per class per source image of a batch per push
+                                     # (feature_memory.py: max(1, round(256 / labelled images)) = 1 for GTA5)
+        "ramp_up": 2000,             # the script's RAMP_UP_ITERS: the CE ramp, ClassMix and class weights after it
+        "bank_start": 1001,          # first iteration that fills the bank (the script: it > RAMP_UP_ITERS - 1000)
+        "loss_start": 2001,          # first iteration with the contrastive loss (the script: it > RAMP_UP_ITERS)
+        "bank_threshold": 0.95,      # teacher confidence above which a correct source pixel may enter (the script)
+        "target_batch": None,        # target images per step (None: half the batch, the script's batch_size_unlabeled)
+        "target_views": 2,           # strong views per target image (the script: two augment_samples calls)
+        "confidence_power": 6,       # pixel weight max_prob ** 6 (the script's pixelWiseWeight)
+        "entropy_weight": 0.01,      # the script's entropy_loss(...) * 0.01
+        "class_balance": True,       # the script's ClassBalancing weights after ramp_up
+        "final_bn_update": True,     # the script's update_BN_weak_unlabeled_data after training
+        "bn_update_iters": 1000,     # its iterations (the script's default iters=1000)
+        "max_pixels_per_class": None,  # random subset per class and domain in the loss (None: all, the script)
         "code_ascending_selection": False,
         "code_unit_memory_weights": False,
     }
@@ -112,6 +438,7 @@ class Contrastive(Method):
         self.heads = None
         self.teacher = None
         self.bank = None
+        self.balance = None
 
     def _check_options(self):
         o = self.options
@@ -125,28 +452,32 @@ class Contrastive(Method):
         def count(key, low):
             return not isinstance(o[key], bool) and isinstance(o[key], int) and o[key] >= low
 
-        if not (number("weight") and o["weight"] >= 0):
-            fail("weight", "a number >= 0")
+        for key in ("weight", "entropy_weight", "confidence_power"):
+            if not (number(key) and o[key] >= 0):
+                fail(key, "a number >= 0")
         if not (number("momentum") and 0 <= o["momentum"] <= 1):
             fail("momentum", "a number in [0, 1]")
-        for key in ("dim", "bank_size", "per_class"):
+        for key in ("dim", "bank_size", "per_class", "target_views"):
             if not count(key, 1):
                 fail(key, "a positive integer")
-        for key in ("bank_start", "loss_start"):
+        for key in ("ramp_up", "bank_start", "loss_start", "bn_update_iters"):
             if not count(key, 0):
                 fail(key, "an integer >= 0")
-        for key in ("bank_threshold", "pseudo_threshold"):
-            if not (number(key) and 0 <= o[key] < 1):
-                fail(key, "a number in [0, 1)")
+        if not (number("bank_threshold") and 0 <= o["bank_threshold"] < 1):
+            fail("bank_threshold", "a number in [0, 1)")
+        if o["target_batch"] is not None and not count("target_batch", 1):
+            fail("target_batch", "None or a positive integer")
         if o["max_pixels_per_class"] is not None and not count("max_pixels_per_class", 2):
             fail("max_pixels_per_class", "None or an integer >= 2")
-        if not (number("heads_lr_mult") and o["heads_lr_mult"] > 0):
-            fail("heads_lr_mult", "a number > 0")
-        for key in ("code_ascending_selection", "code_unit_memory_weights"):
+        for key in ("class_balance", "final_bn_update", "code_ascending_selection", "code_unit_memory_weights"):
             if not isinstance(o[key], bool):
                 fail(key, "true or false")
 
     # -- set-up ---------------------------------------------------------------------------------
+    def _target_batch(self, batch_size):
+        n = self.options["target_batch"]
+        return max(1, batch_size // 2) if n is None else min(n, batch_size)
+
     def start_stage(self, stage, model, resume=False):
         o = self.options
         self.model = model
@@ -157,36 +488,91 @@ class Contrastive(Method):
             "selectors": ClassSelectors(self.num_classes, o["dim"]),          # S_c: feature side, ranks the bank
             "memory_selectors": ClassSelectors(self.num_classes, o["dim"]),   # R_c: memory side
         }).to(self.device).train()
-        # one module for the EMA: the network and its heads
+        # one module for the EMA: the network and its heads (the script's model holds both)
         self.student = nn.ModuleDict({"net": model, "heads": self.heads})
-        self.teacher = EMATeacher(self.student)
+        self.teacher = _ParameterEMA(self.student)
         self.bank = ClassMemoryBank(self.num_classes, o["bank_size"], o["dim"], device=self.device,
                                     backend=self.backend)
+        # the script: ClassBalancing(labelled images / labelled batch, unlabelled images / unlabelled batch)
+        source, target = getattr(self.ctx, "source", None), getattr(self.ctx, "target", None)
+        batch = int(self.config.get("data", {}).get("batch_size", 1) or 1)
+        labelled = len(source) // batch if source is not None else 0
+        unlabelled = len(target) // self._target_batch(batch) if target is not None else 0
+        self.balance = ClassBalance(self.num_classes, labelled, unlabelled)
+        # the script's optim_parameters: one group, every trainable parameter, one learning rate
+        params = [p for p in self.student.parameters() if p.requires_grad]
         spec = self.config["optimizer"]
-        groups = model.param_groups(spec["lr"]) + [
-            {"params": list(self.heads.parameters()), "lr": o["heads_lr_mult"] * spec["lr"], "name": "contrastive"}]
-        self.optimizers = {"model": build_optimizer(groups, spec)}
+        self.optimizers = {"model": build_optimizer([{"params": params, "lr": spec["lr"], "name": "all"}], spec)}
         self.modules = {"heads": self.heads, "teacher": self.teacher, "bank": self.bank}
+
+    def extra_state(self):
+        return {"balance": self.balance.state_dict()} if self.balance is not None else {}
+
+    def load_extra_state(self, state):
+        if "balance" in state and self.balance is not None:
+            self.balance.load_state_dict(state["balance"])
 
     # -- the step -------------------------------------------------------------------------------
     def step(self, batch, it, iters):
         o = self.options
-        x_s = self.normalize(batch["source"]["image"])
+        g = self.generator
+        x_s = batch["source"]["image"].to(self.device)
         y_s = batch["source"]["label"].to(self.device)
-        out_s = self.model(x_s, return_backbone=True)
-        loss = seg_loss(out_s["logits"], y_s)
-        losses = {"seg": loss.detach()}
+        x_t = batch["target"]["image"][: self._target_batch(x_s.shape[0])].to(self.device)
+        size_t = x_t.shape[-2:]
+        teacher = self.teacher.model
+
+        # 1. pseudo-labels: the teacher (train mode) on the weak target view, at the input size
+        with torch.no_grad():
+            probs = F.softmax(upsample(teacher["net"](self.normalize(x_t))["logits"], size_t), dim=1)
+            max_probs, pseudo = probs.max(1)
+        truth = batch["target"].get("truth")
+        self.record_labels("teacher", pseudo, None if truth is None else truth[: x_t.shape[0]].to(self.device))
+        if o["class_balance"]:
+            self.balance.add(y_s, pseudo)
+
+        # 2. the views
+        x_s2, y_s2, _ = augment_samples(x_s, y_s, None, _uniform(g) < SOURCE_CLASSMIX_P, True, g)
+        views = []
+        for _ in range(o["target_views"]):
+            do_mix = it > o["ramp_up"] and _uniform(g) < TARGET_CLASSMIX_P
+            views.append(augment_samples(x_t, pseudo, max_probs, do_mix, False, g))
+        x_u = torch.cat([v[0] for v in views])
+        y_u = torch.cat([v[1] for v in views])
+        p_u = torch.cat([v[2] for v in views])
+        return self._train_step(x_s2, y_s2, x_u, y_u, p_u, it, iters)
+
+    def _train_step(self, x_s, y_s, x_u, y_u, p_u, it, iters):
+        """The script's losses and update on the augmented views (source `x_s`, `y_s`; target `x_u`
+        with warped pseudo-labels `y_u` and max-probabilities `p_u`)."""
+        o = self.options
+        out_u = self.model(self.normalize(x_u), return_backbone=True)
+        logits_u = upsample(out_u["logits"], y_u.shape[-2:])
+        out_s = self.model(self.normalize(x_s), return_backbone=True)
+        logits_s = upsample(out_s["logits"], y_s.shape[-2:])
+
+        weights = None
+        if o["class_balance"] and it > o["ramp_up"]:
+            weights = self.balance.weights().to(logits_s.device, logits_s.dtype)
+        if bool((y_s != IGNORE_INDEX).any()):
+            l_src = F.cross_entropy(logits_s, y_s, weight=weights, ignore_index=IGNORE_INDEX)
+        else:
+            l_src = logits_s.sum() * 0.0
+        l_tgt = self_training_loss(logits_u, y_u, p_u, sigmoid_ramp_up(it, o["ramp_up"]), weights,
+                                   o["confidence_power"])
+        l_ent = entropy_loss(F.softmax(logits_u, dim=1), y_u != IGNORE_INDEX)
+        loss = l_src + l_tgt + o["entropy_weight"] * l_ent
+        losses = {"seg": l_src.detach(), "self_training": l_tgt.detach(), "entropy": l_ent.detach()}
+
         if it >= o["bank_start"]:
             self._fill_bank(x_s, y_s)
         if it >= o["loss_start"]:
-            x_t = self.normalize(batch["target"]["image"])
-            out_t = self.model(x_t, return_backbone=True)
             memory, memory_scores = self._memory()
-            feats_s, feats_t = out_s["backbone"], out_t["backbone"]
-            l_src = self._contrastive(feats_s, _downsample_labels(y_s, feats_s.shape[-2:]), memory, memory_scores)
-            l_tgt = self._contrastive(feats_t, self._pseudo_labels(x_t, feats_t.shape[-2:]), memory, memory_scores)
-            loss = loss + o["weight"] * (l_src + l_tgt)
-            losses.update(contrast_src=l_src.detach(), contrast_tgt=l_tgt.detach())
+            feats_s, feats_u = out_s["backbone"], out_u["backbone"]
+            c_src = self._contrastive(feats_s, _downsample(y_s, feats_s.shape[-2:]), memory, memory_scores)
+            c_tgt = self._contrastive(feats_u, _downsample(y_u, feats_u.shape[-2:]), memory, memory_scores)
+            loss = loss + o["weight"] * (c_src + c_tgt)
+            losses.update(contrast_src=c_src.detach(), contrast_tgt=c_tgt.detach())
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -201,39 +587,43 @@ class Contrastive(Method):
 
     @torch.no_grad()
     def _fill_bank(self, x_s, y_s):
-        """Push the teacher's projections of correctly and confidently predicted source pixels,
-        `per_class` per class per image, highest teacher-selector score first."""
+        """Push the teacher's projections of correctly and confidently predicted source-view pixels:
+        per class the `per_class x B` best by the teacher's selector over the batch (feature_memory.py)."""
         teacher = self.teacher.model
-        out = teacher["net"](x_s, return_backbone=True)
+        out = teacher["net"](self.normalize(x_s), return_backbone=True)
         feats = out["backbone"]
         B, _, h, w = feats.shape
-        conf, pred = F.softmax(upsample(out["logits"], (h, w)), dim=1).max(1)
-        labels = _downsample_labels(y_s, (h, w))
-        keep = ((pred == labels) & (conf > self.options["bank_threshold"])).reshape(-1)
-        if not bool(keep.any()) and getattr(self.ctx, "world", 1) == 1:
-            return  # (under torch.distributed every process takes part in the push, with or without pixels)
+        # the script: softmax of the logits upsampled to the input size, then prediction and confidence
+        # nearest-downsampled to the features: computed at the kept positions only (the same values)
+        conf, pred = F.softmax(_upsample_at(out["logits"], y_s.shape[-2:], (h, w)), dim=1).max(1)
+        labels = _downsample(y_s, (h, w))
+        keep = ((pred == labels) & (labels != IGNORE_INDEX) & (conf > self.options["bank_threshold"])).reshape(-1)
+        n = int(keep.sum())
+        if n < 2 and getattr(self.ctx, "world", 1) == 1:
+            return  # the teacher's projection head normalises over the rows: it needs 2 (the script fails on 1)
         rows = keep.nonzero().squeeze(1)
         labels = labels.reshape(-1)[rows]
-        image = torch.div(rows, h * w, rounding_mode="floor")
-        z = teacher["heads"]["projection"](_pixels(feats)[rows])
-        rank = self._ranking(torch.sigmoid(teacher["heads"]["selectors"](z, labels)))
-        # per (image, class): its own top `per_class`, then one push of them all
-        k = self.options["per_class"]
-        index, _ = topk_per_class(rank, image * self.num_classes + labels, B * self.num_classes, k,
-                                  backend=self.backend)
-        chosen = index[index >= 0]
-        self.bank.push(z[chosen], labels[chosen], rank[chosen], B * k)
+        z = teacher["heads"]["projection"](_pixels(feats)[rows]) if n >= 2 else feats.new_zeros(0, self.options["dim"])
+        self._push(z, labels, B)
+
+    @torch.no_grad()
+    def _push(self, z, labels, batch_size):
+        """Per class, the `per_class x batch_size` teacher projections `z` [N, D] of class `labels`
+        [N] best ranked by the teacher's selector enter the bank, all of them where there are fewer."""
+        selectors = self.teacher.model["heads"]["selectors"]
+        rank = self._ranking(torch.sigmoid(selectors(z, labels))) if z.shape[0] else z.new_zeros(0)
+        self.bank.push(z, labels, rank, batch_size * self.options["per_class"])
 
     def _memory(self):
         """Per class, the bank's entries (None below 2) and their memory-side scores r_j (None with
-        `code_unit_memory_weights`)."""
+        `code_unit_memory_weights`), the memory selector seeing L2-normalised entries (the script)."""
         memory = [self.bank.get(c) if int(self.bank.counts[c]) >= 2 else None for c in range(self.num_classes)]
         if self.options["code_unit_memory_weights"]:
             return memory, None
         present = [c for c in range(self.num_classes) if memory[c] is not None]
         if not present:
             return memory, None
-        entries = torch.cat([memory[c] for c in present])
+        entries = F.normalize(torch.cat([memory[c] for c in present]), dim=1)
         labels = torch.cat([torch.full((memory[c].shape[0],), c, dtype=torch.int64, device=entries.device)
                             for c in present])
         r = torch.sigmoid(self.heads["memory_selectors"](entries, labels))
@@ -241,14 +631,6 @@ class Contrastive(Method):
         for c, part in zip(present, torch.split(r, [memory[c].shape[0] for c in present])):
             scores[c] = part
         return memory, scores
-
-    @torch.no_grad()
-    def _pseudo_labels(self, x_t, size):
-        """The teacher's argmax at the features' resolution; below `pseudo_threshold`, ignored."""
-        logits = upsample(self.teacher.model["net"](x_t)["logits"], size)
-        conf, labels = F.softmax(logits, dim=1).max(1)
-        labels[conf < self.options["pseudo_threshold"]] = IGNORE_INDEX
-        return labels
 
     def _sample(self, labels):
         """Positions of the labelled pixels, at most `max_pixels_per_class` per class (a random
@@ -274,3 +656,21 @@ class Contrastive(Method):
         z = self.heads["prediction"](self.heads["projection"](_pixels(feats)[rows]))
         s = torch.sigmoid(self.heads["selectors"](z.detach(), labels))
         return class_memory_loss(z, labels, s, memory, memory_scores, self.num_classes)
+
+    # -- after training -------------------------------------------------------------------------
+    @torch.no_grad()
+    def finish_stage(self, stage):
+        """The script's `update_BN_weak_unlabeled_data`: `bn_update_iters` forwards of the network in
+        train mode on target batches (the training stream's, `target_batch` images each), so its
+        BatchNorm statistics are re-estimated on the target. Returns "bn_update" (or None when off)."""
+        o = self.options
+        stream = getattr(self.ctx, "target_stream", None)
+        if not o["final_bn_update"] or o["bn_update_iters"] == 0 or stream is None:
+            return None
+        was_training = self.model.training
+        self.model.train()
+        for _ in range(o["bn_update_iters"]):
+            x = next(stream)["image"]
+            self.model(self.normalize(x[: self._target_batch(x.shape[0])]))
+        self.model.train(was_training)
+        return "bn_update"
