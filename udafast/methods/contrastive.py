@@ -153,8 +153,11 @@ class ClassBalance:
     `unlabelled_iters` pseudo-label batches; once `max(labelled_iters, unlabelled_iters)` batches
     were added, weights `sqrt(median(f) / f)` (classes with no pixel: the largest weight), else 1."""
 
-    def __init__(self, num_classes, labelled_iters, unlabelled_iters):
+    def __init__(self, num_classes, labelled_iters, unlabelled_iters, sync=None):
         self.num_classes = num_classes
+        # sums a tensor over the run's processes in place (the caller's; None: one process), so that
+        # every process weighs the classes by everyone's counts
+        self.sync = sync
         self.labelled_iters, self.unlabelled_iters = int(labelled_iters), int(unlabelled_iters)
         self.labelled = torch.zeros(num_classes, dtype=torch.float64)
         self.window = torch.zeros(max(self.unlabelled_iters, 1), num_classes, dtype=torch.float64)
@@ -166,10 +169,13 @@ class ClassBalance:
         return torch.bincount(labels.cpu(), minlength=self.num_classes).to(torch.float64)
 
     def add(self, labelled, pseudo):
+        counts = torch.stack([self._counts(labelled), self._counts(pseudo)])
+        if self.sync is not None:
+            self.sync(counts)
         if self.iter < self.labelled_iters:
-            self.labelled += self._counts(labelled)
+            self.labelled += counts[0]
         if self.unlabelled_iters > 0:
-            self.window[self.iter % self.unlabelled_iters] = self._counts(pseudo)
+            self.window[self.iter % self.unlabelled_iters] = counts[1]
         self.iter += 1
 
     def weights(self):
@@ -498,7 +504,7 @@ class Contrastive(Method):
         batch = int(self.config.get("data", {}).get("batch_size", 1) or 1)
         labelled = len(source) // batch if source is not None else 0
         unlabelled = len(target) // self._target_batch(batch) if target is not None else 0
-        self.balance = ClassBalance(self.num_classes, labelled, unlabelled)
+        self.balance = ClassBalance(self.num_classes, labelled, unlabelled, sync=getattr(self.ctx, "all_reduce_", None))
         # the script's optim_parameters: one group, every trainable parameter, one learning rate
         params = [p for p in self.student.parameters() if p.requires_grad]
         spec = self.config["optimizer"]
