@@ -38,6 +38,9 @@ ROWS = (
     ("stage1", "all of stage 1", 53.7, [], "stage1"),
     ("stage2", "stage 2 (self-distillation)", 56.9, None, "stage2"),
     ("stage3", "stage 3", 57.5, None, "stage3"),
+    # stage 2's student from the run's init instead of the preset's (the issue asks for both ways)
+    ("stage2_run_init", "stage 2, student from the run's init", 56.9, ["proda.student_init=null"], "stage2"),
+    ("stage3_run_init", "stage 3 after it", 57.5, ["proda.student_init=null"], "stage3"),
 )
 #: the label set each stage trains on
 LABELS = {"warmup": ("stage1", "p_t0"), "stage1": ("stage1", "y_hat"), "stage2": ("stage2", "distill"),
@@ -80,31 +83,56 @@ def _with_init(config, source_run):
     return config
 
 
-def run_seed(file_config, out, seed, overrides=(), log=print):
+def run_seed(file_config, out, seed, overrides=(), log=print, comparison=None):
     """The rows' {key: {"miou", "accuracy"}} for one seed, runs under `out` (finished runs there
-    with the same config are reused)."""
-    source_config = resolve_config(file_config, "source_only", [*overrides, f"seed={seed}"])
-    source_dir = os.path.join(out, "source_only")
-    rows = {"source_only": {"miou": _run(source_config, source_dir, log=log)["miou"], "accuracy": None}}
-    full_dir = os.path.join(out, "proda")
-    config = resolve_config(file_config, "proda", [*overrides, f"seed={seed}"])
-    full = _run(config, full_dir, source_run=source_dir, log=log)
+    with the same config are reused). `comparison`: the folder of a comparison of the same preset
+    (`python -m udafast.train --method all --seeds ...`) whose source-only and ProDA runs of this
+    seed are taken as they are."""
+    if comparison is not None:
+        source_dir, full_dir = _comparison_run(comparison, "source_only", seed), _comparison_run(comparison, "proda", seed)
+        with open(os.path.join(source_dir, "metrics.json")) as f:
+            rows = {"source_only": {"miou": json.load(f)["miou"], "accuracy": None}}
+        with open(os.path.join(full_dir, "metrics.json")) as f:
+            full = json.load(f)
+    else:
+        source_config = resolve_config(file_config, "source_only", [*overrides, f"seed={seed}"])
+        source_dir = os.path.join(out, "source_only")
+        rows = {"source_only": {"miou": _run(source_config, source_dir, log=log)["miou"], "accuracy": None}}
+        full_dir = os.path.join(out, "proda")
+        config = resolve_config(file_config, "proda", [*overrides, f"seed={seed}"])
+        full = _run(config, full_dir, source_run=source_dir, log=log)
     for key, _, _, flags, stage in ROWS:
         if (stage is not None and flags is None) or key == "stage1":  # rows the whole run gives
             rows[key] = {"miou": full["stages"][stage]["miou"], "accuracy": _accuracy(full, stage)}
     for key, name, _, flags, stage in ROWS:
         if flags is None or key == "stage1":
             continue
-        folder = os.path.join(out, f"stage1_{key}")
-        # the row starts from the whole run's warm-up network and soft labels
-        _link(os.path.join(full_dir, "checkpoints", "warmup.pt"), os.path.join(folder, "checkpoints", "warmup.pt"))
-        _link(os.path.join(full_dir, "proda", "soft_labels.npy"), os.path.join(folder, "proda", "soft_labels.npy"))
+        folder = os.path.join(out, f"{stage}_{key}")
+        # the row starts from the whole run's previous stage (stage 1 rows: its warm-up network and soft
+        # labels; the second stage-2 row: its stage-1 network; the stage-3 row after it: that stage 2)
+        previous = {"stage1": "warmup", "stage2": "stage1", "stage3": "stage2"}[stage]
+        source_folder = os.path.join(out, "stage2_stage2_run_init") if stage == "stage3" else full_dir
+        _link(os.path.join(source_folder, "checkpoints", f"{previous}.pt"),
+              os.path.join(folder, "checkpoints", f"{previous}.pt"))
+        if stage == "stage1":
+            _link(os.path.join(full_dir, "proda", "soft_labels.npy"), os.path.join(folder, "proda", "soft_labels.npy"))
         variant = resolve_config(file_config, "proda", [*overrides, f"seed={seed}", *flags])
         t0 = time.perf_counter()
-        metrics = _run(variant, folder, stage="stage1", source_run=source_dir, log=log)
-        rows[key] = {"miou": metrics["miou"], "accuracy": _accuracy(metrics, "stage1")}
+        metrics = _run(variant, folder, stage=stage, source_run=source_dir, log=log)
+        rows[key] = {"miou": metrics["miou"], "accuracy": _accuracy(metrics, stage)}
         log(f"seed {seed} {name}: mIoU {metrics['miou']:.2f} ({time.perf_counter() - t0:.0f} s)")
     return rows
+
+
+def _comparison_run(folder, method, seed):
+    """A comparison's finished run of `method` and `seed` (`python -m udafast.train --method all`)."""
+    for candidate in (os.path.join(folder, method, f"seed_{seed}"), os.path.join(folder, method)):
+        path = os.path.join(candidate, "metrics.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                if json.load(f).get("seed") == seed:
+                    return candidate
+    raise FileNotFoundError(f"--from-comparison: no finished {method} run of seed {seed} under {folder}")
 
 
 def summarize(per_seed, seeds, preset):
@@ -136,6 +164,9 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/proda-ablation", help="the runs' folder")
     parser.add_argument("--results", default="benchmarks/results/proda-ablation-synthetic.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
+    parser.add_argument("--from-comparison", metavar="DIR", default=None,
+                        help="take the source-only and whole ProDA runs of each seed from this comparison folder "
+                             "(python -m udafast.train --method all with the same preset), e.g. runs/compare-synthetic")
     args = parser.parse_args(argv)
     try:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -143,7 +174,8 @@ def main(argv=None):
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     try:
         file_config = read_config(args.config)
-        per_seed = [run_seed(file_config, os.path.join(args.out, f"seed_{s}"), s, args.set) for s in seeds]
+        per_seed = [run_seed(file_config, os.path.join(args.out, f"seed_{s}"), s, args.set,
+                             comparison=args.from_comparison) for s in seeds]
     except (ValueError, FileNotFoundError) as e:
         print(f"proda_ablation: error: {e}", file=sys.stderr)
         return 2
