@@ -310,7 +310,7 @@ class ProDA(Method):
         frames; the soft labels go into one shared file and the class sums are added up."""
         o = self.options
         path = self.soft_labels_path
-        have_soft = _complete(path, len(self.ctx.target), self.num_classes)
+        have_soft = _complete(path, np.float16, (len(self.ctx.target), self.num_classes), ndim=4)
         if have_soft and not need_prototypes:
             self.ctx.log(f"proda: reusing the soft labels in {path}")
             return None
@@ -373,7 +373,7 @@ class ProDA(Method):
         path = os.path.join(self.ctx.out_dir, "proda", f"{stage_name}_labels.npy")
         n_frames = len(self.ctx.target)
         frame = self.ctx.target_frame_size()
-        if _complete_labels(path, n_frames, frame):
+        if _complete(path, np.uint8, (n_frames,) + frame, ndim=3):
             self.ctx.log(f"proda {stage_name}: reusing the labels in {path}")
             stored = np.load(path, mmap_mode="r")
             for batch in self.ctx.target_frames(o["pass_batch_size"], shard=True):
@@ -560,23 +560,13 @@ class ProDA(Method):
             self.prototypes = state["prototypes"].to(self.device, torch.float32).clone()
 
 
-def _complete(path, n, num_classes):
-    """The soft-labels file is there (written whole: it is renamed into place at the end) and fits."""
+def _complete(path, dtype, shape, ndim):
+    """A stored array is there (written whole: it is renamed into place at the end), of `dtype` and
+    `ndim` dimensions, its shape starting with `shape`."""
     if not os.path.isfile(path):
         return False
     try:
         array = np.load(path, mmap_mode="r")
     except ValueError:
         return False
-    return array.dtype == np.float16 and array.ndim == 4 and array.shape[:2] == (n, num_classes)
-
-
-def _complete_labels(path, n, frame):
-    """A stage's labels file is there (renamed into place when complete) and fits n frames of `frame`."""
-    if not os.path.isfile(path):
-        return False
-    try:
-        array = np.load(path, mmap_mode="r")
-    except ValueError:
-        return False
-    return array.dtype == np.uint8 and array.shape == (n,) + tuple(frame)
+    return array.dtype == dtype and array.ndim == ndim and array.shape[:len(shape)] == tuple(shape)

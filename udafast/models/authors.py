@@ -29,6 +29,8 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
+from udafast.models.resnet import first_names, key_problems
+
 __all__ = ["AUTHORS_FORMATS", "AUTHORS_NORMALIZATION", "load_fitting_heads", "read_state_file", "detect_format", "convert_state", "read_authors_checkpoint",
            "strip_prefixes"]
 
@@ -49,11 +51,6 @@ def _numpy_globals():
     if dtypes is not None:
         allowed += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
     return allowed
-
-
-def _first(names, n=5):
-    shown = ", ".join(names[:n])
-    return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
 
 def strip_prefixes(state, prefixes=("module.", "Scale.")):
@@ -179,15 +176,9 @@ def convert_state(state, fmt, model, where):
             mismatched.append(f"{k} {tuple(v.shape)} (udafast {tuple(own[name].shape)})")
         converted[name] = v
     missing = [k for k in own if k not in converted and not k.endswith("num_batches_tracked")]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_first([_authors_name(k, fmt) for k in missing])}")
-    if mismatched:
-        problems.append(f"shape mismatches: {_first(mismatched)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_first(unexpected)}")
+    problems = key_problems([_authors_name(k, fmt) for k in missing], mismatched, unexpected)
     if problems:
-        raise ValueError(f"{where}: the {fmt} weights do not fit udafast's network: " + "; ".join(problems))
+        raise ValueError(f"{where}: the {fmt} weights do not fit udafast's network: {problems}")
     return converted
 
 
@@ -218,7 +209,7 @@ def read_authors_checkpoint(path, state=None):
     fmt = detect_format(state)
     if fmt is None:
         raise ValueError(f"{path}: not a udafast checkpoint nor one of the authors' ({', '.join(AUTHORS_FORMATS)}); "
-                         f"first keys: {_first(list(state))}")
+                         f"first keys: {first_names(list(state))}")
     config = model_config(state, fmt)
     model = build_model(config, load_pretrained=False)
     converted = convert_state(state, fmt, model, path)

@@ -98,7 +98,15 @@ class ResNetBackbone(nn.Module):
         return c3, stage(self.layer4, c3, on)
 
 
-def _first(names, n=5):
+def key_problems(missing, mismatched, unexpected):
+    """One line naming a state dict's missing keys, shape mismatches and unexpected keys ("" if none)."""
+    problems = [f"{what}: {first_names(keys)}" for what, keys in (("missing keys", missing), ("shape mismatches", mismatched),
+                                                             ("unexpected keys", unexpected)) if keys]
+    return "; ".join(problems)
+
+
+def first_names(names, n=5):
+    """The first `n` names, and how many there are in all when more."""
     shown = ", ".join(names[:n])
     return shown + (f", ... ({len(names)} in all)" if len(names) > n else "")
 
@@ -137,7 +145,7 @@ def read_weights(path, weights_format="auto"):
             weights_format = "torchvision"
         else:
             raise ValueError(f"{path}: neither torchvision nor DeepLab ('Scale.'-prefixed) key names; "
-                             f"first keys: {_first(list(state))}")
+                             f"first keys: {first_names(list(state))}")
     if weights_format == "deeplab":
         state = {k[len(_DEEPLAB_PREFIX):] if k.startswith(_DEEPLAB_PREFIX) else k: v for k, v in state.items()}
     heads = None
@@ -157,14 +165,7 @@ def load_backbone_weights(backbone, state, path, weights_format):
     unexpected = [prefix + k for k in state if k not in expected]
     mismatched = [f"{prefix}{k} {tuple(state[k].shape)} (model {tuple(v.shape)})"
                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_first(missing)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {_first(mismatched)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_first(unexpected)}")
+    problems = key_problems(missing, mismatched, unexpected)
     if problems:
-        raise ValueError(f"{path}: backbone weights do not fit the ResNet-101 ({weights_format} format): "
-                         + "; ".join(problems))
+        raise ValueError(f"{path}: backbone weights do not fit the ResNet-101 ({weights_format} format): {problems}")
     backbone.load_state_dict(state, strict=False)
