@@ -93,3 +93,11 @@ def test_summary_shows_the_pseudo_label_class_means():
     assert entry["pseudo_labels"]["round0"]["labels"] == {"coverage_total": 30.0, "precision_mean": 70.0,
                                                           "recall_mean": None, "accuracy": 90.0}
     assert "| 30.0 / 70.0 / - (labels, round0) |" in format_results(summarize(runs))
+
+
+def test_summary_keeps_the_score_before_a_last_change():
+    runs = {"contrastive": [dict(fake_metrics("contrastive", s, 30.0 + s), miou_before_bn_update=28.0 + s)
+                            for s in (0, 1)]}
+    results = summarize(runs)
+    assert results["methods"]["contrastive"]["miou_before_bn_update_mean"] == 28.5
+    assert "| contrastive | 30.50 ± 0.71 (bn update: before 28.50) |" in format_results(results)

@@ -178,6 +178,8 @@ def summarize(runs, preset=None):
             for stage in per_seed[0]["stages"]:
                 s_mean, s_std = _mean_std([m["stages"][stage]["miou"] for m in per_seed])
                 entry["stages"][stage] = {"miou_mean": s_mean, "miou_std": s_std}
+        for key in sorted({k for m in per_seed for k in m if k.startswith("miou_before_")}):
+            entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([m.get(key) for m in per_seed])
         quality = _label_quality(per_seed)
         if quality:
             entry["pseudo_labels"] = quality
@@ -236,7 +238,9 @@ def format_results(results):
              f"pseudo-labels: coverage / precision / recall, class means % |",
              "|---|---|---|---|---|"]
     for name, m in results["methods"].items():
-        lines.append(f"| {name} | {m['miou_mean']:.2f} ± {m['miou_std']:.2f} | {m['sec_per_iter']:.3f} | "
+        before = "".join(f" ({k[len('miou_before_'):-len('_mean')].replace('_', ' ')}: before {v:.2f})"
+                         for k, v in m.items() if k.startswith("miou_before_") and k.endswith("_mean") and v is not None)
+        lines.append(f"| {name} | {m['miou_mean']:.2f} ± {m['miou_std']:.2f}{before} | {m['sec_per_iter']:.3f} | "
                      f"{m['iters']} | {_quality_cell(m)} |")
         for stage, s in (m.get("stages") or {}).items():
             lines.append(f"| &nbsp;&nbsp;{name} after {stage} | {s['miou_mean']:.2f} ± {s['miou_std']:.2f} | | | |")
