@@ -17,13 +17,8 @@ from udafast.models import build_model
 C = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster on a shared machine (the runs set `threads: 1`)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: one thread is faster on a shared machine (the runs set `threads: 1`)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the loss -------------------------------------------------------------------------------------

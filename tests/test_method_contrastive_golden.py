@@ -26,12 +26,8 @@ with open(os.path.join(os.path.dirname(__file__), "fixtures", "authors", "contra
     GOLDEN = json.load(f)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: one thread is faster on a shared machine (the runs set `threads: 1`)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def close(a, b, rel=1e-9, abs_=1e-12):
