@@ -55,7 +55,7 @@ class TruthLabels(Dataset):
         sample["truth"] = sample.pop("label")
         return sample
 
-    def __getattr__(self, name):  # the wrapped dataset's attributes (e.g. `labelled`, `files`)
+    def __getattr__(self, name):  # the wrapped dataset's other attributes (e.g. `files`)
         if name == "dataset":
             raise AttributeError(name)
         return getattr(self.dataset, name)

@@ -3,8 +3,8 @@
 Per level a fully convolutional discriminator sees the softmax of the (upsampled) segmentation
 logits. The generator's adversarial loss pushes target predictions toward the source label 0; each
 discriminator learns `w_s L(source, 0) + w_t L(target, 1)`: (0.5, 0.5) as AdaptSegNet's
-`train_gta2cityscapes_multi.py` halves it, (1, 1) as ProDA's `adaptation_modelv2.py` `step_adv` sums it. `gan="vanilla"` uses BCE-with-logits,
-`gan="lsgan"` the squared error (LS-GAN).
+`train_gta2cityscapes_multi.py` halves it, (1, 1) as ProDA's `adaptation_modelv2.py` `step_adv` sums
+it. `gan="vanilla"` uses BCE-with-logits, `gan="lsgan"` the squared error (LS-GAN).
 """
 import torch
 import torch.nn.functional as F

@@ -18,7 +18,7 @@ from udafast.data.labels import IGNORE_INDEX
 from udafast.engine.config import merge
 from udafast.methods.label_quality import LabelQuality
 
-__all__ = ["Method", "Stage", "seg_loss", "upsample", "EMATeacher", "build_optimizer"]
+__all__ = ["Method", "Stage", "seg_loss", "upsample", "nearest_labels", "EMATeacher", "build_optimizer"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,12 @@ def upsample(logits, size):
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def nearest_labels(labels, size):
+    """Label maps [B, H, W] to `size` (H, W) by nearest neighbour, in their dtype: the authors' code's
+    `F.interpolate(labels, size / scale_factor)` with its default mode."""
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
 
 
 def seg_loss(logits, labels, ignore_index=IGNORE_INDEX):
@@ -168,10 +174,12 @@ class Method:
         """Count pseudo-labels `labels` (255 = unlabelled) the method made under `name`, against the
         target's true labels `truth` aligned with them (a target batch's or frame's "truth", None
         where the run has none). The trainer reports and resets them at each evaluation."""
-        meter = self.label_quality.get(name)
-        if meter is None:
-            meter = self.label_quality[name] = LabelQuality(int(self.config["model"].get("num_classes", 19)))
-        meter.update(labels, truth)
+        if name not in self.label_quality:
+            self.label_quality[name] = self._label_meter()
+        self.label_quality[name].update(labels, truth)
+
+    def _label_meter(self):
+        return LabelQuality(int(self.config["model"].get("num_classes", 19)))
 
     # -- state ----------------------------------------------------------------------------------
     def extra_state(self):
@@ -201,5 +209,5 @@ class Method:
         self.load_extra_state(state["extra"])
         self.label_quality = {}
         for k, counts in state.get("label_quality", {}).items():
-            self.label_quality[k] = LabelQuality(int(self.config["model"].get("num_classes", 19)))
+            self.label_quality[k] = self._label_meter()
             self.label_quality[k].load_counts(counts)

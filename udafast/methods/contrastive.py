@@ -66,7 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.methods.base import EMATeacher, Method, build_optimizer, upsample
+from udafast.methods.base import EMATeacher, Method, build_optimizer, nearest_labels, upsample
 from udafast.models.heads import ClassSelectors, PredictionHead, ProjectionHead
 from udafast.ops import ClassMemoryBank
 
@@ -357,11 +357,6 @@ def augment_samples(images, labels, probs, do_classmix, weak, generator, ignore_
 
 
 # -- the method -----------------------------------------------------------------------------------
-def _downsample(labels, size):
-    """A map [B, H, W] to `size` by nearest neighbour (the script's `interpolate(mode='nearest')`)."""
-    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
-
-
 def _bilinear_rows(n_in, n_out, keep, dtype, device):
     """The rows of the [n_out, n_in] bilinear (align_corners=True) interpolation matrix at the
     output positions `keep`."""
@@ -575,8 +570,8 @@ class Contrastive(Method):
         if it >= o["loss_start"]:
             memory, memory_scores = self._memory()
             feats_s, feats_u = out_s["backbone"], out_u["backbone"]
-            c_src = self._contrastive(feats_s, _downsample(y_s, feats_s.shape[-2:]), memory, memory_scores)
-            c_tgt = self._contrastive(feats_u, _downsample(y_u, feats_u.shape[-2:]), memory, memory_scores)
+            c_src = self._contrastive(feats_s, nearest_labels(y_s, feats_s.shape[-2:]), memory, memory_scores)
+            c_tgt = self._contrastive(feats_u, nearest_labels(y_u, feats_u.shape[-2:]), memory, memory_scores)
             loss = loss + o["weight"] * (c_src + c_tgt)
             losses.update(contrast_src=c_src.detach(), contrast_tgt=c_tgt.detach())
         opt = self.optimizers["model"]
@@ -602,7 +597,7 @@ class Contrastive(Method):
         # the script: softmax of the logits upsampled to the input size, then prediction and confidence
         # nearest-downsampled to the features: computed at the kept positions only (the same values)
         conf, pred = F.softmax(_upsample_at(out["logits"], y_s.shape[-2:], (h, w)), dim=1).max(1)
-        labels = _downsample(y_s, (h, w))
+        labels = nearest_labels(y_s, (h, w))
         keep = ((pred == labels) & (labels != IGNORE_INDEX) & (conf > self.options["bank_threshold"])).reshape(-1)
         n = int(keep.sum())
         if n < 2 and getattr(self.ctx, "world", 1) == 1:

@@ -11,13 +11,12 @@ target's true labels aligned with it. Per class c it reports
 - `accuracy`: of the labelled pixels that have a true label, the share labelled right,
 
 with `precision_mean` / `recall_mean` over the classes where they are defined (None where no true
-labels were given). Counts are int64 and add up across processes (`counts()` / `from_counts`).
+labels were given). Counts are int64 and add up across processes (`counts()` / `load_counts`).
+Pixels labelled outside [0, C) (255) are unlabelled, true labels outside it unknown.
 """
 from __future__ import annotations
 
 import torch
-
-from udafast.data.labels import IGNORE_INDEX
 
 __all__ = ["LabelQuality"]
 
@@ -28,12 +27,8 @@ _LABELLED, _CORRECT, _LABELLED_WITH_TRUTH, _TRUE = range(4)
 class LabelQuality:
     """Per-class coverage, precision and recall of pseudo-labels (see the module docstring)."""
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, num_classes: int):
         self.num_classes = int(num_classes)
-        self.ignore_index = ignore_index
-        self.reset()
-
-    def reset(self) -> None:
         # [labelled as c, labelled c and truly c, labelled c where truth is known, truly c] per class
         self._counts = torch.zeros(4, self.num_classes, dtype=torch.int64)
         self._pixels = 0
@@ -41,8 +36,8 @@ class LabelQuality:
 
     @torch.no_grad()
     def update(self, labels: torch.Tensor, truth: torch.Tensor | None = None) -> None:
-        """Add a batch of pseudo-labels (int, `ignore_index` = unlabelled) and, when known, the true
-        labels of the same pixels (same shape; `ignore_index` = unknown)."""
+        """Add a batch of pseudo-labels (int, 255 = unlabelled) and, when known, the true labels of
+        the same pixels (same shape; 255 = unknown)."""
         labels = labels.detach().reshape(-1).to("cpu", torch.int64)
         c = self.num_classes
         self._pixels += labels.numel()
@@ -73,10 +68,6 @@ class LabelQuality:
         self._counts = flat[:4 * c].round().to(torch.int64).reshape(4, c)
         self._pixels = int(flat[4 * c].item())
         self._with_truth = bool(flat[4 * c + 1].item() > 0)
-
-    @property
-    def pixels(self) -> int:
-        return self._pixels
 
     def summary(self) -> dict:
         """The figures of the module docstring as plain floats and lists (fractions in [0, 1])."""

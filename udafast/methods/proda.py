@@ -60,7 +60,7 @@ from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import frame_to_view, strong_augment, warp_like
 from udafast.engine.config import merge
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
-from udafast.methods.base import EMATeacher, Method, Stage, build_optimizer, seg_loss, upsample
+from udafast.methods.base import EMATeacher, Method, Stage, build_optimizer, nearest_labels, seg_loss, upsample
 from udafast.models.heads import ProDADiscriminator
 from udafast.ops import class_feature_sums, kl_loss, prototype_rectify, prototype_softmax, sce_loss, update_prototypes
 
@@ -300,7 +300,7 @@ class ProDA(Method):
         truth = batch.get("truth")
         if truth is None:
             return None
-        return F.interpolate(truth[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+        return nearest_labels(truth, size)
 
     @torch.no_grad()
     def _target_pass(self, model, need_prototypes=True):
@@ -310,13 +310,13 @@ class ProDA(Method):
         frames; the soft labels go into one shared file and the class sums are added up."""
         o = self.options
         path = self.soft_labels_path
-        have_soft = _complete(path, np.float16, (len(self.ctx.target), self.num_classes), ndim=4)
+        n_frames = len(self.ctx.target)
+        have_soft = _complete(path, np.float16, (n_frames, self.num_classes), ndim=4)
         if have_soft and not need_prototypes:
             self.ctx.log(f"proda: reusing the soft labels in {path}")
             return None
         was_training = model.training
         model.eval()
-        n_frames = len(self.ctx.target)
         try:
             size, dim = self._output_shape(model)
             # per image and class: feature sums and pixel counts (calc_prototype.py averages image means)
@@ -531,7 +531,7 @@ class ProDA(Method):
         strong, params = self._views(weak)
         # the stage's labels follow the weak view, then a quarter of it (nearest, as the code's
         # interpolate(target_lp, scale_factor=0.25)) and the strong view
-        labels = F.interpolate(target["label"][:, None].float(), size=size, mode="nearest")[:, 0].long()
+        labels = nearest_labels(target["label"], size)
         labels = warp_like(labels, params, "nearest", cutout_fill=IGNORE_INDEX)
         with torch.no_grad():
             t_probs = F.softmax(upsample(self.teacher(self.normalize(strong, self.teacher))["logits"].float(), size), 1)
