@@ -22,7 +22,7 @@ import time
 import yaml
 
 from udafast.engine.config import read_config
-from udafast.engine.runs import _commit, _mean_std, resolve_config, run_method
+from udafast.engine.runs import SOURCE_INIT, _commit, _mean_std, needs_ssl, resolve_config, run_method
 
 #: (key, row, the paper's mIoU, the row's proda.* flags, where its mIoU comes from)
 ROWS = (
@@ -69,17 +69,22 @@ def _run(config, folder, **kw):
     done = os.path.join(folder, "metrics.json")
     if os.path.isfile(done) and os.path.isfile(os.path.join(folder, "config.yaml")):
         with open(os.path.join(folder, "config.yaml")) as f:
-            same = yaml.safe_load(f) == yaml.safe_load(yaml.safe_dump(_with_init(config, kw.get("source_run"))))
+            recorded = _as_recorded(config, folder, kw.get("source_run"), kw.get("stage"))
+            same = yaml.safe_load(f) == yaml.safe_load(yaml.safe_dump(recorded))
         if same:
             with open(done) as f:
                 return json.load(f)
     return run_method(config, folder, **kw)
 
 
-def _with_init(config, source_run):
-    """`config` as the run folder's config.yaml records it (the source-only init resolved)."""
-    if config.get("init") == "@source_only" and source_run is not None:
+def _as_recorded(config, folder, source_run, stage):
+    """`config` as the run folder's config.yaml records it: the source-only init and the
+    "@ssl_source" student init resolved as run_method resolves them."""
+    if config.get("init") == SOURCE_INIT and source_run is not None:
         config = dict(config, init=os.path.join(source_run, "checkpoints", "last.pt"))
+    if needs_ssl(config, stage):
+        student_init = os.path.join(folder, "pretrain_ssl_source", "checkpoints", "last.pt")
+        config = dict(config, proda=dict(config["proda"], student_init=student_init))
     return config
 
 
@@ -112,8 +117,9 @@ def run_seed(file_config, out, seed, overrides=(), log=print, comparison=None):
         # labels; the second stage-2 row: its stage-1 network; the stage-3 row after it: that stage 2)
         previous = {"stage1": "warmup", "stage2": "stage1", "stage3": "stage2"}[stage]
         source_folder = os.path.join(out, "stage2_stage2_run_init") if stage == "stage3" else full_dir
-        _link(os.path.join(source_folder, "checkpoints", f"{previous}.pt"),
-              os.path.join(folder, "checkpoints", f"{previous}.pt"))
+        for kept in (f"{previous}.pt", f"{previous}_best.pt"):  # _best: where validation ran within the stage
+            if kept == f"{previous}.pt" or os.path.isfile(os.path.join(source_folder, "checkpoints", kept)):
+                _link(os.path.join(source_folder, "checkpoints", kept), os.path.join(folder, "checkpoints", kept))
         if stage == "stage1":
             _link(os.path.join(full_dir, "proda", "soft_labels.npy"), os.path.join(folder, "proda", "soft_labels.npy"))
         variant = resolve_config(file_config, "proda", [*overrides, f"seed={seed}", *flags])

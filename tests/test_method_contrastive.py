@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from udafast.engine.config import DEFAULTS, merge
 from udafast.engine.trainer import Trainer
+from udafast.methods.base import Stage
 from udafast.methods.contrastive import Contrastive, class_memory_loss, teacher_momentum
 from udafast.models import build_model
 
@@ -342,6 +343,65 @@ def test_final_bn_update_reestimates_statistics_on_target_batches_only():
             assert not method.model.training  # its mode is given back
         else:
             assert name is None and seen == []
+
+
+def _weights(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _perturb(module, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+
+
+def test_code_reload_best_restores_the_best_student_after_a_fifth_without_improvement():
+    """trainSSL_domain_adaptation_targetCity.py: best_model.pth keeps the best validation; after more
+    than num_iterations / 5 iterations of validations without a better one, the student reloads it
+    and the teacher restarts as its copy; the count restarts."""
+    config = _config(code_reload_best=True)
+    config["train"]["eval_every"] = 10
+    method = Contrastive(config, types.SimpleNamespace(device=torch.device("cpu"), backend="auto",
+                                                       log=lambda message: None))
+    torch.manual_seed(0)
+    stage = Stage("train", 100)
+    method.start_stage(stage, build_model(config["model"]))
+    method.observe_validation(stage, 30.0, 10)
+    best = _weights(method.student)
+    _perturb(method.student, 1)
+    method.observe_validation(stage, 29.0, 20)   # 10 iterations without improvement
+    method.observe_validation(stage, 30.0, 30)   # 20: not more than 100 / 5
+    assert not torch.equal(method.model.classifier.weight, best["net.classifier.weight"])
+    method.observe_validation(stage, 25.0, 40)   # 30 > 20: back to the best
+    assert all(torch.equal(v, best[k]) for k, v in method.student.state_dict().items())
+    teacher = method.teacher.model.state_dict()
+    assert all(torch.equal(v, best[k]) for k, v in teacher.items() if k in best and v.is_floating_point())
+    assert method.best["stale"] == 0
+    _perturb(method.student, 2)
+    method.observe_validation(stage, 31.0, 50)   # a better one replaces the kept network
+    better = _weights(method.student)
+    _perturb(method.student, 3)
+    method.observe_validation(stage, 20.0, 100)  # the end-of-training validation never reloads ...
+    assert not torch.equal(method.model.classifier.weight, better["net.classifier.weight"])
+    method.ctx.target_stream = None
+    assert method.finish_stage(stage) == "best_reload"  # ... but the final step starts from the best
+    assert all(torch.equal(v, better[k]) for k, v in method.student.state_dict().items())
+    # the kept network travels with the checkpoint
+    again = Contrastive(config, method.ctx)
+    again.start_stage(stage, build_model(config["model"]))
+    again.load_extra_state(method.extra_state())
+    assert again.best["miou"] == 31.0 and torch.equal(again.best["weights"]["net.classifier.weight"],
+                                                      better["net.classifier.weight"])
+
+
+def test_code_reload_best_is_off_by_default_and_needs_validation():
+    method = _method()
+    method.observe_validation(Stage("train", 100), 30.0, 10)
+    assert method.best is None
+    with pytest.raises(ValueError, match="contrastive.code_reload_best: .*train.eval_every"):
+        Contrastive(_config(code_reload_best=True), types.SimpleNamespace(device=torch.device("cpu"),
+                                                                          backend="auto"))
 
 
 def test_views_classmix_only_after_ramp_up_and_labels_follow_images(monkeypatch):

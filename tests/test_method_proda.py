@@ -359,6 +359,34 @@ def test_stage_option_starts_from_previous_checkpoint(full_run, tmp_path):
     assert all(torch.equal(seen["stage2"][k], stage1[k]) for k in stage1)
 
 
+@pytest.mark.parametrize("next_from", ["best", "last"])
+def test_each_stage_starts_from_the_previous_best_on_val_network(tmp_path, next_from):
+    """README.md's commands pass each stage's *_best_model.pkl on (proda.next_from: best); "last"
+    takes the final weights. Validation within each stage (train.eval_every 1) keeps <stage>_best.pt."""
+    seen = {}
+    original = ProDA.start_stage
+
+    def spy(self, stage, model, resume=False):
+        seen[stage.name] = {k: v.clone() for k, v in model.state_dict().items()}
+        return original(self, stage, model, resume)
+
+    config = tiny_config(train={"eval_every": 1}, proda={"next_from": next_from})
+    ProDA.start_stage = spy
+    try:
+        metrics = Trainer(config, tmp_path, progress=False, tensorboard=False).run()
+    finally:
+        ProDA.start_stage = original
+    for previous, stage in (("warmup", "stage1"), ("stage1", "stage2"), ("stage2", "stage3")):
+        best = tmp_path / "checkpoints" / f"{previous}_best.pt"
+        assert best.is_file() is (next_from == "best")
+        kept = load_checkpoint(best if next_from == "best" else tmp_path / "checkpoints" / f"{previous}.pt")
+        assert all(torch.equal(seen[stage][k], v) for k, v in kept["model"].items()), (previous, stage)
+        if next_from == "best":
+            chosen = kept["trainer"]["stage_best"][previous]
+            assert chosen == metrics["stages"][previous]["best"] and 1 <= chosen["iter"] <= 2
+    assert not (tmp_path / "checkpoints" / "stage3_best.pt").exists()  # no stage after it
+
+
 def test_state_round_trip(tmp_path):
     method, ctx = make_method(tmp_path)
     method.start_stage(Stage("stage1", 2), ctx.build_model())
@@ -384,7 +412,7 @@ def test_model_overrides_by_model_name():
 
 @pytest.mark.parametrize("option, value", [
     ("gan", "wgan"), ("stage1_iters", 0), ("disc_ndf", 0), ("adv_scale", 0), ("adv_scale", 1.5), ("tau", 0), ("kl_weight", -1), ("distill_threshold", 1.5),
-    ("code_kl_softmax", "yes"), ("proto_min_pixels", 0), ("nonsense", 1),
+    ("code_kl_softmax", "yes"), ("proto_min_pixels", 0), ("nonsense", 1), ("next_from", "first"),
 ])
 def test_bad_options_raise(tmp_path, option, value):
     with pytest.raises(ValueError, match=option):

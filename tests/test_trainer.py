@@ -10,6 +10,7 @@ from conftest import tiny_run_config
 from udafast.engine.runs import run_method
 from udafast.engine.trainer import Trainer
 from udafast.evaluate import load_model
+from udafast.methods.base import Method, Stage
 from udafast.models.checkpoint import load_checkpoint
 
 
@@ -105,3 +106,52 @@ def test_bad_method_option_and_stage(tmp_path):
         Trainer(tiny_run_config("source_only", source_only={"weight": 1}), tmp_path, progress=False).run()
     with pytest.raises(ValueError, match="--stage"):
         Trainer(tiny_run_config("source_only"), tmp_path, stage="stage9", progress=False).run()
+
+
+class _TwoStages(Method):
+    """Two stages; the first hands on its best-on-val network."""
+    name = "two_stages"
+
+    def stages(self):
+        return [Stage("first", 4, next_from="best"), Stage("second", 1)]
+
+    def start_stage(self, stage, model, resume=False):
+        super().start_stage(stage, model, resume)
+        self.started_from = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(self, batch, it, iters):
+        with torch.no_grad():  # every iteration a different network
+            for p in self.model.parameters():
+                p.add_(0.01)
+        return {"loss": 0.0}
+
+
+def test_a_stage_hands_on_its_best_on_val_network(tmp_path, monkeypatch):
+    """ProDA's stages pass on their best_model.pkl: the next stage starts from the network of the
+    stage's best validation (here the one after iteration 2 of 4), kept as checkpoints/first_best.pt."""
+    import udafast.engine.trainer as trainer_module
+    from udafast.methods import METHODS
+    monkeypatch.setitem(METHODS, "two_stages", f"{__name__}:_TwoStages")
+    scores = iter([10.0, 30.0, 20.0, 25.0])  # after iterations 1, 2, 3 and the end of stage "first"
+    seen = []
+
+    def fake_evaluate(model, *args, **kwargs):
+        if len(seen) < 4:
+            seen.append({k: v.clone() for k, v in model.state_dict().items()})
+            miou = next(scores)
+        else:
+            miou = 0.0
+        return {"miou": miou, "iou": {}}
+
+    monkeypatch.setattr(trainer_module, "evaluate_model", fake_evaluate)
+    config = tiny_run_config("source_only", train={"eval_every": 1, "panels": 0})
+    config["method"] = "two_stages"
+    trainer = Trainer(config, tmp_path, progress=False)
+    metrics = trainer.run()
+    kept = load_checkpoint(tmp_path / "checkpoints" / "first_best.pt")
+    assert kept["trainer"]["stage_best"]["first"] == {"miou": 30.0, "iter": 2}
+    assert metrics["stages"]["first"]["best"] == {"miou": 30.0, "iter": 2}
+    last_of_first = load_checkpoint(tmp_path / "checkpoints" / "first.pt")["model"]
+    started = trainer.method.started_from
+    assert all(torch.equal(started[k], seen[1][k]) for k in started)
+    assert not all(torch.equal(started[k], last_of_first[k]) for k in started)

@@ -13,7 +13,7 @@ from udafast.engine.config import DEFAULTS, merge
 from udafast.methods import METHOD_NAMES, method_class
 
 __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summarize", "write_results",
-           "format_results", "compare_backends", "COMPARED"]
+           "format_results", "compare_backends", "needs_ssl", "COMPARED", "SOURCE_INIT", "SSL_INIT"]
 
 #: the methods `--method all` compares, in table order
 COMPARED = ("source_only", "adabn", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "oracle")
@@ -79,7 +79,7 @@ def run_method(config, out_dir, *, stage=None, resume=None, progress=None, sourc
                 Trainer(pre, source_run, progress=progress).run()
         config["init"] = os.path.join(source_run, "checkpoints", "last.pt")
     pretrain_s = None
-    if _needs_ssl(config, stage):
+    if needs_ssl(config, stage):
         ssl_run = ssl_run or os.path.join(out_dir, "pretrain_ssl_source")
         pretrain_s = 0.0
         if os.path.isfile(os.path.join(ssl_run, "metrics.json")):
@@ -105,7 +105,7 @@ def run_method(config, out_dir, *, stage=None, resume=None, progress=None, sourc
     return metrics
 
 
-def _needs_ssl(config, stage):
+def needs_ssl(config, stage):
     """Whether this run (or its `stage`) starts a student from "@ssl_source": ProDA's stage 2, or
     stage 3 when it does not continue from stage 2's network."""
     options = config.get(config.get("method")) or {}

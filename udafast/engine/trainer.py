@@ -397,11 +397,22 @@ class Trainer:
 
     def _stage_init(self, ctx, stages, index):
         """The network stage `index` starts from: the config's init for the first stage; else the
-        previous stage's network (checkpoints/<stage>.pt), or, for a stage run alone whose
-        previous stage is not in the run folder, the config's init."""
+        previous stage's network (checkpoints/<stage>_best.pt where that stage hands on its
+        best-on-val network and validated within itself, else checkpoints/<stage>.pt), or, for a
+        stage run alone whose previous stage is not in the run folder, the config's init."""
         if index == 0:
             return ctx.build_model()
-        path = os.path.join(self.ckpt_dir, f"{stages[index - 1].name}.pt")
+        previous = stages[index - 1]
+        path = os.path.join(self.ckpt_dir, f"{previous.name}.pt")
+        best = os.path.join(self.ckpt_dir, f"{previous.name}_best.pt")
+        if previous.next_from == "best" and os.path.isfile(best):
+            ckpt = load_checkpoint(best)
+            kept = ckpt["trainer"]["stage_best"][previous.name]
+            ctx.log(f"stage {stages[index].name!r} starts from {previous.name!r}'s best-on-val network "
+                    f"(iteration {kept['iter']}, mIoU {kept['miou']:.2f}): {best}")
+            model = ctx.build_model(init=False)
+            model.load_state_dict(ckpt["model"])
+            return model
         if not os.path.isfile(path):
             if self.stage_only is not None and self.config.get("init"):
                 ctx.log(f"stage {stages[index].name!r}: no {path}; starting from init {self.config['init']}")
@@ -416,7 +427,7 @@ class Trainer:
         config = self.config
         train = config["train"]
         eval_every, ckpt_every = int(train.get("eval_every") or 0), int(train.get("ckpt_every") or 0)
-        state = {"global_iter": 0, "best": None, "stage_results": {}, "times": [], "setup_s": {}, "nonfinite_steps": 0,
+        state = {"global_iter": 0, "best": None, "stage_best": {}, "stage_results": {}, "times": [], "setup_s": {}, "nonfinite_steps": 0,
                  "pseudo_labels": {}}
         first, start_iter = 0, 0
         if resume_ckpt is not None:
@@ -465,7 +476,9 @@ class Trainer:
                 logger.log_iteration(state["global_iter"], stage.name, it + 1, losses, lrs, dt)
                 done = it + 1
                 if eval_every and done % eval_every == 0 and done < stage.iters:
-                    self._evaluate(method, ctx, index, stage, state, logger, keep_best=True)
+                    result = self._evaluate(method, ctx, index, stage, state, logger, keep_best=True)
+                    self._stage_best(method, ctx, stages, index, done, result, state)
+                    method.observe_validation(stage, result["miou"], done)
                 if ckpt_every and done % ckpt_every == 0 and done < stage.iters:
                     self._save_periodic(method, ctx, index, done, state)
             for guard in guards:
@@ -476,6 +489,11 @@ class Trainer:
                 self._save(method, ctx, index, stage.iters, state, f"{stage.name}.pt")
             result = self._evaluate(method, ctx, index, stage, state, logger, keep_best=bool(eval_every))
             state["stage_results"][stage.name] = {"miou": result["miou"], "iters": stage.iters}
+            if eval_every:
+                self._stage_best(method, ctx, stages, index, stage.iters, result, state)
+            method.observe_validation(stage, result["miou"], stage.iters)
+            if stage.name in state["stage_best"]:
+                state["stage_results"][stage.name]["best"] = state["stage_best"][stage.name]
             refined = method.finish_stage(stage)  # a last change after training (e.g. BatchNorm re-estimation)
             if refined:
                 if self.world > 1:
@@ -631,6 +649,18 @@ class Trainer:
             self._save(method, ctx, stage_index, None, state, "best.pt")
         return result
 
+    def _stage_best(self, method, ctx, stages, index, done, result, state):
+        """Keep checkpoints/<stage>_best.pt, the network the next stage starts from, where the stage
+        hands on its best-on-val network (`Stage.next_from`) and validates within itself."""
+        stage = stages[index]
+        if stage.next_from != "best" or index == len(stages) - 1:
+            return
+        best = state["stage_best"].get(stage.name)
+        if best is not None and result["miou"] <= best["miou"]:
+            return
+        state["stage_best"][stage.name] = {"miou": result["miou"], "iter": done}
+        self._save(method, ctx, index, None, state, f"{stage.name}_best.pt")
+
     def _panels(self, model, ctx, stage_name):
         """A PNG of image | ground truth | prediction for the first val images."""
         n = int(self.config["train"].get("panels") or 0)
@@ -717,7 +747,7 @@ def _buffers(modules, clone=False):
 
 #: the trainer's counters a checkpoint carries (any counter added to the run's state that a resumed
 #: run must continue from belongs here)
-_RESUMED = ("global_iter", "best", "stage_results", "nonfinite_steps", "pseudo_labels")
+_RESUMED = ("global_iter", "best", "stage_best", "stage_results", "nonfinite_steps", "pseudo_labels")
 
 
 def _per_class(result):

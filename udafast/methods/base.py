@@ -23,9 +23,13 @@ __all__ = ["Method", "Stage", "seg_loss", "upsample", "nearest_labels", "EMATeac
 
 @dataclass(frozen=True)
 class Stage:
-    """A training stage: `iters` iterations under one network and one set of optimisers."""
+    """A training stage: `iters` iterations under one network and one set of optimisers.
+    `next_from`: the network the next stage starts from, "last" (this stage's final weights) or
+    "best" (those of its best evaluation on target val, where `train.eval_every` validates within
+    the stage; with no validation there the final weights are also the best-on-val ones)."""
     name: str
     iters: int
+    next_from: str = "last"
 
 
 def upsample(logits, size):
@@ -149,6 +153,12 @@ class Method:
 
     def end_stage(self, stage):
         """Called after the last iteration of `stage` (before its evaluation)."""
+
+    def observe_validation(self, stage, miou, done):
+        """Called after each evaluation on target val within `stage` (after `done` of its
+        iterations; the end-of-stage one has `done == stage.iters`). Only a method that follows its
+        authors' code in using target labels reads this (the contrastive method's best-on-val
+        reload, off by default)."""
 
     def finish_stage(self, stage):
         """Called after `stage`'s evaluation. A method that changes its network once more after

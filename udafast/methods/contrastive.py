@@ -427,6 +427,10 @@ class Contrastive(Method):
         "class_balance": True,       # the script's ClassBalancing weights after ramp_up
         "final_bn_update": True,     # the script's update_BN_weak_unlabeled_data after training
         "bn_update_iters": 1000,     # its iterations (the script's default iters=1000)
+        # *code:* the script's reload of its best-on-val network (target labels): during training once
+        # no validation has improved for a fifth of the iterations (the teacher restarts as its copy),
+        # and before the final BatchNorm update. Needs train.eval_every
+        "code_reload_best": False,
         "max_pixels_per_class": None,  # random subset per class and domain in the loss (None: all, the script)
         "code_ascending_selection": False,
         "code_unit_memory_weights": False,
@@ -440,6 +444,8 @@ class Contrastive(Method):
         self.teacher = None
         self.bank = None
         self.balance = None
+        # code_reload_best: the best-on-val student (net + heads) and the validations since it
+        self.best = None
 
     def _check_options(self):
         o = self.options
@@ -470,9 +476,13 @@ class Contrastive(Method):
             fail("target_batch", "None or a positive integer")
         if o["max_pixels_per_class"] is not None and not count("max_pixels_per_class", 2):
             fail("max_pixels_per_class", "None or an integer >= 2")
-        for key in ("class_balance", "final_bn_update", "code_ascending_selection", "code_unit_memory_weights"):
+        for key in ("class_balance", "final_bn_update", "code_ascending_selection", "code_unit_memory_weights",
+                    "code_reload_best"):
             if not isinstance(o[key], bool):
                 fail(key, "true or false")
+        if o["code_reload_best"] and not int(self.config.get("train", {}).get("eval_every") or 0):
+            raise ValueError(f"{self.name}.code_reload_best: reloads the best-on-val network, which needs "
+                             f"train.eval_every > 0 (validation within training)")
 
     # -- set-up ---------------------------------------------------------------------------------
     def _target_batch(self, batch_size):
@@ -507,11 +517,15 @@ class Contrastive(Method):
         self.modules = {"heads": self.heads, "teacher": self.teacher, "bank": self.bank}
 
     def extra_state(self):
-        return {"balance": self.balance.state_dict()} if self.balance is not None else {}
+        state = {"balance": self.balance.state_dict()} if self.balance is not None else {}
+        if self.best is not None:
+            state["best"] = self.best
+        return state
 
     def load_extra_state(self, state):
         if "balance" in state and self.balance is not None:
             self.balance.load_state_dict(state["balance"])
+        self.best = state.get("best")
 
     # -- the step -------------------------------------------------------------------------------
     def step(self, batch, it, iters):
@@ -658,20 +672,49 @@ class Contrastive(Method):
         s = torch.sigmoid(self.heads["selectors"](z.detach(), labels))
         return class_memory_loss(z, labels, s, memory, memory_scores, self.num_classes)
 
+    # -- best-on-val reload (code_reload_best) ----------------------------------------------------
+    def observe_validation(self, stage, miou, done):
+        """trainSSL_domain_adaptation_targetCity.py: a better validation keeps the student; after
+        more than iters / 5 iterations of validations without one, the student goes back to the kept
+        network, the teacher restarts as its copy (create_ema_model) and the count restarts. The
+        end-of-training validation only competes for the best."""
+        if not self.options["code_reload_best"]:
+            return
+        if self.best is None or miou > self.best["miou"]:
+            weights = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+            self.best = {"miou": float(miou), "weights": weights, "stale": 0, "seen": done}
+            return
+        self.best["stale"] += done - self.best["seen"]
+        self.best["seen"] = done
+        if done < stage.iters and self.best["stale"] > stage.iters / 5:
+            self._reload_best()
+            self.teacher.model.load_state_dict(self.student.state_dict())
+            self.best["stale"] = 0
+            self.ctx.log(f"contrastive: no better validation for {stage.iters // 5}+ iterations; back to the "
+                         f"best-on-val network (mIoU {self.best['miou']:.2f}) at iteration {done}")
+
+    def _reload_best(self):
+        self.student.load_state_dict(self.best["weights"])
+
     # -- after training -------------------------------------------------------------------------
     @torch.no_grad()
     def finish_stage(self, stage):
         """The script's `update_BN_weak_unlabeled_data`: `bn_update_iters` forwards of the network in
         train mode on target batches (the training stream's, `target_batch` images each), so its
-        BatchNorm statistics are re-estimated on the target. Returns "bn_update" (or None when off)."""
+        BatchNorm statistics are re-estimated on the target. With `code_reload_best`, first the
+        best-on-val network comes back, as the script loads best_model.pth. Returns "bn_update" (or
+        "best_reload_bn_update"; None when neither runs)."""
         o = self.options
         stream = getattr(self.ctx, "target_stream", None)
+        reloaded = o["code_reload_best"] and self.best is not None
+        if reloaded:
+            self._reload_best()
         if not o["final_bn_update"] or o["bn_update_iters"] == 0 or stream is None:
-            return None
+            return "best_reload" if reloaded else None
         was_training = self.model.training
         self.model.train()
         for _ in range(o["bn_update_iters"]):
             x = next(stream)["image"]
             self.model(self.normalize(x[: self._target_batch(x.shape[0])]))
         self.model.train(was_training)
-        return "bn_update"
+        return "best_reload_bn_update" if reloaded else "bn_update"

@@ -44,6 +44,11 @@ code (microsoft/ProDA: `models/adaptation_modelv2.py`, `calc_prototype.py`,
   `student_init: null` (the run's init: the source-only network on the preset) reports stage 2 the
   other way.
 
+Each stage hands on its best-on-val network, as the README's commands pass each stage's
+`*_best_model.pkl` on: with validation within a stage (`train.eval_every`), the trainer keeps it as
+`checkpoints/<stage>_best.pt` and the next stage (its labels, its teacher, stage 3's student) starts
+from it; without, the final weights are the best-on-val ones (`next_from: last` always takes them).
+
 Each pseudo-label map is scored against the target's true labels where the run has them
 (`Method.record_labels`): `p_t0` (the warm-up argmax) and `y_hat` in stage 1, the distillation labels
 in stages 2 and 3.
@@ -181,6 +186,10 @@ class ProDA(Method):
         # stage3_from_stage2 is false (then as stage 2's)
         "student_init": None,
         "stage3_from_stage2": True,
+        # the network each stage hands on (its soft / distillation labels, stage 3's student): the
+        # best-on-val one, as README.md's commands pass each stage's *_best_model.pkl on; "last" takes
+        # the stage's final weights. Without validation within a stage (train.eval_every 0) they agree
+        "next_from": "best",
         # batch size of the passes over the target set (None = data.batch_size)
         "pass_batch_size": None,
     }
@@ -213,7 +222,8 @@ class ProDA(Method):
                     "distill_flip", "stage3_from_stage2"):
             if not isinstance(o[key], bool):
                 raise ValueError(f"proda.{key}: expected a bool, got {o[key]!r}")
-        for key, choices in (("proto_init", ("image_mean", "pixel_mean")), ("pl_view", ("weak", "strong"))):
+        for key, choices in (("proto_init", ("image_mean", "pixel_mean")), ("pl_view", ("weak", "strong")),
+                             ("next_from", ("best", "last"))):
             if o[key] not in choices:
                 raise ValueError(f"proda.{key}: expected one of {choices}, got {o[key]!r}")
         weights = o["disc_weights"]
@@ -241,7 +251,7 @@ class ProDA(Method):
     # -- stages ---------------------------------------------------------------------------------
     def stages(self):
         default = int(self.config["train"]["iters"])
-        return [Stage(s, self.options[f"{s}_iters"] or default) for s in STAGES]
+        return [Stage(s, self.options[f"{s}_iters"] or default, next_from=self.options["next_from"]) for s in STAGES]
 
     def start_stage(self, stage, model, resume=False):
         self.stage = stage.name
