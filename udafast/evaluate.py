@@ -1,8 +1,17 @@
-"""Evaluate a checkpoint on a labelled split, or score saved predictions (SPEC part 3).
+"""Evaluate a checkpoint on a labelled split, or score saved predictions.
 
-    python -m udafast.evaluate --checkpoint CKPT --dataset cityscapes --root DIR --split val \\
+    python -m udafast.evaluate --checkpoint CKPT [--dataset cityscapes --root DIR --split val] \\
         [--input-size 1024x512] [--device cuda] [--classes 19|16] [--save-predictions DIR] [--json FILE]
     python -m udafast.evaluate --predictions DIR --dataset cityscapes --root DIR --split val [--json FILE]
+
+`--checkpoint CKPT` alone evaluates on the validation set of the run that made the checkpoint, as
+that run did: its `data.val`, `eval.input_size` and `eval.classes`, which every checkpoint the
+trainer writes carries (for an older checkpoint, read from the run folder's config.yaml beside
+its checkpoints/ folder). `--dataset`, `--root`, `--split`, `--input-size` and `--classes` override
+them; `--root` alone points the run's dataset at another folder. The run's `eval.max_images` is not
+applied: the whole split is scored. A checkpoint from elsewhere (e.g. the authors' released models)
+defaults to Cityscapes val. `--root` is needed only for a dataset read from files (not for the
+embedded synthetic benchmark).
 
 Prints the per-class IoU table and the mIoU (`miou`; plus `miou13` with `--classes 16`, the
 SYNTHIA protocol). `--save-predictions DIR` writes the official Cityscapes format: label-id PNGs
@@ -21,11 +30,18 @@ import torch
 from udafast.engine import evaluation
 
 
+#: datasets that read no files, so need no --root
+ROOTLESS_DATASETS = ("synthetic",)
+
+
 def load_model(checkpoint, device="cpu"):
     """The model saved in `checkpoint` (see udafast.models), on `device`, in eval mode.
 
-    `model.eval_input_size` is the network input size (w, h) the run's config evaluates at, which
-    the trainer stores in the checkpoint as `eval_input_size`, or None (each image's own size)."""
+    The run's evaluation settings come with it: `model.eval_input_size`, the network input size
+    (w, h) the run's config evaluates at, or None (each image's own size); `model.eval_classes`
+    (19 or 16, or None when unknown) and `model.val_split`, the run's `data.val` entry (None when
+    unknown). The trainer stores them in the checkpoint; for an older checkpoint they are read
+    from the run folder's config.yaml (checkpoints/../config.yaml) when there is one."""
     checkpoint = str(checkpoint)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
@@ -33,9 +49,32 @@ def load_model(checkpoint, device="cpu"):
 
     state = load_model_checkpoint(checkpoint, map_location="cpu")  # also the authors' released models
     model = model_from_checkpoint(state, map_location="cpu").to(device).eval()
-    size = state.get("eval_input_size")
+    run = _run_settings(checkpoint, state)
+    size = run["input_size"]
     model.eval_input_size = tuple(size) if size is not None else None
+    model.eval_classes, model.val_split = run["classes"], run["val"]
     return model
+
+
+def _run_settings(path, state):
+    """{"val", "classes", "input_size"} of the run that wrote the checkpoint at `path` (dict `state`)."""
+    if "data_val" in state:
+        return {"val": state["data_val"], "classes": state.get("eval_classes"),
+                "input_size": state.get("eval_input_size")}
+    config = {}
+    folder = os.path.dirname(os.path.abspath(path))
+    run_config = os.path.join(os.path.dirname(folder), "config.yaml")
+    if os.path.basename(folder) == "checkpoints" and os.path.isfile(run_config):
+        import yaml
+
+        with open(run_config) as f:
+            try:
+                config = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"{run_config}: not readable YAML ({str(e).splitlines()[0]})") from None
+    evaluation_config = config.get("eval") or {}
+    return {"val": (config.get("data") or {}).get("val"), "classes": evaluation_config.get("classes"),
+            "input_size": state.get("eval_input_size", evaluation_config.get("input_size"))}
 
 
 def parse_size(text):
@@ -92,40 +131,74 @@ class PredictionWriter:
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m udafast.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m udafast.evaluate", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n")[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="model checkpoint to evaluate")
     src.add_argument("--predictions", help="folder of saved label-id PNGs to score instead of a model")
-    p.add_argument("--dataset", default="cityscapes", help="dataset name (default cityscapes)")
-    p.add_argument("--root", required=True, help="dataset root folder")
-    p.add_argument("--split", default="val", help="split to evaluate (default val)")
+    p.add_argument("--dataset", default=None,
+                   help="dataset name (default: the checkpoint's run's val dataset, else cityscapes)")
+    p.add_argument("--root", default=None,
+                   help="dataset root folder (default: the checkpoint's run's; not needed for synthetic)")
+    p.add_argument("--split", default=None, help="split to evaluate (default: the checkpoint's run's, else val)")
     p.add_argument("--input-size", metavar="WxH", type=parse_size, default=None,
                    help="network input WIDTHxHEIGHT (default: the checkpoint's eval_input_size, "
                         "else each image's own size)")
     p.add_argument("--device", default=None, help="torch device (default cuda when available)")
-    p.add_argument("--classes", type=int, choices=(19, 16), default=19,
-                   help="19 classes, or 16 (+13) for SYNTHIA-trained models")
+    p.add_argument("--classes", type=int, choices=(19, 16), default=None,
+                   help="19 classes, or 16 (+13) for SYNTHIA-trained models (default: the checkpoint's run's, "
+                        "else 19)")
     p.add_argument("--save-predictions", metavar="DIR", help="write label-id PNGs and colour panels here")
     p.add_argument("--json", metavar="FILE", help="write the scores as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
 
+def select_data(args, val_split=None, classes=None) -> dict:
+    """Fill in `args.dataset`, `args.root`, `args.split` and `args.classes` where the flags left
+    them out: from the run's `val_split` (its `data.val` entry) and `classes`, else Cityscapes val
+    with 19 classes -> the dataset's options (the run's, when it is the run's dataset). ValueError
+    naming --root when the dataset reads files and no folder is known; FileNotFoundError naming
+    the run's folder when it is not on this machine."""
+    val_split = val_split or {}
+    run_dataset = val_split.get("name")
+    args.dataset = args.dataset or run_dataset or "cityscapes"
+    same = args.dataset == run_dataset
+    if args.root is None and same and val_split.get("root") is not None:
+        args.root = val_split["root"]
+        if not os.path.isdir(args.root):
+            raise FileNotFoundError(f"--root: the run's dataset folder {args.root} (data.val.root, stored with "
+                                    f"the checkpoint) is not here; give --root DIR")
+    args.split = args.split or (val_split.get("split") if same else None) or "val"
+    args.classes = args.classes or classes or 19
+    if args.root is None and args.dataset.lower() not in ROOTLESS_DATASETS:
+        raise ValueError(f"--root: the {args.dataset} dataset is read from a folder; give --root DIR")
+    return dict(val_split.get("options") or {}) if same else {}
+
+
 def run(args) -> dict:
     from udafast.data import build_dataset
+    from udafast.engine.devices import check_device
 
     if args.checkpoint is not None and not os.path.isfile(args.checkpoint):
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     if args.predictions is not None and args.save_predictions:
         raise ValueError("--save-predictions: only with --checkpoint")
-    dataset = build_dataset(args.dataset, args.root, args.split)
+    device = check_device(args.device or default_device(), "--device")
+    if args.checkpoint is not None:  # read and checked before the dataset
+        model = load_model(args.checkpoint, device)
+        options = select_data(args, getattr(model, "val_split", None), getattr(model, "eval_classes", None))
+    else:
+        options = select_data(args)
+    dataset = build_dataset(args.dataset, args.root, args.split, **options)
+    if not args.quiet:
+        print(f"evaluating on {args.dataset} {args.split}" + (f" in {args.root}" if args.root else "")
+              + (f", options {options}" if options else ""), file=sys.stderr)
     progress = None if args.quiet else print_progress
     if args.predictions is not None:
         result = evaluation.score_predictions(args.predictions, dataset, classes=args.classes, progress=progress)
         meta = {"predictions": args.predictions}
     else:
-        device = torch.device(args.device or default_device())
-        model = load_model(args.checkpoint, device)
         writer = PredictionWriter(args.save_predictions, dataset) if args.save_predictions else None
         input_size = args.input_size or getattr(model, "eval_input_size", None)
         result = evaluation.evaluate_model(model, dataset, input_size=input_size, device=device,

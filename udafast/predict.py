@@ -4,7 +4,10 @@
 
 For each image (a folder contributes the image files directly in it), writes `DIR/{stem}.png`,
 the train ids (0-18) as a greyscale PNG at the image's own size, and `DIR/overlay/{stem}.png`,
-the image blended half and half with the prediction in the Cityscapes palette.
+the image blended half and half with the prediction in the Cityscapes palette. A file that cannot
+be read (not an image, a damaged one) does not stop the others: every prediction that can be made
+is written, then each file that could not be read is listed with its reason, one line each, and
+the exit status is 1.
 """
 import argparse
 import os
@@ -43,15 +46,25 @@ def collect_images(inputs):
     return files
 
 
-def predict_files(model, files, out, *, input_size=None, device=None, progress=None):
-    """Write the label PNG and overlay of each image file into `out`; returns the label paths."""
-    from udafast.data.io import load_image
+def predict_files(model, files, out, *, input_size=None, device=None, progress=None, on_error=None):
+    """Write the label PNG and overlay of each image file into `out`; returns the label paths.
+    `on_error(path, reason)`: called for a file that cannot be read, which is then passed over
+    (default: the error is raised)."""
+    from udafast.data.io import BadSampleError, load_image
     from udafast.data.labels import colorize
 
     model.eval()
     written = []
     for i, path in enumerate(files):
-        image = load_image(path)
+        try:
+            image = load_image(path)
+        except (BadSampleError, OSError) as e:
+            if on_error is None:
+                raise
+            on_error(path, e.reason if isinstance(e, BadSampleError) else str(e))
+            if progress is not None:
+                progress(i + 1, len(files))
+            continue
         pred = evaluation.predict(model, image, input_size=input_size, device=device).argmax(0).cpu()
         stem = os.path.splitext(os.path.basename(path))[0]
         label_path = os.path.join(out, stem + ".png")
@@ -79,15 +92,23 @@ def build_parser():
 
 
 def run(args):
+    from udafast.engine.devices import check_device
+
     files = collect_images(args.inputs)
-    device = torch.device(args.device or evaluate.default_device())
+    device = check_device(args.device or evaluate.default_device(), "--device")
     model = evaluate.load_model(args.checkpoint, device)
     progress = None if args.quiet else evaluate.print_progress
     input_size = args.input_size or getattr(model, "eval_input_size", None)
-    written = predict_files(model, files, args.out, input_size=input_size, device=device, progress=progress)
+    failed = []
+    written = predict_files(model, files, args.out, input_size=input_size, device=device, progress=progress,
+                            on_error=lambda path, reason: failed.append((path, reason)))
     if progress is not None:
         print(file=sys.stderr)
     print(f"wrote {len(written)} predictions to {args.out}")
+    if failed:
+        for path, reason in failed:
+            print(f"udafast.predict: could not read {path}: {reason}", file=sys.stderr)
+        raise ValueError(f"{len(failed)} of {len(files)} input files could not be read (listed above)")
     return written
 
 

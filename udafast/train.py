@@ -34,6 +34,16 @@ def _seeds(text):
     return seeds
 
 
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def build_parser():
     epilog = (f"methods: {', '.join(METHOD_NAMES)}, all\n"
               f"presets (embedded benchmark): {', '.join(preset_names())}\n"
@@ -49,7 +59,7 @@ def build_parser():
     p.add_argument("--target", help="target dataset name (cityscapes, synthetic, folder)")
     p.add_argument("--target-root", help="target dataset folder")
     p.add_argument("--model", choices=("small", "deeplabv2_r101"), help="network")
-    p.add_argument("--iters", type=int, help="training iterations (per stage where a method has stages)")
+    p.add_argument("--iters", type=_positive_int, help="training iterations (per stage where a method has stages)")
     p.add_argument("--batch-size", type=int, help="images per domain per iteration")
     p.add_argument("--backend", choices=("auto", "reference", "native", "triton"), help="ops backend")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
@@ -142,6 +152,10 @@ def main(argv=None):
 
 def _main(args):
     from udafast.engine import runs
+    from udafast.engine.devices import check_device
+
+    if args.device is not None:
+        check_device(args.device, "--device")
 
     file_config = read_config(args.config or DEFAULT_PRESET)
     preset = os.path.splitext(os.path.basename(args.config or DEFAULT_PRESET))[0]

@@ -65,8 +65,10 @@ def run_method(config, out_dir, *, stage=None, resume=None, progress=None, sourc
     `ssl_run` (a run folder; default `out_dir/pretrain_ssl_source`), trained first with `ssl_config`
     (the ssl_source config of the same file; default: this config as ssl_source) unless its
     metrics.json is there; its `checkpoints/last.pt` replaces the value. Its time is part of this
-    run's: logged, and in the metrics as "pretrain_s" (0 when reused)."""
-    from udafast.engine.trainer import Trainer
+    run's: logged, and in the metrics as "pretrain_s" (0 when reused). `stage` is checked before
+    any pretraining."""
+    from udafast.engine.trainer import Trainer, check_stage
+    check_stage(config, stage)
     config = copy.deepcopy(config)
     if config.get("init") == SOURCE_INIT:
         if source_run is None:

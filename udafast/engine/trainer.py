@@ -16,7 +16,9 @@ from: the network, the method's state (`Method.state_dict`: its modules, optimis
 and extra state), the batch streams' positions, every global RNG (Python, NumPy, torch CPU and
 CUDA), the trainer's counters and, when there is one, the AMP grad scaler; the learning rates are
 a function of the iteration. So with `deterministic: true` on the CPU a resumed run ends bitwise
-equal to the run that was not interrupted, wherever that one was killed.
+equal to the run that was not interrupted, wherever that one was killed. Each checkpoint also
+carries what `python -m udafast.evaluate --checkpoint` needs to score it alone: the run's `data.val`
+(as `data_val`), `eval.input_size` and `eval.classes` (as `eval_input_size`, `eval_classes`).
 
 Every optimiser of the method steps through a `StepGuard` (udafast.engine.distributed): under
 torchrun it averages the gradients over the processes, it refuses non-finite gradients (the run
@@ -42,6 +44,7 @@ from udafast.engine import distributed as dist
 from udafast.engine import checkpoints
 from udafast.engine.config import dump_config, merge
 from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
+from udafast.engine.devices import check_device
 from udafast.engine.evaluation import evaluate_model, predict
 from udafast.engine.logging import RunLogger
 from udafast.methods import build_method, method_class
@@ -49,11 +52,20 @@ from udafast.methods.base import Stage
 from udafast.models import build_model
 from udafast.models.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint
 
-__all__ = ["Trainer", "RunContext", "seed_everything", "NonFiniteLoss"]
+__all__ = ["Trainer", "RunContext", "seed_everything", "NonFiniteLoss", "check_stage"]
 
 
 class NonFiniteLoss(RuntimeError):
     """Training stopped at a non-finite loss or gradient (the message names the last good checkpoint)."""
+
+
+def check_stage(config: dict, stage) -> None:
+    """ValueError naming --stage when `stage` (None: every stage) is not one of the method's."""
+    if stage is None:
+        return
+    names = method_class(config["method"]).stage_names(config)
+    if stage not in names:
+        raise ValueError(f"--stage: {config['method']} has the stages {names}, got {stage!r}")
 
 
 def seed_everything(seed):
@@ -289,6 +301,12 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def run(self):
         config = self.config
+        # plain mistakes fail here, before anything is built, trained or written
+        check_device(config["device"], "device")
+        iters = config["train"]["iters"]
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"train.iters: expected a positive int, got {iters!r}")
+        check_stage(config, self.stage_only)
         device = dist.init_from_env(config["device"])
         self.rank, self.world = dist.rank(), dist.world_size()
         train = config["train"]
@@ -302,6 +320,11 @@ class Trainer:
         for key in ("sync_bn", "activation_checkpointing"):
             if not isinstance(train[key], bool):
                 raise ValueError(f"train.{key}: expected true or false, got {train[key]!r}")
+        resume_ckpt = self._resume_checkpoint()
+        if resume_ckpt is not None:
+            finished = self._finished_metrics(resume_ckpt)
+            if finished is not None:
+                return finished
         os.makedirs(self.ckpt_dir, exist_ok=True)
         if self.rank == 0:
             dump_config(config, os.path.join(self.out_dir, "config.yaml"))
@@ -313,7 +336,6 @@ class Trainer:
         seed_everything(int(config["seed"]) + 1_000_003 * self.rank)
         method_cls = method_class(config["method"])
 
-        resume_ckpt = self._resume_checkpoint()
         logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard, rank=self.rank)
         ctx = None
         try:
@@ -326,9 +348,6 @@ class Trainer:
             stages = method.stages()
             if config["train"].get("stage_iters"):
                 stages = [Stage(s.name, int(config["train"]["stage_iters"])) for s in stages]
-            names = [s.name for s in stages]
-            if self.stage_only is not None and self.stage_only not in names:
-                raise ValueError(f"--stage: {config['method']} has the stages {names}, got {self.stage_only!r}")
             todo = [i for i, s in enumerate(stages) if self.stage_only in (None, s.name)]
             logger.set_total(sum(stages[i].iters for i in todo))
             return self._run_stages(method, ctx, stages, todo, resume_ckpt, logger)
@@ -352,6 +371,29 @@ class Trainer:
             self.resume_path = os.fspath(self.resume)
             ckpt = checkpoints.load_resumable(self.resume_path)
         return ckpt
+
+    def _finished_metrics(self, ckpt):
+        """The run's metrics.json when `ckpt` ends what this run trains (the end-of-stage checkpoint
+        of its last stage, or of `--stage`) and the run folder has them: there is nothing to resume,
+        so nothing is run or written, and the message says so. None otherwise."""
+        config = self.config
+        names = method_class(config["method"]).stage_names(config)
+        last = self.stage_only or names[-1]
+        done = (ckpt.get("method_name") == config["method"] and ckpt["stage"] == names.index(last)
+                and ckpt["stage_iter"] == (ckpt["trainer"].get("stage_results") or {}).get(last, {}).get("iters"))
+        path = os.path.join(self.out_dir, "metrics.json")
+        if not done or not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            metrics = json.load(f)
+        if metrics.get("method") != config["method"]:
+            return None
+        if self.rank == 0:
+            for note in self._resume_notes:
+                print(note, file=sys.stderr)
+            print(f"resume: {self.resume_path} is the end of the run (stage {last!r} finished, iteration "
+                  f"{ckpt['iter']}); nothing to resume, {path} is left as it is", file=sys.stderr)
+        return metrics
 
     def _resume_position(self, ckpt, stages, todo, state, logger):
         """(position in `todo`, stage iteration) the checkpoint resumes at, its trainer counters put
@@ -587,6 +629,8 @@ class Trainer:
                 save_checkpoint(path, method.model, iter=state["global_iter"], stage=stage_index,
                                 stage_iter=stage_iter, method=method.state_dict(), streams=streams, rng=_get_rng(),
                                 eval_input_size=self.config["eval"].get("input_size"),
+                                eval_classes=int(self.config["eval"].get("classes", 19)),
+                                data_val=self.config["data"]["val"],
                                 method_name=self.config["method"], world_size=self.world,
                                 trainer={k: state[k] for k in _RESUMED}, **extra)
 

@@ -141,6 +141,12 @@ class Method:
         self.generator = torch.Generator(device="cpu").manual_seed(int(config.get("seed", 0)) + 7919 + 1_000_003 * rank)
 
     # -- stages ---------------------------------------------------------------------------------
+    @classmethod
+    def stage_names(cls, config: dict) -> list:
+        """The names of `stages()` under `config`, known before anything is built (to check
+        `--stage` before a pretraining runs)."""
+        return ["train"]
+
     def stages(self):
         return [Stage("train", int(self.config["train"]["iters"]))]
 

@@ -276,6 +276,12 @@ class CBST(Method):
         self.mine = []
 
     # -- rounds ---------------------------------------------------------------------------------
+    @classmethod
+    def stage_names(cls, config: dict) -> list:
+        rounds = (config.get(cls.name) or {}).get("rounds", cls.defaults["rounds"])
+        _check_int("rounds", rounds, 1)
+        return [f"round{r}" for r in range(rounds)]
+
     def stages(self):
         o = self.options
         if o["iters_per_round"] is not None:

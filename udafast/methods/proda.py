@@ -249,6 +249,10 @@ class ProDA(Method):
         return os.path.join(self.ctx.out_dir, "proda", SOFT_LABELS)
 
     # -- stages ---------------------------------------------------------------------------------
+    @classmethod
+    def stage_names(cls, config: dict) -> list:
+        return list(STAGES)
+
     def stages(self):
         default = int(self.config["train"]["iters"])
         return [Stage(s, self.options[f"{s}_iters"] or default, next_from=self.options["next_from"]) for s in STAGES]

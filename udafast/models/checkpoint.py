@@ -5,11 +5,14 @@ Files are read with `torch.load(weights_only=True)`, so `extra` values must be t
 dicts/lists/tuples of them and plain Python values (optimiser state dicts qualify; numpy arrays do
 not).
 """
+import codecs
 import contextlib
 import copy
 import os
+import pickle
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Mapping
 
 import torch
@@ -70,7 +73,13 @@ def save_checkpoint(path, model, *, iter, **extra):
 
 def _validate(ckpt, where):
     if not isinstance(ckpt, Mapping) or "format_version" not in ckpt:
-        raise ValueError(f"{where}: not a udafast checkpoint (no format_version)")
+        if isinstance(ckpt, Mapping):
+            keys = ", ".join(repr(k) for k in list(ckpt)[:5]) + (", ..." if len(ckpt) > 5 else "")
+            holds = f"a dict with the keys {keys}" if ckpt else "an empty dict"
+        else:
+            holds = f"a {type(ckpt).__name__}"
+        raise ValueError(f"{where}: not a udafast checkpoint: a torch file without udafast's keys "
+                         f"({', '.join(_RESERVED)}); it holds {holds}")
     if ckpt["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{where}: checkpoint format_version {ckpt['format_version']!r}, this udafast reads "
                          f"{FORMAT_VERSION}")
@@ -91,10 +100,51 @@ def load_checkpoint(path, map_location="cpu"):
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated / foreign: name the file rather than surface an unpickling error
-        reason = str(e).splitlines()[0] if str(e) else ""
-        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
+        raise ValueError(f"{path}: not a readable checkpoint: {_what_file(path, e)}") from None
     _validate(ckpt, path)
     return ckpt
+
+
+#: how torch.save's legacy (non-zip) format begins: a protocol-2 pickle of its magic number
+_LEGACY_TORCH = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+
+
+def _what_file(path, error):
+    """What a file `torch.load` failed on is, from its first bytes (the unpickler's own error,
+    e.g. "IndexError: pop from empty list" for a text file, says nothing to a user)."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format keeps its index at the end
+        if not zipfile.is_zipfile(path):
+            return "truncated (a zip archive, as torch.save writes, without its end)"
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith("/data.pkl") for n in z.namelist()):
+                return "a zip archive, not a torch checkpoint"
+    elif head.startswith(_LEGACY_TORCH):
+        if isinstance(error, EOFError) or "truncated" in str(error):
+            return "truncated (a torch file in the legacy format, cut short)"
+    elif head.startswith(b"\x80"):
+        return "a Python pickle, not a torch checkpoint"
+    elif _is_text(head):
+        return "a text file, not a torch checkpoint"
+    else:
+        return f"binary data starting {head[:8]!r}, not a torch checkpoint"
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+        return "a torch file holding Python objects other than tensors, which udafast does not unpickle"
+    return f"a torch file that does not load ({reason})"
+
+
+def _is_text(head):
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at 4096 bytes is fine
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def load_model_checkpoint(path, map_location="cpu"):
