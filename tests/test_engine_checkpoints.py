@@ -93,6 +93,20 @@ def _bad_files(folder, good):
     return sorted(folder / n for n in [*files, "tensor.pt", "other_format.pt"])
 
 
+#: what the error says each of `_bad_files` is (rather than the unpickler's own error)
+BAD_FILES = {
+    "truncated.pt": "not a readable checkpoint: truncated (a zip archive, as torch.save writes, without its end)",
+    "empty.pt": "not a readable checkpoint: an empty file",
+    "text.pt": "not a readable checkpoint: a text file, not a torch checkpoint",
+    "pickle_dict.pt": "not a readable checkpoint: a Python pickle, not a torch checkpoint",
+    "pickle_object.pt": "not a readable checkpoint: a Python pickle, not a torch checkpoint",
+    "tensor.pt": "not a udafast checkpoint: a torch file without udafast's keys (format_version, config, model, "
+                 "iter); it holds a Tensor",
+    "other_format.pt": "not a udafast checkpoint: a torch file without udafast's keys (format_version, config, "
+                       "model, iter); it holds a dict with the keys 'state_dict'",
+}
+
+
 def test_bad_files_raise_an_error_naming_them_without_the_unpickling_traceback(tmp_path):
     good = tmp_path / "good.pt"
     save_checkpoint(good, build_model({"name": "small", "width": 4, "feature_dim": 32}), iter=1)
@@ -100,10 +114,34 @@ def test_bad_files_raise_an_error_naming_them_without_the_unpickling_traceback(t
         with pytest.raises(ValueError) as info:
             load_checkpoint(path)
         message = str(info.value)
-        assert message.startswith(f"{path}: ") and "\n" not in message, message
+        assert message == f"{path}: {BAD_FILES[path.name]}"
         # `raise ... from None`: the unpickler's exception is neither the cause nor shown as context
         e = info.value
         assert e.__cause__ is None and (e.__context__ is None or e.__suppress_context__), path
+
+
+def test_other_unreadable_files_say_what_they_are(tmp_path):
+    """torch's legacy format cut short, a torch file holding other objects, a zip or an image."""
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.zeros(100)}, legacy, _use_new_zipfile_serialization=False)
+    (tmp_path / "legacy_cut.pt").write_bytes(legacy.read_bytes()[:200])
+    torch.save({"w": Foreign()}, tmp_path / "objects.pt")
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "archive.pt", "w") as z:
+        z.writestr("a.txt", "hello")
+    (tmp_path / "image.pt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    expected = {
+        "legacy_cut.pt": "a torch file in the legacy format, truncated or damaged (",  # + the unpickler's error
+        "objects.pt": "a torch file holding Python objects other than tensors, which udafast does not unpickle",
+        "archive.pt": "a zip archive, not a torch checkpoint",
+        "image.pt": "binary data starting b'\\x89PNG\\r\\n\\x1a\\n', not a torch checkpoint",
+    }
+    for name, what in expected.items():
+        with pytest.raises(ValueError) as info:
+            load_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"{tmp_path / name}: not a readable checkpoint: {what}") and "\n" not in message
+        assert message.endswith(")") if what.endswith("(") else message.endswith(what)
 
 
 def _training_checkpoint(path, model, iteration, stage, stage_iter):

@@ -123,18 +123,23 @@ def _what_file(path, error):
         with zipfile.ZipFile(path) as z:
             if not any(n.endswith("/data.pkl") for n in z.namelist()):
                 return "a zip archive, not a torch checkpoint"
-    elif head.startswith(_LEGACY_TORCH):
-        if isinstance(error, EOFError) or "truncated" in str(error):
-            return "truncated (a torch file in the legacy format, cut short)"
+    elif head.startswith(_LEGACY_TORCH):  # its unpickler fails on a cut file in many ways (EOFError, IndexError)
+        if not _objects_refused(error):
+            return f"a torch file in the legacy format, truncated or damaged ({reason})"
     elif head.startswith(b"\x80"):
         return "a Python pickle, not a torch checkpoint"
     elif _is_text(head):
         return "a text file, not a torch checkpoint"
     else:
         return f"binary data starting {head[:8]!r}, not a torch checkpoint"
-    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+    if _objects_refused(error):
         return "a torch file holding Python objects other than tensors, which udafast does not unpickle"
     return f"a torch file that does not load ({reason})"
+
+
+def _objects_refused(error):
+    """Whether `torch.load(weights_only=True)` refused the file's Python objects."""
+    return isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error)
 
 
 def _is_text(head):
