@@ -85,3 +85,24 @@ def test_predict_errors(tmp_path, images, tiny_model):
     with pytest.raises(SystemExit) as e:
         predict.main(["--checkpoint", str(ckpt), str(folder), str(other), "--out", str(tmp_path / "o")])
     assert "a.png" in str(e.value.code) and "both" in str(e.value.code)
+
+
+def test_bad_files_do_not_stop_the_others(tmp_path, images, tiny_model, capsys):
+    """A damaged image and a non-image among good ones: every good one is written, each bad one is
+    listed with its reason at the end, and the exit status is 1."""
+    folder, ckpt = images
+    good = (folder / "a.png").read_bytes()
+    (folder / "0_cut.png").write_bytes(good[: len(good) // 3])
+    (folder / "c_text.jpg").write_text("not an image either")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        predict.main(["--checkpoint", str(ckpt), str(folder), str(folder / "notes.txt"), "--out", str(out), "--quiet"])
+    assert e.value.code == "udafast.predict: error: 3 of 5 input files could not be read (listed above)"
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "overlay"]
+    assert sorted(os.listdir(out / "overlay")) == ["a.png", "b.png"]
+    captured = capsys.readouterr()
+    assert "wrote 2 predictions" in captured.out
+    lines = captured.err.strip().splitlines()
+    assert [line.split(": cannot be decoded (")[0] for line in lines] == [
+        f"udafast.predict: could not read {folder / name}" for name in ("0_cut.png", "c_text.jpg", "notes.txt")]
+    assert "truncated" in lines[0].lower() and "cannot identify image file" in lines[1]
