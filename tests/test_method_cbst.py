@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from udafast.engine.config import DEFAULTS, merge
 from udafast.engine.data import BatchStream, TrainView
+from udafast.engine.inference import InferenceOptions
 from udafast.engine.trainer import RunContext, Trainer
 from udafast.methods.cbst import CBST, _RoundExtras, mine_classes, portion_schedule, source_fraction, subsample_mask
 
@@ -458,10 +459,10 @@ def test_labelling_pass_averages_the_image_and_its_mirror_by_hand():
     mirrored = _softmax(_hand_logits(w, b, x[:, :, ::-1]))[:, :, ::-1]  # the mirror's prediction, mirrored back
     expected = 0.5 * (plain + mirrored)
     identity = lambda t: t  # noqa: E731
-    got = label_probabilities(net, image, identity, scale=1.0, flip=True)
+    got = label_probabilities(net, image, identity, InferenceOptions(flip=True))
     assert got.dtype == torch.float32 and np.allclose(got[0].numpy(), expected, rtol=1e-6, atol=1e-7)
     assert not np.allclose(plain, expected, atol=1e-3)  # the mirror matters for this network
-    assert np.allclose(label_probabilities(net, image, identity, scale=1.0, flip=False)[0].numpy(), plain,
+    assert np.allclose(label_probabilities(net, image, identity, InferenceOptions())[0].numpy(), plain,
                        rtol=1e-6, atol=1e-7)
 
 
@@ -470,7 +471,7 @@ def test_labelling_pass_runs_at_the_code_eval_scale_with_flips_in_both_passes(tm
     from udafast.methods.cbst import label_probabilities
     net = MirrorNet()
     image = torch.rand(1, 2, 20, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    got = label_probabilities(net, image, lambda t: t, scale=0.9, flip=False)
+    got = label_probabilities(net, image, lambda t: t, InferenceOptions(scales=(0.9,)))
     assert net.sizes == [(18, 27)] and got.shape == (1, 3, 20, 30)
     small = F.interpolate(image, size=(18, 27), mode="bilinear", align_corners=False)
     expected = torch.softmax(F.interpolate(net.conv(small), size=(20, 30), mode="bilinear", align_corners=True), 1)
