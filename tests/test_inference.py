@@ -198,8 +198,8 @@ def test_predict_with_options_averages_the_views_of_the_network_input():
 class Samples:
     def __init__(self, n=2):
         g = torch.Generator().manual_seed(4)
-        self.samples = [{"image": torch.rand(3, 12, 20, generator=g), "label": torch.randint(0, 5, (12, 20), generator=g),
-                         "name": f"s{i}.png"} for i in range(n)]
+        self.samples = [{"image": torch.rand(3, 12, 20, generator=g),
+                         "label": torch.randint(0, 5, (12, 20), generator=g), "name": f"s{i}.png"} for i in range(n)]
 
     def __len__(self):
         return len(self.samples)

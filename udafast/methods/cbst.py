@@ -211,7 +211,8 @@ class CBST(Method):
         "mine_port": 1.0e-3,       # crst_seg.py MINE_PORT (kc_parameters): mine classes predicted below this share
         "mine_chance": 0.8,        # crst_seg.py MINE_CHANCE
         "flip_average": True,      # cbst.sh --test-flipping: label passes average the image and its mirror
-        "label_scale": 0.9,        # crst_seg.py EVAL_SCALE: label passes see the frame resized by this (a list: averaged)
+        # crst_seg.py EVAL_SCALE: label passes see the frame resized by this (a list: averaged over them)
+        "label_scale": 0.9,
         # label passes by sliding windows: crop [H, W] every stride [H, W] (udafast.engine.inference)
         "label_slide": {"crop": None, "stride": None},
         "freeze_bn": True,         # crst_seg.py model.eval() while retraining; deeplab/model.py BN affine frozen
