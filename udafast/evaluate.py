@@ -52,7 +52,7 @@ def parse_size(text):
     return w, h
 
 
-def add_inference_arguments(p):
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
     """The test-time augmentation flags (see `inference_options`)."""
     g = p.add_argument_group("test-time augmentation (mmsegmentation's; default: one whole view)")
     g.add_argument("--flip", action="store_true",
@@ -66,7 +66,7 @@ def add_inference_arguments(p):
                    help="the windows' step in pixels, at most the window size")
 
 
-def inference_options(args):
+def inference_options(args: argparse.Namespace):
     """The `InferenceOptions` of the flags of `add_inference_arguments`."""
     from udafast.engine.inference import InferenceOptions
 

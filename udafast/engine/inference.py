@@ -15,7 +15,7 @@ bilinear without antialiasing (cv2.resize, as CBST's crst_seg.py `val` does).
 """
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,8 @@ class InferenceOptions:
         return not self.flip and self.scales == (1.0,) and self.crop is None
 
     @classmethod
-    def create(cls, flip=False, scales=(1.0,), crop=None, stride=None, *,
-               names=("flip", "scales", "crop", "stride")) -> "InferenceOptions":
+    def create(cls, flip: bool = False, scales=(1.0,), crop=None, stride=None, *,
+               names: Tuple[str, str, str, str] = ("flip", "scales", "crop", "stride")) -> "InferenceOptions":
         """Checked options; a ValueError names the offending one by its entry in `names` (a config
         key's dotted path, a CLI flag) for flip, scales, crop, stride."""
         n_flip, n_scales, n_crop, n_stride = names
@@ -100,7 +100,7 @@ def scaled_size(size: Sequence[int], scale: float) -> Tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def slide_windows(size: Sequence[int], crop: Sequence[int], stride: Sequence[int]):
+def slide_windows(size: Sequence[int], crop: Sequence[int], stride: Sequence[int]) -> List[Tuple[int, int, int, int]]:
     """The windows (y1, y2, x1, x2) covering an image of `size` (H, W), as mmseg's
     `slide_inference` lays them: every `stride` from the top left, the last flush with the edge."""
     (h, w), (ch, cw), (sh, sw) = size, crop, stride
