@@ -1,10 +1,12 @@
 """Segment any images with a checkpoint.
 
-    python -m udafast.predict --checkpoint CKPT IMAGE_OR_DIR... --out DIR [--input-size WxH] [--device D]
+    python -m udafast.predict --checkpoint CKPT IMAGE_OR_DIR... --out DIR [--input-size WxH] [--device D] \\
+        [--flip] [--scales 0.75 1.0 1.25] [--slide CROP_H CROP_W --stride STRIDE_H STRIDE_W]
 
 For each image (a folder contributes the image files directly in it), writes `DIR/{stem}.png`,
 the train ids (0-18) as a greyscale PNG at the image's own size, and `DIR/overlay/{stem}.png`,
-the image blended half and half with the prediction in the Cityscapes palette. A file that cannot
+the image blended half and half with the prediction in the Cityscapes palette. `--flip`, `--scales`
+and `--slide` are test-time augmentation, as in `python -m udafast.evaluate`. A file that cannot
 be read (not an image, a damaged one) does not stop the others: every prediction that can be made
 is written, then each file that could not be read is listed with its reason, one line each, and
 the exit status is 1.
@@ -14,7 +16,6 @@ import os
 import sys
 
 import numpy as np
-import torch
 
 from udafast import evaluate
 from udafast.engine import evaluation
@@ -46,8 +47,10 @@ def collect_images(inputs):
     return files
 
 
-def predict_files(model, files, out, *, input_size=None, device=None, progress=None, on_error=None):
+def predict_files(model, files, out, *, input_size=None, device=None, progress=None, inference=None,
+                  on_error=None):
     """Write the label PNG and overlay of each image file into `out`; returns the label paths.
+    `inference`: test-time augmentation (`udafast.engine.inference.InferenceOptions`).
     `on_error(path, reason)`: called for a file that cannot be read, which is then passed over
     (default: the error is raised)."""
     from udafast.data.io import BadSampleError, load_image
@@ -65,7 +68,8 @@ def predict_files(model, files, out, *, input_size=None, device=None, progress=N
             if progress is not None:
                 progress(i + 1, len(files))
             continue
-        pred = evaluation.predict(model, image, input_size=input_size, device=device).argmax(0).cpu()
+        pred = evaluation.predict(model, image, input_size=input_size, device=device,
+                                  inference=inference).argmax(0).cpu()
         stem = os.path.splitext(os.path.basename(path))[0]
         label_path = os.path.join(out, stem + ".png")
         evaluate.save_image(label_path, pred.numpy().astype(np.uint8))
@@ -88,12 +92,14 @@ def build_parser():
                         "else each image's own size)")
     p.add_argument("--device", default=None, help="torch device (default cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    evaluate.add_inference_arguments(p)
     return p
 
 
 def run(args):
     from udafast.engine.devices import check_device
 
+    inference = evaluate.inference_options(args)
     files = collect_images(args.inputs)
     device = check_device(args.device or evaluate.default_device(), "--device")
     model = evaluate.load_model(args.checkpoint, device)
@@ -101,7 +107,7 @@ def run(args):
     input_size = args.input_size or getattr(model, "eval_input_size", None)
     failed = []
     written = predict_files(model, files, args.out, input_size=input_size, device=device, progress=progress,
-                            on_error=lambda path, reason: failed.append((path, reason)))
+                            inference=inference, on_error=lambda path, reason: failed.append((path, reason)))
     if progress is not None:
         print(file=sys.stderr)
     print(f"wrote {len(written)} predictions to {args.out}")
