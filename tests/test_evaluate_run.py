@@ -92,7 +92,8 @@ def test_root_only_where_the_dataset_reads_files(tmp_path):
     ckpt = _checkpoint(tmp_path / "m.pt")
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--checkpoint", str(ckpt), "--dataset", "cityscapes", "--quiet"])
-    assert e.value.code == "udafast.evaluate: error: --root: the cityscapes dataset is read from a folder; give --root DIR"
+    assert e.value.code == ("udafast.evaluate: error: --root: the cityscapes dataset is read from a folder; "
+                            "give --root DIR")
     # (the synthetic benchmark reads nothing: test_the_checkpoint_alone_gives_the_runs_score gives no --root)
 
 

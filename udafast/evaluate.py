@@ -10,9 +10,9 @@ that run did: its `data.val`, `eval.input_size` and `eval.classes`, which every 
 trainer writes carries (for an older checkpoint, read from the run folder's config.yaml beside
 its checkpoints/ folder). `--dataset`, `--root`, `--split`, `--input-size` and `--classes` override
 them; `--root` alone points the run's dataset at another folder. The run's `eval.max_images` is not
-applied: the whole split is scored; test-time augmentation is what the flags say. A checkpoint from elsewhere (e.g. the authors' released models)
-defaults to Cityscapes val. `--root` is needed only for a dataset read from files (not for the
-embedded synthetic benchmark).
+applied: the whole split is scored; test-time augmentation is what the flags say. A checkpoint from
+elsewhere (e.g. the authors' released models) defaults to Cityscapes val. `--root` is needed only for
+a dataset read from files (not for the embedded synthetic benchmark).
 
 Prints the per-class IoU table and the mIoU (`miou`; plus `miou13` with `--classes 16`, the
 SYNTHIA protocol). `--save-predictions DIR` writes the official Cityscapes format: label-id PNGs
