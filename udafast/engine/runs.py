@@ -8,8 +8,10 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Mapping
 
 from udafast.engine.config import DEFAULTS, merge
+from udafast.engine.schema import validate_config
 from udafast.methods import METHOD_NAMES, method_class
 
 __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summarize", "write_results",
@@ -28,26 +30,59 @@ SSL_INIT = "@ssl_source"
 
 def resolve_config(file_config, method, overrides=()):
     """The config of one `method`: DEFAULTS, then the file's common keys, then its
-    `methods: {method: {...}}` section, then `overrides` (a list of key=value)."""
-    from udafast.engine.config import apply_overrides
+    `methods: {method: {...}}` section, then `overrides` (a list of key=value). ValueError naming
+    any unknown key, at any depth (udafast.engine.schema)."""
     file_config = copy.deepcopy(file_config or {})
     per_method = file_config.pop("methods", {}) or {}
     preset = file_config.pop("preset", None)
     bad = sorted(set(per_method) - set(METHOD_NAMES))
     if bad:
         raise ValueError(f"config: methods: unknown method(s) {', '.join(bad)}")
-    config = merge(DEFAULTS, file_config)
-    config = merge(config, per_method.get(method) or {})
+    config = _merge_layer(DEFAULTS, file_config)
+    config = _merge_layer(config, per_method.get(method) or {})
     config["method"] = method
-    config = apply_overrides(config, overrides)
-    unknown = sorted(set(config) - set(DEFAULTS) - set(METHOD_NAMES))
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {', '.join(unknown)}; known: {sorted(DEFAULTS)} and the "
-                         f"method sections {list(METHOD_NAMES)}")
+    config = _override_layer(config, overrides)
     method_class(config["method"])  # validates the name
     if preset is not None:
         config["preset"] = preset
+    validate_config(config)
     return config
+
+
+#: the data sections that name a dataset (name, root, split, options)
+DATA_SPLITS = ("source", "target", "val")
+
+
+def _split(config, split):
+    data = config.get("data") if isinstance(config, Mapping) else None
+    node = data.get(split) if isinstance(data, Mapping) else None
+    return node if isinstance(node, Mapping) else {}
+
+
+def _override_layer(config, overrides):
+    """`config` with `overrides` (key=value) applied; a data split that they point at another
+    dataset loses the options of the one before unless they set its options too."""
+    from udafast.engine.config import apply_overrides, parse_override
+    out = apply_overrides(config, overrides)
+    touched = {".".join(parse_override(text)[0][:3]) for text in overrides or ()}
+    for split in DATA_SPLITS:
+        new = _split(out, split)
+        if "name" in new and new["name"] != _split(config, split).get("name") and \
+                f"data.{split}.options" not in touched:
+            new["options"] = {}
+    return out
+
+
+def _merge_layer(config, update):
+    """`update` merged over `config` (udafast.engine.config.merge); a data split whose dataset
+    `update` changes keeps only the options `update` gives it (the synthetic default's `domain` is
+    not an option of gta5)."""
+    out = merge(config, update)
+    for split in DATA_SPLITS:
+        given = _split(update, split)
+        if "name" in given and given["name"] != _split(config, split).get("name"):
+            _split(out, split)["options"] = copy.deepcopy(given.get("options") or {})
+    return out
 
 
 def _seed_dir(out, seed, several):
@@ -143,8 +178,9 @@ def compare_methods(file_config, out_dir, seeds, methods=COMPARED, overrides=(),
     source_runs = None
     ssl_config = resolve_config(file_config, "ssl_source", overrides)
     ssl_runs = {s: _seed_dir(os.path.join(out_dir, "ssl_source"), s, len(seeds) > 1) for s in seeds}
-    for name in methods:
-        config = resolve_config(file_config, name, overrides)
+    # every config first, so that a bad key in the last method's stops the comparison before it trains
+    configs = {name: resolve_config(file_config, name, overrides) for name in methods}
+    for name, config in configs.items():
         folder = os.path.join(out_dir, name)
         runs[name] = run_seeds(config, folder, seeds, progress=progress, source_runs=source_runs, log=log,
                                ssl_runs=ssl_runs, ssl_config=ssl_config)

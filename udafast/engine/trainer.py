@@ -25,6 +25,7 @@ update is dropped and counted) and it applies one update per `train.grad_accum` 
 `train.amp: bf16` runs each step under bfloat16 autocast.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -44,8 +45,8 @@ from udafast.engine.config import dump_config, merge
 from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
 from udafast.engine.evaluation import evaluate_model, predict
 from udafast.engine.logging import RunLogger
+from udafast.engine.schema import validate_config
 from udafast.methods import build_method, method_class
-from udafast.methods.base import Stage
 from udafast.models import build_model
 from udafast.models.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint
 
@@ -289,6 +290,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def run(self):
         config = self.config
+        validate_config(config)  # before anything is written: config.yaml never records a typo
         device = dist.init_from_env(config["device"])
         self.rank, self.world = dist.rank(), dist.world_size()
         train = config["train"]
@@ -324,8 +326,8 @@ class Trainer:
             method = build_method(config, ctx)
             self.method = method  # for inspection after the run
             stages = method.stages()
-            if config["train"].get("stage_iters"):
-                stages = [Stage(s.name, int(config["train"]["stage_iters"])) for s in stages]
+            if config["train"].get("stage_iters"):  # only the length changes (not what a stage hands on)
+                stages = [dataclasses.replace(s, iters=int(config["train"]["stage_iters"])) for s in stages]
             names = [s.name for s in stages]
             if self.stage_only is not None and self.stage_only not in names:
                 raise ValueError(f"--stage: {config['method']} has the stages {names}, got {self.stage_only!r}")
