@@ -31,7 +31,17 @@ SSL_INIT = "@ssl_source"
 def resolve_config(file_config, method, overrides=()):
     """The config of one `method`: DEFAULTS, then the file's common keys, then its
     `methods: {method: {...}}` section, then `overrides` (a list of key=value). ValueError naming
-    any unknown key, at any depth (udafast.engine.schema)."""
+    any unknown key, at any depth (udafast.engine.schema), in this config or in that of another
+    method the file has a `methods:` section for."""
+    config = _resolve(file_config, method, overrides)
+    validate_config(config)
+    for other in (file_config or {}).get("methods") or {}:
+        if other != method:
+            validate_config(_resolve(file_config, other, overrides), what=f"config of {other} (methods.{other})")
+    return config
+
+
+def _resolve(file_config, method, overrides):
     file_config = copy.deepcopy(file_config or {})
     per_method = file_config.pop("methods", {}) or {}
     preset = file_config.pop("preset", None)
@@ -45,7 +55,6 @@ def resolve_config(file_config, method, overrides=()):
     method_class(config["method"])  # validates the name
     if preset is not None:
         config["preset"] = preset
-    validate_config(config)
     return config
 
 
@@ -60,17 +69,16 @@ def _split(config, split):
 
 
 def _override_layer(config, overrides):
-    """`config` with `overrides` (key=value) applied; a data split that they point at another
-    dataset loses the options of the one before unless they set its options too."""
-    from udafast.engine.config import apply_overrides, parse_override
-    out = apply_overrides(config, overrides)
-    touched = {".".join(parse_override(text)[0][:3]) for text in overrides or ()}
-    for split in DATA_SPLITS:
-        new = _split(out, split)
-        if "name" in new and new["name"] != _split(config, split).get("name") and \
-                f"data.{split}.options" not in touched:
-            new["options"] = {}
-    return out
+    """`config` with `overrides` (key=value) applied in order; one that points a data split at
+    another dataset drops the options of the one before (later ones may set its own)."""
+    from udafast.engine.config import apply_overrides
+    for text in overrides or ():
+        before, config = config, apply_overrides(config, [text])
+        for split in DATA_SPLITS:
+            new = _split(config, split)
+            if "name" in new and new["name"] != _split(before, split).get("name"):
+                new["options"] = {}
+    return config
 
 
 def _merge_layer(config, update):

@@ -80,17 +80,17 @@ def _schema() -> _Section:
     return top
 
 
-def validate_config(config: Mapping) -> None:
+def validate_config(config: Mapping, what: str = "config") -> None:
     """ValueError unless every key of `config` (a resolved run config) is known, at any depth: one
-    line naming each unknown key by its dotted path, the closest known key ("did you mean
-    train.iters?") and the keys known there."""
+    line, starting with `what`, naming each unknown key by its dotted path, the closest known key
+    ("did you mean train.iters?") and the keys known there."""
     unknown: List[str] = []
     known: Dict[str, List[str]] = {}
     _check(config, _schema(), "", unknown, known)
     if unknown:
         where = "".join(f"; known {'in ' + p if p else 'at the top level'}: {', '.join(keys)}" if keys else
                         f"; {p} takes no keys" for p, keys in known.items())
-        raise ValueError(f"config: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{where}")
+        raise ValueError(f"{what}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{where}")
 
 
 def _check(value, spec: _Spec, path: str, unknown: List[str], known: Dict[str, List[str]]) -> None:
