@@ -12,7 +12,8 @@ a value, which takes no keys. The sections whose keys depend on another value or
 - `pretrain`: the keys of `train` (it updates that section of the source-only run trained first);
 - one section per method (`proda`, `cbst`, ...): that method's `defaults`, whichever method the
   run trains; `adaptsegnet.discriminator` takes the keys of `optimizer`.
-Values are checked where they are read (their types and ranges), not here.
+Beyond keys given to a value and a value given for a section, values are checked where they are
+read (their types and ranges), not here.
 """
 import difflib
 from collections.abc import Mapping
@@ -35,8 +36,8 @@ _VALUE = object()
 #: anything (a free-form value)
 _FREE = object()
 
-# a spec: _Section, _VALUE, _FREE, or a function of the node's value returning one
-_Spec = Union[_Section, object, Callable[[object], object]]
+#: a spec: a _Section, _VALUE, _FREE, or a function of the node's value returning one
+_Spec = Union[_Section, Callable[[object], object], object]
 
 
 def _from_defaults(defaults: Mapping, optional: bool = False) -> _Section:
@@ -74,6 +75,8 @@ def _schema() -> _Section:
     top.keys["pretrain"] = _Section(top.keys["train"].keys, optional=True)
     for split in ("source", "target", "val"):
         top.keys["data"].keys[split] = _dataset(f"data.{split}")
+    for view in ("source_view", "target_view"):  # null: the default view (TrainView.from_config)
+        top.keys["data"].keys[view].optional = True
     for name in METHOD_NAMES:
         top.keys[name] = _from_defaults(method_class(name).defaults, optional=True)
     top.keys["adaptsegnet"].keys["discriminator"] = top.keys["optimizer"]
