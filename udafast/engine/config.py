@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import yaml
 
-__all__ = ["DEFAULTS", "PRESETS_DIR", "CONFIGS_DIR", "preset_names", "config_names", "read_config",
+__all__ = ["DEFAULTS", "DATA_SPLITS", "PRESETS_DIR", "CONFIGS_DIR", "preset_names", "config_names", "read_config",
            "resolve_config_path", "merge", "apply_overrides", "parse_override", "dump_config"]
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,6 +65,9 @@ DEFAULTS = {
     # input_size (width, height) of the network at evaluation; None = the images' own size
     "eval": {"input_size": None, "classes": 19, "max_images": None},
 }
+
+#: the data sections that name a dataset (name, root, split, options)
+DATA_SPLITS = ("source", "target", "val")
 
 
 def merge(base, update):

@@ -10,7 +10,7 @@ import subprocess
 import time
 from collections.abc import Mapping
 
-from udafast.engine.config import DEFAULTS, merge
+from udafast.engine.config import DATA_SPLITS, DEFAULTS, merge
 from udafast.engine.schema import validate_config
 from udafast.methods import METHOD_NAMES, method_class
 
@@ -56,10 +56,6 @@ def _resolve(file_config, method, overrides):
     if preset is not None:
         config["preset"] = preset
     return config
-
-
-#: the data sections that name a dataset (name, root, split, options)
-DATA_SPLITS = ("source", "target", "val")
 
 
 def _split(config, split):

@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Union
 
+from udafast.engine.config import DATA_SPLITS, DEFAULTS
+
 __all__ = ["validate_config"]
 
 
@@ -67,13 +69,12 @@ def _dataset(path):
 
 
 def _schema() -> _Section:
-    from udafast.engine.config import DEFAULTS
     from udafast.methods import METHOD_NAMES, method_class
     top = _from_defaults(DEFAULTS)
     top.keys["preset"] = _VALUE  # the preset's name, recorded by resolve_config
     top.keys["model"] = _model
     top.keys["pretrain"] = _Section(top.keys["train"].keys, optional=True)
-    for split in ("source", "target", "val"):
+    for split in DATA_SPLITS:
         top.keys["data"].keys[split] = _dataset(f"data.{split}")
     for view in ("source_view", "target_view"):  # null: the default view (TrainView.from_config)
         top.keys["data"].keys[view].optional = True
