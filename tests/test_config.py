@@ -128,6 +128,14 @@ def test_unknown_keys_are_named_at_any_depth(file_config, overrides, message):
     assert "\n" not in str(e.value)
 
 
+def test_null_stands_for_an_empty_section_where_the_code_reads_it_so():
+    config = resolve_config({"data": {"source_view": None}, "eval": {"slide": None}, "proda": None, "pretrain": None},
+                            "proda")
+    assert config["data"]["source_view"] is None and config["proda"] is None
+    with pytest.raises(ValueError, match="^data.source: expected a mapping of name, options, root, split, got None$"):
+        resolve_config({"data": {"source": {"name": "synthetic"}}}, "proda", ["data.source=null"])
+
+
 def test_free_form_dataset_options():
     """A dataset whose factory takes **options takes any option (the factory checks them)."""
     from udafast.data import datasets

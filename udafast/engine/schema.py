@@ -27,10 +27,10 @@ __all__ = ["validate_config"]
 
 @dataclass
 class _Section:
-    """Known keys -> their specs. `optional`: null stands for an empty section (where the code reads
-    `section or {}`)."""
+    """Known keys -> their specs. `optional`: null stands for an empty section (the code reads
+    `section or {}`); not so for the sections a run reads key by key (train, data, its splits, ...)."""
     keys: Dict[str, object] = field(default_factory=dict)
-    optional: bool = False
+    optional: bool = True
 
 
 #: a value: anything but a mapping
@@ -42,44 +42,48 @@ _FREE = object()
 _Spec = Union[_Section, Callable[[object], object], object]
 
 
-def _from_defaults(defaults: Mapping, optional: bool = False) -> _Section:
-    return _Section({k: _from_defaults(v) if isinstance(v, Mapping) else _VALUE for k, v in defaults.items()},
-                    optional)
+def _from_defaults(defaults: Mapping) -> _Section:
+    return _Section({k: _from_defaults(v) if isinstance(v, Mapping) else _VALUE for k, v in defaults.items()})
 
 
 def _model(node):
     from udafast.models.build import MODEL_NAMES, model_keys
-    name = node.get("name") if isinstance(node, Mapping) else None
+    if not isinstance(node, Mapping):
+        return _Section({"name": _VALUE}, optional=False)  # _check reports the value given for the section
+    name = node.get("name")
     if name not in MODEL_NAMES:
         raise ValueError(f"model.name: expected one of {', '.join(MODEL_NAMES)}, got {name!r}")
-    return _Section({k: _VALUE for k in model_keys(name)})
+    return _Section({k: _VALUE for k in model_keys(name)}, optional=False)
 
 
 def _dataset(path):
     def spec(node):
         from udafast.data.datasets import dataset_options
-        name = node.get("name") if isinstance(node, Mapping) else None
-        try:
-            options = dataset_options(name)
-        except ValueError as e:
-            raise ValueError(f"{path}.{e}") from None
-        known = _FREE if options is None else _Section({k: _FREE for k in options}, optional=True)
-        return _Section({"name": _VALUE, "root": _VALUE, "split": _VALUE, "options": known})
+        keys = {"name": _VALUE, "root": _VALUE, "split": _VALUE, "options": _FREE}
+        if isinstance(node, Mapping):
+            try:
+                options = dataset_options(node.get("name"))
+            except ValueError as e:
+                raise ValueError(f"{path}.{e}") from None
+            if options is not None:
+                keys["options"] = _Section({k: _FREE for k in options})
+        return _Section(keys, optional=False)
     return spec
 
 
 def _schema() -> _Section:
     from udafast.methods import METHOD_NAMES, method_class
     top = _from_defaults(DEFAULTS)
+    for section in top.keys.values():
+        if isinstance(section, _Section):
+            section.optional = False
     top.keys["preset"] = _VALUE  # the preset's name, recorded by resolve_config
     top.keys["model"] = _model
-    top.keys["pretrain"] = _Section(top.keys["train"].keys, optional=True)
+    top.keys["pretrain"] = _Section(top.keys["train"].keys)
     for split in DATA_SPLITS:
         top.keys["data"].keys[split] = _dataset(f"data.{split}")
-    for view in ("source_view", "target_view"):  # null: the default view (TrainView.from_config)
-        top.keys["data"].keys[view].optional = True
     for name in METHOD_NAMES:
-        top.keys[name] = _from_defaults(method_class(name).defaults, optional=True)
+        top.keys[name] = _from_defaults(method_class(name).defaults)
     top.keys["adaptsegnet"].keys["discriminator"] = top.keys["optimizer"]
     return top
 
