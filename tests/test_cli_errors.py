@@ -118,6 +118,9 @@ def test_resume_of_a_finished_run_is_a_no_op_that_says_so(tiny_yaml, tmp_path, c
             f"nothing to resume, {out / 'metrics.json'} is left as it is") in captured.err
     assert "source_only: target val mIoU" in captured.out
     assert {f: os.stat(out / f).st_mtime_ns for f in files} == stamps
+    # with another config (here more iterations) the run is not over: it continues
+    longer = train.main(argv + ["--resume", "--iters", "3"])
+    assert longer["iters"] == 3 and "nothing to resume" not in capsys.readouterr().err
 
 
 def test_resume_of_files_that_are_not_checkpoints_says_what_they_are(tiny_yaml, tmp_path):

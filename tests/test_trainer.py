@@ -102,7 +102,7 @@ def test_init_at_source_only_trains_it_first(tmp_path):
 
 
 def test_bad_method_option_and_stage(tmp_path):
-    with pytest.raises(ValueError, match="unknown option"):
+    with pytest.raises(ValueError, match="unknown key source_only.weight; source_only takes no keys"):
         Trainer(tiny_run_config("source_only", source_only={"weight": 1}), tmp_path, progress=False).run()
     with pytest.raises(ValueError, match="--stage"):
         Trainer(tiny_run_config("source_only"), tmp_path, stage="stage9", progress=False).run()

@@ -59,7 +59,12 @@ def build_parser():
     p.add_argument("--target", help="target dataset name (cityscapes, synthetic, folder)")
     p.add_argument("--target-root", help="target dataset folder")
     p.add_argument("--model", choices=("small", "deeplabv2_r101"), help="network")
-    p.add_argument("--iters", type=_positive_int, help="training iterations (per stage where a method has stages)")
+    p.add_argument("--iters", type=_positive_int, metavar="N",
+                   help="N training iterations for every stage of the run, over the config's per-stage settings: "
+                        "ProDA's warmup/stage1/2/3, CBST's rounds and the pretraining runs trained first "
+                        "(init @source_only, @ssl_source); sets train.iters and train.stage_iters, so --iters 2 is "
+                        "a quick check of everything. Passes over the data (pseudo-labels, prototypes, BatchNorm "
+                        "re-estimation) are not iterations and keep their length")
     p.add_argument("--batch-size", type=int, help="images per domain per iteration")
     p.add_argument("--backend", choices=("auto", "reference", "native", "triton"), help="ops backend")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
@@ -90,7 +95,8 @@ def build_parser():
                    help="override a config value (dotted key, YAML value); repeatable")
     p.add_argument("--results", help="with --method all: write the comparison JSON here (+ .md table, .png chart)")
     p.add_argument("--compare-backends", action="store_true",
-                   help="run the method with backend=reference and the fast backend; compare losses and speed")
+                   help="run the method with backend=reference and the fast backend for --iters iterations of "
+                        "each stage (default 5); compare losses and speed")
     p.add_argument("--progress", choices=("auto", "bar", "lines"), default="auto",
                    help="a progress bar, or a line every 30 s (auto: a bar on a terminal)")
     return p
@@ -119,7 +125,8 @@ def _dataset_overrides(args):
 
 def _overrides(args):
     out = _dataset_overrides(args)
-    simple = {"model.name": args.model, "train.iters": args.iters, "data.batch_size": args.batch_size,
+    simple = {"model.name": args.model, "train.iters": args.iters, "train.stage_iters": args.iters,
+              "data.batch_size": args.batch_size,
               "backend": args.backend, "device": args.device, "seed": args.seed,
               "train.ckpt_every": args.ckpt_every, "train.eval_every": args.eval_every}
     out += [f"{k}={v}" for k, v in simple.items() if v is not None]
@@ -173,7 +180,7 @@ def _main(args):
         if method == "all":
             raise ValueError("--compare-backends: give one --method")
         config = runs.resolve_config(file_config, method, overrides)
-        report = runs.compare_backends(config, out)
+        report = runs.compare_backends(config, out, iters=args.iters or 5)
         print(json.dumps(report, indent=2))
         _print_backend_report(report)
         return report

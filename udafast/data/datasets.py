@@ -8,8 +8,9 @@ A sample that cannot be trained on raises `BadSampleError` naming the file: an i
 does not decode, a label of another (H, W) than its image, or raw label values outside the
 dataset's table (a value the table does not list is a corrupt or foreign file, not "ignore").
 """
+import inspect
 import os
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -38,6 +39,18 @@ def register_dataset(name: str, factory: Optional[Callable] = None, *, overwrite
 
 def dataset_names() -> List[str]:
     return sorted(_REGISTRY)
+
+
+def dataset_options(name: str) -> Optional[Tuple[str, ...]]:
+    """The options dataset `name` takes (its factory's keyword parameters beyond root, split and
+    transform); None where the factory takes any (`**options`). ValueError for an unknown name."""
+    if not isinstance(name, str) or name.lower() not in _REGISTRY:
+        raise ValueError(f"name: unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    params = inspect.signature(_REGISTRY[name.lower()]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.name not in ("root", "split", "transform")
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def build_dataset(name: str, root, split: str = "train", transform=None, **options) -> Dataset:

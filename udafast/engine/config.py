@@ -1,8 +1,9 @@
 """Run configs: nested dicts built from the defaults, a preset or YAML file, and `key=value` overrides.
 
 Precedence, lowest first: `DEFAULTS`, the method's own defaults (its section), the config file or
-preset, then `--set` overrides (dotted keys, values parsed as YAML). Unknown top-level keys are an
-error so that a typo never silently trains with a default.
+preset, then `--set` overrides (dotted keys, values parsed as YAML). An unknown key, at any depth,
+is an error (udafast.engine.schema checks every resolved config) so that a typo never silently
+trains with a default.
 """
 import copy
 import os
@@ -10,7 +11,7 @@ from collections.abc import Mapping
 
 import yaml
 
-__all__ = ["DEFAULTS", "PRESETS_DIR", "CONFIGS_DIR", "preset_names", "config_names", "read_config",
+__all__ = ["DEFAULTS", "DATA_SPLITS", "PRESETS_DIR", "CONFIGS_DIR", "preset_names", "config_names", "read_config",
            "resolve_config_path", "merge", "apply_overrides", "parse_override", "dump_config"]
 
 _HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,7 +53,9 @@ DEFAULTS = {
     },
     "optimizer": {"name": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
                   "schedule": "poly", "power": 0.9, "poly_iters": None},
-    # stage_iters: when set, every stage of a multi-stage method runs that many iterations (quick checks)
+    # stage_iters: when set, every stage of the run runs that many iterations, over the method's own
+    # per-stage settings (ProDA's proda.<stage>_iters, CBST's rounds) and those of pretraining runs
+    # trained first (`pretrain`, ssl_source); --iters N sets it and iters to N (quick checks)
     # grad_accum: micro-batches per update; amp: null or "bf16" (autocast); on_nonfinite: "stop" or
     # "skip"; sync_bn: BatchNorm over the batches of every process (torchrun); activation_checkpointing:
     # recompute the backbone's activations in the backward instead of keeping them
@@ -65,6 +68,9 @@ DEFAULTS = {
     "eval": {"input_size": None, "classes": 19, "max_images": None, "flip": False, "scales": [1.0],
              "slide": {"crop": None, "stride": None}},
 }
+
+#: the data sections that name a dataset (name, root, split, options)
+DATA_SPLITS = ("source", "target", "val")
 
 
 def merge(base, update):

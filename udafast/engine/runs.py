@@ -8,8 +8,10 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Mapping
 
-from udafast.engine.config import DEFAULTS, merge
+from udafast.engine.config import DATA_SPLITS, DEFAULTS, merge
+from udafast.engine.schema import validate_config
 from udafast.methods import METHOD_NAMES, method_class
 
 __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summarize", "write_results",
@@ -28,26 +30,63 @@ SSL_INIT = "@ssl_source"
 
 def resolve_config(file_config, method, overrides=()):
     """The config of one `method`: DEFAULTS, then the file's common keys, then its
-    `methods: {method: {...}}` section, then `overrides` (a list of key=value)."""
-    from udafast.engine.config import apply_overrides
+    `methods: {method: {...}}` section, then `overrides` (a list of key=value). ValueError naming
+    any unknown key, at any depth (udafast.engine.schema), in this config or in that of another
+    method the file has a `methods:` section for."""
+    config = _resolve(file_config, method, overrides)
+    validate_config(config)
+    for other in (file_config or {}).get("methods") or {}:
+        if other != method:
+            validate_config(_resolve(file_config, other, overrides), what=f"config of {other} (methods.{other})")
+    return config
+
+
+def _resolve(file_config, method, overrides):
     file_config = copy.deepcopy(file_config or {})
     per_method = file_config.pop("methods", {}) or {}
     preset = file_config.pop("preset", None)
     bad = sorted(set(per_method) - set(METHOD_NAMES))
     if bad:
         raise ValueError(f"config: methods: unknown method(s) {', '.join(bad)}")
-    config = merge(DEFAULTS, file_config)
-    config = merge(config, per_method.get(method) or {})
+    config = _merge_layer(DEFAULTS, file_config)
+    config = _merge_layer(config, per_method.get(method) or {})
     config["method"] = method
-    config = apply_overrides(config, overrides)
-    unknown = sorted(set(config) - set(DEFAULTS) - set(METHOD_NAMES))
-    if unknown:
-        raise ValueError(f"config: unknown key(s) {', '.join(unknown)}; known: {sorted(DEFAULTS)} and the "
-                         f"method sections {list(METHOD_NAMES)}")
+    config = _override_layer(config, overrides)
     method_class(config["method"])  # validates the name
     if preset is not None:
         config["preset"] = preset
     return config
+
+
+def _split(config, split):
+    data = config.get("data") if isinstance(config, Mapping) else None
+    node = data.get(split) if isinstance(data, Mapping) else None
+    return node if isinstance(node, Mapping) else {}
+
+
+def _override_layer(config, overrides):
+    """`config` with `overrides` (key=value) applied in order; one that points a data split at
+    another dataset drops the options of the one before (later ones may set its own)."""
+    from udafast.engine.config import apply_overrides
+    for text in overrides or ():
+        before, config = config, apply_overrides(config, [text])
+        for split in DATA_SPLITS:
+            new = _split(config, split)
+            if "name" in new and new["name"] != _split(before, split).get("name"):
+                new["options"] = {}
+    return config
+
+
+def _merge_layer(config, update):
+    """`update` merged over `config` (udafast.engine.config.merge); a data split whose dataset
+    `update` changes keeps only the options `update` gives it (the synthetic default's `domain` is
+    not an option of gta5)."""
+    out = merge(config, update)
+    for split in DATA_SPLITS:
+        given = _split(update, split)
+        if "name" in given and given["name"] != _split(config, split).get("name"):
+            _split(out, split)["options"] = copy.deepcopy(given.get("options") or {})
+    return out
 
 
 def _seed_dir(out, seed, several):
@@ -145,8 +184,9 @@ def compare_methods(file_config, out_dir, seeds, methods=COMPARED, overrides=(),
     source_runs = None
     ssl_config = resolve_config(file_config, "ssl_source", overrides)
     ssl_runs = {s: _seed_dir(os.path.join(out_dir, "ssl_source"), s, len(seeds) > 1) for s in seeds}
-    for name in methods:
-        config = resolve_config(file_config, name, overrides)
+    # every config first, so that a bad key in the last method's stops the comparison before it trains
+    configs = {name: resolve_config(file_config, name, overrides) for name in methods}
+    for name, config in configs.items():
         folder = os.path.join(out_dir, name)
         runs[name] = run_seeds(config, folder, seeds, progress=progress, source_runs=source_runs, log=log,
                                ssl_runs=ssl_runs, ssl_config=ssl_config)

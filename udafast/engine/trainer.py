@@ -27,6 +27,7 @@ update is dropped and counted) and it applies one update per `train.grad_accum` 
 `train.amp: bf16` runs each step under bfloat16 autocast.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +38,7 @@ import time
 
 import numpy as np
 import torch
+import yaml
 
 from udafast.data import BadSampleError
 from udafast.data.labels import colorize
@@ -48,8 +50,8 @@ from udafast.engine.devices import check_device
 from udafast.engine.evaluation import evaluate_model, predict
 from udafast.engine.inference import InferenceOptions
 from udafast.engine.logging import RunLogger
+from udafast.engine.schema import validate_config
 from udafast.methods import build_method, method_class
-from udafast.methods.base import Stage
 from udafast.models import build_model
 from udafast.models.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint
 
@@ -302,6 +304,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     def run(self):
         config = self.config
+        validate_config(config)  # before anything is written: config.yaml never records a typo
         # plain mistakes fail here, before anything is built, trained or written
         check_device(config["device"], "device")
         iters = config["train"]["iters"]
@@ -348,8 +351,8 @@ class Trainer:
             method = build_method(config, ctx)
             self.method = method  # for inspection after the run
             stages = method.stages()
-            if config["train"].get("stage_iters"):
-                stages = [Stage(s.name, int(config["train"]["stage_iters"])) for s in stages]
+            if config["train"].get("stage_iters"):  # only the length changes (not what a stage hands on)
+                stages = [dataclasses.replace(s, iters=int(config["train"]["stage_iters"])) for s in stages]
             todo = [i for i, s in enumerate(stages) if self.stage_only in (None, s.name)]
             logger.set_total(sum(stages[i].iters for i in todo))
             return self._run_stages(method, ctx, stages, todo, resume_ckpt, logger)
@@ -376,16 +379,20 @@ class Trainer:
 
     def _finished_metrics(self, ckpt):
         """The run's metrics.json when `ckpt` ends what this run trains (the end-of-stage checkpoint
-        of its last stage, or of `--stage`) and the run folder has them: there is nothing to resume,
-        so nothing is run or written, and the message says so. None otherwise."""
+        of its last stage, or of `--stage`) and the run folder has them and the same config.yaml:
+        there is nothing to resume, so nothing is run or written, and the message says so. None
+        otherwise (a config that differs, e.g. more iterations, continues the run as before)."""
         config = self.config
         names = method_class(config["method"]).stage_names(config)
         last = self.stage_only or names[-1]
         done = (ckpt.get("method_name") == config["method"] and ckpt["stage"] == names.index(last)
                 and ckpt["stage_iter"] == (ckpt["trainer"].get("stage_results") or {}).get(last, {}).get("iters"))
-        path = os.path.join(self.out_dir, "metrics.json")
-        if not done or not os.path.isfile(path):
+        path, run_config = (os.path.join(self.out_dir, name) for name in ("metrics.json", "config.yaml"))
+        if not done or not os.path.isfile(path) or not os.path.isfile(run_config):
             return None
+        with open(run_config) as f:
+            if yaml.safe_load(f) != yaml.safe_load(yaml.safe_dump(config)):
+                return None
         with open(path) as f:
             metrics = json.load(f)
         if metrics.get("method") != config["method"]:

@@ -1,12 +1,13 @@
 """`build_model(config)`: the networks by name, with their resolved config on `model.config`."""
 import os
 from collections.abc import Mapping
+from typing import Tuple
 
 from udafast.models.authors import load_fitting_heads
 from udafast.models.resnet import LAYOUTS, load_backbone_weights, read_weights
 from udafast.models.segmentation import ASPP_MODES, HEADS, DeepLabV2, SmallSegNet
 
-__all__ = ["build_model", "MODEL_NAMES"]
+__all__ = ["build_model", "model_keys", "MODEL_NAMES"]
 
 MODEL_NAMES = ("deeplabv2_r101", "small")
 NORMALIZATIONS = ("imagenet", "caffe", "unit")
@@ -17,6 +18,13 @@ _DEFAULTS = {
                        "normalization": None, "aux_head": True, "bn_clr": False},
     "small": {"num_classes": 19, "width": 16, "feature_dim": 256, "normalization": "imagenet"},
 }
+
+
+def model_keys(name: str) -> Tuple[str, ...]:
+    """The config keys `build_model` takes for the network `name` ("name" included)."""
+    if name not in MODEL_NAMES:
+        raise ValueError(f"name: expected one of {MODEL_NAMES}, got {name!r}")
+    return ("name",) + tuple(_DEFAULTS[name])
 
 
 def _positive_int(config, key):
