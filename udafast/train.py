@@ -75,7 +75,7 @@ def build_parser():
     p.add_argument("--resume", nargs="?", const=True, default=None,
                    help="continue from a checkpoint (default: <out>/checkpoints/last.pt, or the newest good "
                         "iter_<N>.pt / stage checkpoint when last.pt is missing or damaged); a run that has "
-                        "finished is left as it is, said so, exit status 0")
+                        "finished under this config is left as it is, said so, exit status 0")
     p.add_argument("--ckpt-every", type=int, help="a checkpoint every N iterations (checkpoints/last.pt and iter_<N>.pt)")
     p.add_argument("--eval-every", type=int, help="evaluate on target val every N iterations, keeping best.pt")
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
