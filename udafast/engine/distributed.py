@@ -3,10 +3,18 @@
 Every process trains on its own shard of each domain (`DistributedSampler` order inside
 `BatchStream`) with `data.batch_size` images per domain; what makes them one run:
 
-- they start from the same weights (rank 0's, broadcast) and keep them: `StepGuard` averages the
-  gradients of every optimiser over the processes before it steps, so each process applies the
-  same update, and rank 0's buffers (BatchNorm statistics) are broadcast after every iteration as
-  DistributedDataParallel does (or, with `train.sync_bn`, BatchNorm normalises over the global batch);
+- they start each stage from the same weights and buffers (rank 0's, broadcast: `broadcast_state`)
+  and keep them: `StepGuard` averages the gradients of every optimiser over the processes before it
+  steps, so each process applies the same update; after every iteration (and after a method's last
+  change to its network, `Method.finish_stage`) `average_buffers` replaces
+  the floating-point buffers (BatchNorm running means and variances) of the trained network and of
+  the method's saved modules with their mean over the processes (summed in float64, divided by the
+  number of processes), where DistributedDataParallel would broadcast rank 0's; integer buffers
+  (`num_batches_tracked`) advance alike everywhere and are left alone. An iteration whose update
+  is skipped (non-finite gradients) instead restores each process's buffers from before it. With
+  `train.sync_bn`, BatchNorm normalises over the global batch (torch.nn.SyncBatchNorm on CUDA,
+  `SyncBatchNorm` below elsewhere), so the running statistics are already equal and the mean leaves
+  them as they are;
 - the adaptation state is updated from everyone's data in the same order on every process
   (`ClassMemoryBank.push` and `update_prototypes` gather in rank order, `ClassThresholds.all_reduce`
   sums counts, passes over the target set are sharded and reduced);
@@ -25,7 +33,7 @@ import torch.nn as nn
 
 __all__ = ["init_from_env", "shutdown", "is_distributed", "rank", "world_size", "barrier", "all_reduce_",
            "broadcast_state", "average_buffers", "StepGuard", "NonFiniteError", "shard", "SyncBatchNorm",
-           "convert_sync_batchnorm"]
+           "convert_sync_batchnorm", "parameter_device"]
 
 
 def is_distributed():
@@ -266,10 +274,14 @@ class SyncBatchNorm(nn.BatchNorm2d):
 def convert_sync_batchnorm(module):
     """`module` with every BatchNorm2d replaced: torch.nn.SyncBatchNorm on CUDA, SyncBatchNorm
     above elsewhere (weights and statistics kept)."""
-    device = next(iter(module.parameters()), torch.empty(0)).device
-    if device.type == "cuda":
+    if parameter_device(module).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _convert(module)
+
+
+def parameter_device(module):
+    """The device of `module`'s first parameter (the CPU for a module without parameters)."""
+    return next(iter(module.parameters()), torch.empty(0)).device
 
 
 def _convert(module):

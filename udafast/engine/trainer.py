@@ -142,8 +142,6 @@ class RunContext:
         wanted = self.method_cls.model_overrides  # a dict, or a function of the model config giving one
         wanted = wanted(self.config["model"]) if callable(wanted) else wanted
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
-        if self.world > 1 and self.config["train"].get("sync_bn"):
-            model = dist.convert_sync_batchnorm(model)
         model.backbone.activation_checkpointing = bool(self.config["train"].get("activation_checkpointing"))
         path = init if isinstance(init, str) else self.config.get("init")
         if init and path:
@@ -158,7 +156,11 @@ class RunContext:
             fresh = sorted({k.split(".")[0] for k in own if k not in fits})
             if fresh:
                 self.log(f"init: {path} has no weights of this shape for {', '.join(fresh)}; they start fresh")
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.world > 1 and self.config["train"].get("sync_bn"):
+            # after the move: the conversion picks torch.nn.SyncBatchNorm for CUDA parameters
+            model = dist.convert_sync_batchnorm(model)
+        return model
 
     def set_source_subset(self, indices):
         """Train on these source images only from now on (CBST's source portion)."""
