@@ -52,6 +52,14 @@ from udafast.models.checkpoint import load_checkpoint, load_model_checkpoint, sa
 __all__ = ["Trainer", "RunContext", "seed_everything", "NonFiniteLoss"]
 
 
+#: said at the start of a DeepLabV2-ResNet101 run that would train from random weights (the
+#: authors' code always starts from ImageNet weights; without them mIoU ends far lower)
+RANDOM_INIT_WARNING = (
+    "WARNING: neither model.pretrained nor init is set: DeepLabV2-ResNet101 starts from RANDOM weights and will "
+    "score far below the papers; set model.pretrained: imagenet (torchvision's ImageNet ResNet-101, ProDA's start) "
+    "or imagenet_caffe (the Caffe DeepLab init of AdaptSegNet and CRST), or a weights file, or init: a checkpoint")
+
+
 class NonFiniteLoss(RuntimeError):
     """Training stopped at a non-finite loss or gradient (the message names the last good checkpoint)."""
 
@@ -317,6 +325,9 @@ class Trainer:
 
         resume_ckpt = self._resume_checkpoint()
         logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard, rank=self.rank)
+        self.random_init = not config["model"].get("pretrained") and not config.get("init")
+        if self.random_init and config["model"].get("name") == "deeplabv2_r101":
+            logger.message(RANDOM_INIT_WARNING)
         ctx = None
         try:
             ctx = RunContext(config, self.out_dir, device, logger, method_cls)
@@ -709,6 +720,8 @@ class Trainer:
             "last": {"miou": result["miou"], "checkpoint": "checkpoints/last.pt"},
             "processes": self.world,
             "nonfinite_steps": state["nonfinite_steps"],
+            "pretrained": self.config["model"].get("pretrained"),
+            "random_init": self.random_init,
         }
         # the score before a method's last change after training (Method.finish_stage), e.g. miou_before_bn_update
         last_stage = state["stage_results"].get(stages[todo[-1]].name, {})
