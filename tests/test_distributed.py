@@ -190,3 +190,23 @@ def test_sync_bn_is_torchs_on_cuda_and_ours_elsewhere(monkeypatch, device, expec
     assert norms and all(type(m) is expected for m in norms)
     one_process = RunContext.build_model(types.SimpleNamespace(**dict(vars(ctx), world=1)))
     assert not any(isinstance(m, (torch.nn.SyncBatchNorm, SyncBatchNorm)) for m in one_process.modules())
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_step_guard_unscales_and_skips_overflows_under_a_grad_scaler(mode):
+    """fp16: the gradients of the scaled loss are unscaled before the update; an overflow drops it
+    (counted, whatever on_nonfinite says) and the scaler's update halves the scale."""
+    p, opt = _optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    guard = StepGuard("model", opt, on_nonfinite=mode, scaler=scaler)
+    scaler.scale((p * 2.0).sum()).backward()
+    assert p.grad.item() == 8.0
+    opt.step()
+    scaler.update()
+    assert p.item() == pytest.approx(1.0 - 0.5 * 2.0) and guard.unscaled == 1 and guard.skipped == 0
+    opt.zero_grad()
+    scaler.scale((p * float("inf")).sum()).backward()
+    opt.step()
+    scaler.update()
+    assert p.item() == pytest.approx(0.0) and guard.skipped == 1 and p.grad is None
+    assert scaler.get_scale() == 2.0 and guard.unscaled == 2

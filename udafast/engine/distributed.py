@@ -141,9 +141,15 @@ class StepGuard:
       k micro-batches, each already a mean over its images).
 
     Parameters with no gradient on any process are left without one (as in one process); a
-    parameter with a gradient on some processes only gets zeros on the others."""
+    parameter with a gradient on some processes only gets zeros on the others.
 
-    def __init__(self, name, optimizer, *, on_nonfinite="stop", accumulate=1):
+    With `scaler` (a torch.amp.GradScaler: float16 training), the gradients are of the scaled loss
+    (`Method.backward`): after the all-reduce they are unscaled (`scaler.unscale_`, which records
+    for `scaler.update` whether they overflowed), and non-finite ones, the scaler's overflow, drop
+    the update and count in `skipped` whatever `on_nonfinite` says: the trainer's `scaler.update()`
+    then lowers the scale. `unscaled` counts the steps that reached `unscale_`."""
+
+    def __init__(self, name, optimizer, *, on_nonfinite="stop", accumulate=1, scaler=None):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {on_nonfinite!r}")
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
@@ -152,6 +158,7 @@ class StepGuard:
         self.on_nonfinite, self.accumulate = on_nonfinite, accumulate
         self.micro_step = 0          # set by the trainer before each micro-batch
         self.skipped = 0
+        self.scaler, self.unscaled = scaler, 0
         self._step, self._zero_grad = optimizer.step, optimizer.zero_grad
         self._own = {k: vars(optimizer)[k] for k in ("step", "zero_grad") if k in vars(optimizer)}
         optimizer.step, optimizer.zero_grad = self.step, self.zero_grad
@@ -200,10 +207,13 @@ class StepGuard:
             torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
         if scale != 1.0:
             torch._foreach_mul_(grads, scale)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            self.unscaled += 1
         # the max-abs norm is NaN or inf exactly where a gradient has one (one fused kernel on CUDA)
         finite = bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
         if not finite:
-            if self.on_nonfinite == "stop":
+            if self.on_nonfinite == "stop" and self.scaler is None:
                 raise NonFiniteError(f"optimiser {self.name!r}: non-finite gradients")
             self.skipped += 1
             self._zero_grad(set_to_none=True)
