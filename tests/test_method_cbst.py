@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from udafast.engine.config import DEFAULTS, merge
 from udafast.engine.data import BatchStream, TrainView
+from udafast.engine.inference import InferenceOptions
 from udafast.engine.trainer import RunContext, Trainer
 from udafast.methods.cbst import CBST, _RoundExtras, mine_classes, portion_schedule, source_fraction, subsample_mask
 
@@ -266,7 +267,8 @@ def test_extras_label_and_crop_centres_on_rare_class_pixels(tmp_path):
                                           ("source_step", -0.1), ("mine_chance", 1.5), ("bins", 3),
                                           ("mine_port", 1.5), ("mine_port", "0.001"), ("label_batch_size", 0),
                                           ("rounds", 2.5), ("epochs_per_round", 0), ("label_scale", 0.0),
-                                          ("flip_average", 1), ("freeze_bn", "yes")])
+                                          ("flip_average", 1), ("freeze_bn", "yes"), ("label_scale", [0.9, 0.0]),
+                                          ("label_slide", {"crop": [4, 4]}), ("label_slide", [4, 4])])
 def test_bad_options_raise(tmp_path, option, value):
     with pytest.raises(ValueError, match=f"cbst.{option}"):
         make(tmp_path, **{option: value})
@@ -458,10 +460,10 @@ def test_labelling_pass_averages_the_image_and_its_mirror_by_hand():
     mirrored = _softmax(_hand_logits(w, b, x[:, :, ::-1]))[:, :, ::-1]  # the mirror's prediction, mirrored back
     expected = 0.5 * (plain + mirrored)
     identity = lambda t: t  # noqa: E731
-    got = label_probabilities(net, image, identity, scale=1.0, flip=True)
+    got = label_probabilities(net, image, identity, InferenceOptions(flip=True))
     assert got.dtype == torch.float32 and np.allclose(got[0].numpy(), expected, rtol=1e-6, atol=1e-7)
     assert not np.allclose(plain, expected, atol=1e-3)  # the mirror matters for this network
-    assert np.allclose(label_probabilities(net, image, identity, scale=1.0, flip=False)[0].numpy(), plain,
+    assert np.allclose(label_probabilities(net, image, identity, InferenceOptions())[0].numpy(), plain,
                        rtol=1e-6, atol=1e-7)
 
 
@@ -470,7 +472,7 @@ def test_labelling_pass_runs_at_the_code_eval_scale_with_flips_in_both_passes(tm
     from udafast.methods.cbst import label_probabilities
     net = MirrorNet()
     image = torch.rand(1, 2, 20, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    got = label_probabilities(net, image, lambda t: t, scale=0.9, flip=False)
+    got = label_probabilities(net, image, lambda t: t, InferenceOptions(scales=(0.9,)))
     assert net.sizes == [(18, 27)] and got.shape == (1, 3, 20, 30)
     small = F.interpolate(image, size=(18, 27), mode="bilinear", align_corners=False)
     expected = torch.softmax(F.interpolate(net.conv(small), size=(20, 30), mode="bilinear", align_corners=True), 1)
@@ -489,6 +491,23 @@ def test_labelling_pass_runs_at_the_code_eval_scale_with_flips_in_both_passes(tm
     frames = len(ctx.target)
     assert len(seen) == 2 * 2 * math.ceil(frames / 2)  # 2 passes x (image, mirror) x batches of 2
     assert {s[-2:] for s in seen} == {(round(8 * 0.9), round(12 * 0.9))}
+
+
+def test_labelling_pass_takes_several_scales_and_sliding_windows(tmp_path):
+    """label_scale as a list and label_slide reach both passes (udafast.engine.inference, tested there
+    against hand computations): each frame at 0.5 and 1.0, each view in 4x4 windows every 4x4 pixels."""
+    seen = []
+
+    class Spy(PixelNet):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return super().forward(x)
+
+    method, ctx = make(tmp_path, label_scale=[0.5, 1.0], label_slide={"crop": [4, 4], "stride": [4, 4]})
+    start(method, model=Spy())
+    batches = math.ceil(len(ctx.target) / 2)
+    # per batch: (4x6 frame: 2 windows, 8x12: 6 windows) x (image, mirror); two passes
+    assert len(seen) == 2 * batches * 2 * (2 + 6) and set(seen) == {(4, 4)}
 
 
 def test_rounds_last_epochs_of_the_mixed_set_and_fractions_add_up_as_the_script(tmp_path):

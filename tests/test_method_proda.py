@@ -413,6 +413,7 @@ def test_model_overrides_by_model_name():
 @pytest.mark.parametrize("option, value", [
     ("gan", "wgan"), ("stage1_iters", 0), ("disc_ndf", 0), ("adv_scale", 0), ("adv_scale", 1.5), ("tau", 0), ("kl_weight", -1), ("distill_threshold", 1.5),
     ("code_kl_softmax", "yes"), ("proto_min_pixels", 0), ("nonsense", 1), ("next_from", "first"),
+    ("distill_flip", "yes"), ("distill_scales", [0]), ("distill_slide", {"stride": [8, 8]}),
 ])
 def test_bad_options_raise(tmp_path, option, value):
     with pytest.raises(ValueError, match=option):
@@ -487,3 +488,63 @@ def test_warmup_discriminator_loss_is_summed(tmp_path):
         hand = (F.mse_loss(d(F.softmax(src, 1)), torch.zeros(1)) + F.mse_loss(d(F.softmax(tgt, 1)), torch.ones(1)))
     loss = method.adversary.discriminator_step({"main": src}, {"main": tgt}, (32, 32), (32, 32))["main"]
     assert torch.allclose(loss, hand)
+
+
+def test_distillation_pass_with_scales_mirror_and_windows_by_hand(tmp_path):
+    """distill_scales, distill_flip and distill_slide: the labels from the softmax (at the output
+    stride, then upsampled) averaged over each scale of the frame and its mirror, each view in windows."""
+    opts = {"distill_scales": [0.5, 1.0], "distill_slide": {"crop": [16, 32], "stride": [16, 16]},
+            "distill_threshold": 0.23}
+    method, ctx = make_method(tmp_path, proda=opts)
+    assert method.distill_inference.scales == (0.5, 1.0) and method.distill_inference.flip
+    network = ctx.build_model().eval()
+
+    class Sharper(torch.nn.Module):  # an untrained network's softmax is nearly flat: sharpen it
+        normalization = network.normalization
+
+        def forward(self, x):
+            return {"logits": network(x)["logits"] * 3000}
+
+    teacher = Sharper()
+    path = method._distill_pass(teacher, "stage2")
+    got = torch.from_numpy(np.load(path)).long()
+
+    # the windows of each view by hand: 16x32 every 16 rows and columns (a 16x32 view is one window)
+    windows = {(32, 64): [(y, y + 16, x, x + 32) for y in (0, 16) for x in (0, 16, 32)], (16, 32): [(0, 16, 0, 32)]}
+
+    def logits(x):
+        h, w = x.shape[-2:]
+        total, count = 0, torch.zeros(h, w)
+        for y1, y2, x1, x2 in windows[(h, w)]:
+            part = F.interpolate(teacher(x[..., y1:y2, x1:x2])["logits"], size=(y2 - y1, x2 - x1),
+                                 mode="bilinear", align_corners=True)
+            total = total + F.pad(part, (x1, w - x2, y1, h - y2))
+            count[y1:y2, x1:x2] += 1
+        return total / count
+
+    def probs(z, mirrored):
+        p = F.interpolate(F.softmax(z, 1), size=(32, 64), mode="bilinear", align_corners=True)
+        return p.flip(-1) if mirrored else p
+
+    with torch.no_grad():
+        frames = torch.stack([ctx.target_view.resized(ctx.target[i])["image"] for i in range(len(ctx.target))])
+        expected = []
+        for batch in frames.split(2):
+            total = 0
+            for size in ((16, 32), (32, 64)):
+                x = method.normalize(F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+                                     if size != (32, 64) else batch, teacher)
+                total = total + probs(logits(x), False) + probs(logits(x.flip(-1)), True)
+            conf, labels = (total / 4).max(1)
+            expected.append(labels.masked_fill(conf <= 0.23, IGNORE_INDEX))
+    expected = torch.cat(expected)
+    assert 0.05 < (expected != IGNORE_INDEX).float().mean() < 0.95  # the threshold bites
+    assert torch.equal(got, expected)
+    # the soft labels (and so the initial prototypes) stay the plain network's, without these options
+    method.start_stage(Stage("stage1", 2), network)
+    soft = torch.from_numpy(np.load(method.soft_labels_path).astype(np.float32))
+    with torch.no_grad():
+        plain = F.softmax(network(method.normalize(frames, network))["logits"], 1)
+        mirror = F.softmax(network(method.normalize(frames.flip(-1), network))["logits"], 1).flip(-1)
+    assert torch.allclose(soft, plain, rtol=1e-3, atol=0)  # float16
+    assert not torch.allclose(soft, (plain + mirror) / 2, rtol=1e-3, atol=0)

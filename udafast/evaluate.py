@@ -1,7 +1,8 @@
 """Evaluate a checkpoint on a labelled split, or score saved predictions (SPEC part 3).
 
     python -m udafast.evaluate --checkpoint CKPT --dataset cityscapes --root DIR --split val \\
-        [--input-size 1024x512] [--device cuda] [--classes 19|16] [--save-predictions DIR] [--json FILE]
+        [--input-size 1024x512] [--device cuda] [--classes 19|16] [--save-predictions DIR] [--json FILE] \\
+        [--flip] [--scales 0.75 1.0 1.25] [--slide CROP_H CROP_W --stride STRIDE_H STRIDE_W]
     python -m udafast.evaluate --predictions DIR --dataset cityscapes --root DIR --split val [--json FILE]
 
 Prints the per-class IoU table and the mIoU (`miou`; plus `miou13` with `--classes 16`, the
@@ -9,7 +10,9 @@ SYNTHIA protocol). `--save-predictions DIR` writes the official Cityscapes forma
 `DIR/{city}/{city}_{seq}_{frame}_leftImg8bit.png` (train ids mapped back to Cityscapes label ids;
 other datasets: `DIR/{stem}.png`), which `cityscapesscripts`' evaluator scores the same, and
 colourised panels (image | prediction | ground truth) as JPEGs in `DIR/panels/` (JPEG so that the
-official evaluator's `*.png` search of DIR never picks them up).
+official evaluator's `*.png` search of DIR never picks them up). `--flip`, `--scales` and `--slide`
+average the softmax over the image and its mirror, over scales of the input, and make it by sliding
+windows, as mmsegmentation's test-time augmentation (udafast.engine.inference).
 """
 import argparse
 import os
@@ -47,6 +50,28 @@ def parse_size(text):
     if w <= 0 or h <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive WIDTHxHEIGHT, got {text!r}")
     return w, h
+
+
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    """The test-time augmentation flags (see `inference_options`)."""
+    g = p.add_argument_group("test-time augmentation (mmsegmentation's; default: one whole view)")
+    g.add_argument("--flip", action="store_true",
+                   help="average the softmax of each image and of its mirror (mirrored back)")
+    g.add_argument("--scales", type=float, nargs="+", metavar="S", default=[1.0],
+                   help="average over these factors of the input size, e.g. 0.75 1.0 1.25 (default 1.0)")
+    g.add_argument("--slide", type=int, nargs=2, metavar=("CROP_H", "CROP_W"), default=None,
+                   help="run the network on CROP_HxCROP_W windows (needs --stride); overlapping logits "
+                        "are averaged")
+    g.add_argument("--stride", type=int, nargs=2, metavar=("STRIDE_H", "STRIDE_W"), default=None,
+                   help="the windows' step in pixels, at most the window size")
+
+
+def inference_options(args: argparse.Namespace):
+    """The `InferenceOptions` of the flags of `add_inference_arguments`."""
+    from udafast.engine.inference import InferenceOptions
+
+    return InferenceOptions.create(args.flip, args.scales, args.slide, args.stride,
+                                   names=("--flip", "--scales", "--slide", "--stride"))
 
 
 def default_device():
@@ -108,6 +133,7 @@ def build_parser():
     p.add_argument("--save-predictions", metavar="DIR", help="write label-id PNGs and colour panels here")
     p.add_argument("--json", metavar="FILE", help="write the scores as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_inference_arguments(p)
     return p
 
 
@@ -118,6 +144,7 @@ def run(args) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {args.checkpoint}")
     if args.predictions is not None and args.save_predictions:
         raise ValueError("--save-predictions: only with --checkpoint")
+    inference = inference_options(args)
     dataset = build_dataset(args.dataset, args.root, args.split)
     progress = None if args.quiet else print_progress
     if args.predictions is not None:
@@ -129,9 +156,11 @@ def run(args) -> dict:
         writer = PredictionWriter(args.save_predictions, dataset) if args.save_predictions else None
         input_size = args.input_size or getattr(model, "eval_input_size", None)
         result = evaluation.evaluate_model(model, dataset, input_size=input_size, device=device,
-                                           classes=args.classes, on_prediction=writer, progress=progress)
+                                           classes=args.classes, on_prediction=writer, progress=progress,
+                                           inference=inference)
         meta = {"checkpoint": args.checkpoint,
-                "input_size": list(args.input_size) if args.input_size else None}
+                "input_size": list(args.input_size) if args.input_size else None,
+                "inference": inference.as_dict()}
     if progress is not None:
         print(file=sys.stderr)
     evaluation.print_table(result)

@@ -1,10 +1,12 @@
 """Segment any images with a checkpoint.
 
-    python -m udafast.predict --checkpoint CKPT IMAGE_OR_DIR... --out DIR [--input-size WxH] [--device D]
+    python -m udafast.predict --checkpoint CKPT IMAGE_OR_DIR... --out DIR [--input-size WxH] [--device D] \\
+        [--flip] [--scales 0.75 1.0 1.25] [--slide CROP_H CROP_W --stride STRIDE_H STRIDE_W]
 
 For each image (a folder contributes the image files directly in it), writes `DIR/{stem}.png`,
 the train ids (0-18) as a greyscale PNG at the image's own size, and `DIR/overlay/{stem}.png`,
-the image blended half and half with the prediction in the Cityscapes palette.
+the image blended half and half with the prediction in the Cityscapes palette. `--flip`, `--scales`
+and `--slide` are test-time augmentation, as in `python -m udafast.evaluate`.
 """
 import argparse
 import os
@@ -43,8 +45,9 @@ def collect_images(inputs):
     return files
 
 
-def predict_files(model, files, out, *, input_size=None, device=None, progress=None):
-    """Write the label PNG and overlay of each image file into `out`; returns the label paths."""
+def predict_files(model, files, out, *, input_size=None, device=None, progress=None, inference=None):
+    """Write the label PNG and overlay of each image file into `out`; returns the label paths.
+    `inference`: test-time augmentation (`udafast.engine.inference.InferenceOptions`)."""
     from udafast.data.io import load_image
     from udafast.data.labels import colorize
 
@@ -52,7 +55,8 @@ def predict_files(model, files, out, *, input_size=None, device=None, progress=N
     written = []
     for i, path in enumerate(files):
         image = load_image(path)
-        pred = evaluation.predict(model, image, input_size=input_size, device=device).argmax(0).cpu()
+        pred = evaluation.predict(model, image, input_size=input_size, device=device,
+                                  inference=inference).argmax(0).cpu()
         stem = os.path.splitext(os.path.basename(path))[0]
         label_path = os.path.join(out, stem + ".png")
         evaluate.save_image(label_path, pred.numpy().astype(np.uint8))
@@ -75,16 +79,19 @@ def build_parser():
                         "else each image's own size)")
     p.add_argument("--device", default=None, help="torch device (default cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    evaluate.add_inference_arguments(p)
     return p
 
 
 def run(args):
+    inference = evaluate.inference_options(args)
     files = collect_images(args.inputs)
     device = torch.device(args.device or evaluate.default_device())
     model = evaluate.load_model(args.checkpoint, device)
     progress = None if args.quiet else evaluate.print_progress
     input_size = args.input_size or getattr(model, "eval_input_size", None)
-    written = predict_files(model, files, args.out, input_size=input_size, device=device, progress=progress)
+    written = predict_files(model, files, args.out, input_size=input_size, device=device, progress=progress,
+                            inference=inference)
     if progress is not None:
         print(file=sys.stderr)
     print(f"wrote {len(written)} predictions to {args.out}")

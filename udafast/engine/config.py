@@ -60,8 +60,11 @@ DEFAULTS = {
     "train": {"iters": 1000, "stage_iters": None, "eval_every": 0, "ckpt_every": 0, "keep_checkpoints": 2,
               "panels": 4, "grad_accum": 1, "amp": None, "on_nonfinite": "stop", "sync_bn": False,
               "activation_checkpointing": False},
-    # input_size (width, height) of the network at evaluation; None = the images' own size
-    "eval": {"input_size": None, "classes": 19, "max_images": None},
+    # input_size (width, height) of the network at evaluation; None = the images' own size. flip,
+    # scales, slide: the softmax averaged over the image and its mirror, over these factors of the
+    # input size, and made by sliding windows crop [H, W] every stride [H, W] (udafast.engine.inference)
+    "eval": {"input_size": None, "classes": 19, "max_images": None, "flip": False, "scales": [1.0],
+             "slide": {"crop": None, "stride": None}},
 }
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from udafast.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
 from udafast.data.transforms import normalize
+from udafast.engine.inference import InferenceOptions, infer_probabilities
 
 __all__ = [
     "ConfusionMatrix", "iou_per_class", "mean_iou", "scores", "class_subsets", "upsample_logits",
@@ -160,13 +161,16 @@ def _model_normalization(model):
 
 @torch.inference_mode()
 def predict(model, image: torch.Tensor, *, input_size=None, normalization=None, output_size=None,
-            device=None) -> torch.Tensor:
-    """The logits of one image at `output_size` (default the image's own), float [C, H, W].
+            device=None, inference: Optional[InferenceOptions] = None) -> torch.Tensor:
+    """The class scores of one image at `output_size` (default the image's own), float [C, H, W]:
+    their argmax is the prediction.
 
     `image` float [3, H, W] RGB in [0, 1]. It is normalised (`normalization`, default the model's
     `normalization`), resized bilinearly to the network's `input_size` = (width, height) (None:
     as it is), run through `model` (the caller puts it in eval mode; its output dict's "logits"),
-    and the logits are upsampled with align_corners=True to `output_size` = (H, W).
+    and the logits are upsampled with align_corners=True to `output_size` = (H, W). With
+    `inference` options beyond one whole view (mirror, scales of that input, sliding windows),
+    the scores are the averaged softmax of `udafast.engine.inference.infer_probabilities` instead.
     """
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image: expected [3, H, W], got {tuple(image.shape)}")
@@ -178,20 +182,24 @@ def predict(model, image: torch.Tensor, *, input_size=None, normalization=None, 
         w, h = input_size
         shrink = h < x.shape[-2] or w < x.shape[-1]
         x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+    output_size = output_size or tuple(image.shape[-2:])
+    if inference is not None and not inference.plain:
+        return infer_probabilities(model, x, output_size, inference)[0]
     out = model(x)
     logits = out["logits"] if isinstance(out, dict) else out
     if not isinstance(logits, torch.Tensor) or logits.dim() != 4:
         raise ValueError("model: expected a dict whose 'logits' are [B, C, h, w]")
-    return upsample_logits(logits.float(), output_size or tuple(image.shape[-2:]))[0]
+    return upsample_logits(logits.float(), output_size)[0]
 
 
 def evaluate_model(model, dataset, *, input_size=None, device=None, classes: int = 19, normalization=None,
                    on_prediction: Optional[Callable] = None, progress: Optional[Callable] = None,
-                   all_reduce: bool = False) -> dict:
+                   all_reduce: bool = False, inference: Optional[InferenceOptions] = None) -> dict:
     """Score `model` on a labelled `dataset` (samples with "image" [3, H, W] in [0, 1], "label"
     train ids, "name"), per SPEC part 3: each image at the network's `input_size` = (width,
     height) (None: native), logits upsampled with align_corners=True to the full label resolution,
-    argmax, accumulated into a confusion matrix on `device`.
+    argmax, accumulated into a confusion matrix on `device`. `inference`: mirror, multi-scale and
+    sliding-window averaging (see `predict`).
 
     `on_prediction(index, sample, pred)` receives each prediction (int64 [H, W] train ids, CPU);
     `progress(done, total)` is called after each image. Returns `scores(...)` plus `num_images`.
@@ -212,7 +220,7 @@ def evaluate_model(model, dataset, *, input_size=None, device=None, classes: int
                 raise ValueError(f"dataset: sample {i} ({sample.get('name')}) has no label; evaluation needs a labelled split")
             label = sample["label"]
             logits = predict(model, sample["image"], input_size=input_size, normalization=normalization,
-                             output_size=tuple(label.shape[-2:]), device=device)
+                             output_size=tuple(label.shape[-2:]), device=device, inference=inference)
             pred = logits.argmax(0)
             cm.update(pred, label.to(device))
             if on_prediction is not None:

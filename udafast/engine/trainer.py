@@ -47,6 +47,7 @@ from udafast.engine import checkpoints
 from udafast.engine.config import dump_config, merge
 from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
 from udafast.engine.evaluation import evaluate_model, predict
+from udafast.engine.inference import InferenceOptions
 from udafast.engine.logging import RunLogger
 from udafast.methods import build_method, method_class
 from udafast.methods.base import Stage
@@ -318,6 +319,7 @@ class Trainer:
         for key in ("sync_bn", "activation_checkpointing"):
             if not isinstance(train[key], bool):
                 raise ValueError(f"train.{key}: expected true or false, got {train[key]!r}")
+        self.inference = InferenceOptions.from_config(config["eval"], "eval")
         os.makedirs(self.ckpt_dir, exist_ok=True)
         if self.rank == 0:
             dump_config(config, os.path.join(self.out_dir, "config.yaml"))
@@ -665,7 +667,8 @@ class Trainer:
         if self.world > 1:  # each process scores its share; the confusion matrices are summed
             val = torch.utils.data.Subset(val, dist.shard(len(val)))
         result = evaluate_model(method.model, val, input_size=ev.get("input_size"), device=ctx.device,
-                                classes=int(ev.get("classes", 19)), all_reduce=self.world > 1)
+                                classes=int(ev.get("classes", 19)), all_reduce=self.world > 1,
+                                inference=self.inference)
         logger.log_scalars("val", {"miou": result["miou"]}, state["global_iter"])
         logger.message(f"  [{stage.name}] iter {state['global_iter']}: target val mIoU {result['miou']:.2f}")
         if keep_best and (state["best"] is None or result["miou"] > state["best"]["miou"]):
@@ -701,7 +704,8 @@ class Trainer:
             for i in range(n):
                 sample = ctx.val[i]
                 logits = predict(model, sample["image"], input_size=self.config["eval"].get("input_size"),
-                                 device=ctx.device, output_size=tuple(sample["image"].shape[-2:]))
+                                 device=ctx.device, output_size=tuple(sample["image"].shape[-2:]),
+                                 inference=self.inference)
                 views = (sample["image"].permute(1, 2, 0).numpy(), colorize(sample["label"].numpy()),
                          colorize(logits.argmax(0).cpu().numpy()))
                 for ax, im, title in zip(axes[i], views, ("image", "ground truth", "prediction")):

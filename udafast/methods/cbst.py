@@ -12,7 +12,9 @@ current network w:
    (0.9, crst_seg.py EVAL_SCALE), goes through w in eval mode; the logits are upsampled to the
    target frame (align_corners=True) and softmaxed; with `flip_average` (cbst.sh's
    `--test-flipping`) the softmax of the mirrored image, mirrored back, is averaged in:
-   p = (p(x) + flip(p(flip(x)))) / 2. conf = max_c p_c, pred = argmax_c p_c.
+   p = (p(x) + flip(p(flip(x)))) / 2. conf = max_c p_c, pred = argmax_c p_c. Beyond the authors'
+   code, `label_scale` may be a list (the softmax averaged over those scales and their mirrors) and
+   `label_slide: {crop, stride}` runs the network on sliding windows (udafast.engine.inference).
 2. Class-balanced thresholds (crst_seg.py `kc_parameters`, SPEC 1.1). Per class c, the
    confidences of the pixels predicted c, keeping every `subsample`-th (4, DS_RATE) of each
    image's list in raster order, are ranked; k_c is the confidence at the top portion p_t of them
@@ -61,10 +63,10 @@ import os
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.methods.base import Method, Stage, build_optimizer, seg_loss, upsample
+from udafast.engine.inference import InferenceOptions, infer_probabilities
+from udafast.methods.base import Method, Stage, build_optimizer, seg_loss
 from udafast.ops import ClassThresholds, cbst_pseudo_labels
 
 __all__ = ["CBST", "portion_schedule", "source_fraction", "subsample_mask", "mine_classes", "label_probabilities",
@@ -137,23 +139,13 @@ def freeze_batchnorm(model):
     return n
 
 
-@torch.no_grad()
-def label_probabilities(model, images, normalize, scale=1.0, flip=True):
+def label_probabilities(model, images, normalize, inference: InferenceOptions) -> torch.Tensor:
     """The labelling pass's softmax [B, C, H, W] at the images' size (crst_seg.py `val`): the
-    images (in [0, 1]) resized by `scale` (bilinear, as cv2.resize), through `model` (as it is:
-    the caller sets eval mode), logits upsampled to H x W with align_corners=True, softmax; with
-    `flip`, averaged with the softmax of the mirrored images mirrored back."""
-    size = tuple(images.shape[-2:])
-    x = images
-    if scale != 1.0:
-        scaled = (max(1, round(size[0] * scale)), max(1, round(size[1] * scale)))
-        x = F.interpolate(images, size=scaled, mode="bilinear", align_corners=False)
-    x = normalize(x)
-    probs = F.softmax(upsample(model(x)["logits"], size).float(), dim=1)
-    if flip:
-        mirrored = F.softmax(upsample(model(x.flip(-1))["logits"], size).float(), dim=1).flip(-1)
-        probs = 0.5 * (probs + mirrored)
-    return probs
+    images (in [0, 1]) resized by each of `inference.scales` (bilinear, as cv2.resize), through
+    `model` (as it is: the caller sets eval mode), logits upsampled to H x W with
+    align_corners=True, softmax; with `inference.flip`, averaged with the softmax of the mirrored
+    images mirrored back (`udafast.engine.inference.infer_probabilities`)."""
+    return infer_probabilities(model, images, tuple(images.shape[-2:]), inference, normalize=normalize)
 
 
 class _RoundExtras:
@@ -219,7 +211,10 @@ class CBST(Method):
         "mine_port": 1.0e-3,       # crst_seg.py MINE_PORT (kc_parameters): mine classes predicted below this share
         "mine_chance": 0.8,        # crst_seg.py MINE_CHANCE
         "flip_average": True,      # cbst.sh --test-flipping: label passes average the image and its mirror
-        "label_scale": 0.9,        # crst_seg.py EVAL_SCALE: label passes see the frame resized by this
+        # crst_seg.py EVAL_SCALE: label passes see the frame resized by this (a list: averaged over them)
+        "label_scale": 0.9,
+        # label passes by sliding windows: crop [H, W] every stride [H, W] (udafast.engine.inference)
+        "label_slide": {"crop": None, "stride": None},
         "freeze_bn": True,         # crst_seg.py model.eval() while retraining; deeplab/model.py BN affine frozen
         "label_batch_size": None,  # images per forward while pseudo-labelling (None: data.batch_size)
     }
@@ -250,12 +245,10 @@ class CBST(Method):
             v = o[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"cbst.{key}: expected a number in [0, 1], got {v!r}")
-        ls = o["label_scale"]
-        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0.0 < ls <= 4.0:
-            raise ValueError(f"cbst.label_scale: expected a number in (0, 4], got {ls!r}")
-        for key in ("flip_average", "freeze_bn"):
-            if not isinstance(o[key], bool):
-                raise ValueError(f"cbst.{key}: expected true or false, got {o[key]!r}")
+        self.inference = InferenceOptions.from_config(o, "cbst", flip="flip_average", scales="label_scale",
+                                                      slide="label_slide")
+        if not isinstance(o["freeze_bn"], bool):
+            raise ValueError(f"cbst.freeze_bn: expected true or false, got {o['freeze_bn']!r}")
         data = config.get("data") or {}
         crops = [(data.get(f"{d}_view") or {}).get("crop") for d in ("source", "target")]
         if _crop_size(crops[0]) != _crop_size(crops[1]):
@@ -371,7 +364,7 @@ class CBST(Method):
             for batch in self.ctx.target_frames(o["label_batch_size"], shard=True):
                 images = batch["image"].to(self.device)
                 yield batch["index"], label_probabilities(self.model, images, self.normalize,
-                                                          float(o["label_scale"]), o["flip_average"]), batch.get("truth")
+                                                          self.inference), batch.get("truth")
         finally:
             self.model.train(was_training)
 

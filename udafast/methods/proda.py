@@ -28,7 +28,8 @@ code (microsoft/ProDA: `models/adaptation_modelv2.py`, `calc_prototype.py`,
 - `stage2`, `stage3`: self-distillation of the previous stage's network (frozen, eval mode). At the
   start of the stage, one pass of that network over the target frames makes hard labels as
   `generate_pseudo_label.py --flip` does (softmax of the image and of its mirror, upsampled to the
-  frame, averaged; the argmax where the confidence exceeds 0.95, else ignored), stored as uint8 in
+  frame, averaged; the argmax where the confidence exceeds 0.95, else ignored; `distill_scales` and
+  `distill_slide` add multi-scale and sliding-window inference), stored as uint8 in
   `<out_dir>/proda/<stage>_labels.npy`. The student, on the strong view, learns
   `CE(labels) + KL(teacher(strong view) || student)` (the labels follow the weak view, are taken to
   a quarter of the crop and warped into the strong view). Stage 2's student starts from
@@ -64,6 +65,7 @@ import torch.nn.functional as F
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import frame_to_view, strong_augment, warp_like
 from udafast.engine.config import merge
+from udafast.engine.inference import InferenceOptions, average, infer_probabilities, view_probabilities
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import EMATeacher, Method, Stage, build_optimizer, nearest_labels, seg_loss, upsample
 from udafast.models.heads import ProDADiscriminator
@@ -133,9 +135,14 @@ def distillation_labels(logits, flipped_logits, size, threshold):
     thresholds them: the softmax of `logits` and of `flipped_logits` (the network on the mirrored
     images; None = no mirror averaging), upsampled bilinearly (align_corners=True) to `size`, the
     mirror's flipped back, averaged; the argmax, ignored (255) where the confidence is <= `threshold`."""
-    probs = upsample(F.softmax(logits.float(), dim=1), size)
+    views = [view_probabilities(logits, size, resize_probabilities=True)]
     if flipped_logits is not None:
-        probs = (probs + upsample(F.softmax(flipped_logits.float(), dim=1), size).flip(-1)) / 2
+        views.append(view_probabilities(flipped_logits, size, mirrored=True, resize_probabilities=True))
+    return confident_labels(average(views), threshold)
+
+
+def confident_labels(probs, threshold):
+    """The argmax of `probs` [B, C, H, W], ignored (255) where the top probability is <= `threshold`."""
     conf, labels = probs.max(1)
     return labels.masked_fill(conf <= threshold, IGNORE_INDEX)
 
@@ -176,6 +183,9 @@ class ProDA(Method):
         "distill_lr": 6.0e-4,        # heads x10
         "distill_threshold": 0.95,
         "distill_flip": True,        # generate_pseudo_label.py --flip: labels from the image and its mirror
+        # beyond the authors' code: the labels averaged over these scales of the frame (and their mirrors),
+        # and made by sliding windows crop [H, W] every stride [H, W] (udafast.engine.inference)
+        "distill_scales": [1.0], "distill_slide": {"crop": None, "stride": None},
         "distill_kl_weight": 1.0,
         "distill_source_ce": False,  # the authors' code also back-propagates source CE here
         "code_kl_softmax": False,    # *code:* its KL takes the student's softmax where log-softmax belongs
@@ -219,7 +229,7 @@ class ProDA(Method):
         if o["gan"] not in GANS:
             raise ValueError(f"proda.gan: expected one of {GANS}, got {o['gan']!r}")
         for key in ("distill_source_ce", "code_kl_softmax", "rectify", "teacher_batch_stats", "teacher_full_frame",
-                    "distill_flip", "stage3_from_stage2"):
+                    "stage3_from_stage2"):
             if not isinstance(o[key], bool):
                 raise ValueError(f"proda.{key}: expected a bool, got {o[key]!r}")
         for key, choices in (("proto_init", ("image_mean", "pixel_mean")), ("pl_view", ("weak", "strong")),
@@ -233,6 +243,10 @@ class ProDA(Method):
         init = o["student_init"]
         if init is not None and (not isinstance(init, str) or not init or (init.startswith("@") and init != SSL_INIT)):
             raise ValueError(f"proda.student_init: expected a checkpoint path, {SSL_INIT!r} or null, got {init!r}")
+        # the distillation labels' test-time augmentation; the soft labels and initial prototypes have
+        # none (the authors make them from the plain image)
+        self.distill_inference = InferenceOptions.from_config(o, "proda", flip="distill_flip",
+                                                              scales="distill_scales", slide="distill_slide")
         self.num_classes = int(config["model"].get("num_classes", 19))
         self.stage = None
         self.prototypes = None
@@ -377,8 +391,9 @@ class ProDA(Method):
     @torch.no_grad()
     def _distill_pass(self, teacher, stage_name):
         """The stage's distillation labels from `teacher` over the target frames (`distillation_labels`,
-        mirror-averaged with `distill_flip`), written once to `<out_dir>/proda/<stage>_labels.npy`
-        (uint8, reused when complete) and scored (`distill`) -> the file's path."""
+        mirror-averaged with `distill_flip`, over `distill_scales`, by `distill_slide` windows), written
+        once to `<out_dir>/proda/<stage>_labels.npy` (uint8, reused when complete) and scored
+        (`distill`) -> the file's path."""
         o = self.options
         path = os.path.join(self.ctx.out_dir, "proda", f"{stage_name}_labels.npy")
         n_frames = len(self.ctx.target)
@@ -392,10 +407,9 @@ class ProDA(Method):
             return path
         with self.ctx.shared_array(path, np.uint8, (n_frames,) + frame) as labels_file:
             for batch in self.ctx.target_frames(o["pass_batch_size"], shard=True):
-                images = self.normalize(batch["image"], teacher)
-                logits = teacher(images)["logits"]
-                flipped = teacher(images.flip(-1))["logits"] if o["distill_flip"] else None
-                labels = distillation_labels(logits, flipped, frame, o["distill_threshold"])
+                probs = infer_probabilities(teacher, batch["image"].to(self.device), frame, self.distill_inference,
+                                            normalize=lambda x: self.normalize(x, teacher), resize_probabilities=True)
+                labels = confident_labels(probs, o["distill_threshold"])
                 labels_file[batch["index"].numpy()] = labels.to(torch.uint8).cpu().numpy()
                 self.record_labels("distill", labels, batch.get("truth"))
         self.ctx.log(f"proda {stage_name}: labels of {n_frames} target frames written to {path}")
