@@ -289,7 +289,7 @@ def convert_sync_batchnorm(module):
     return _convert(module)
 
 
-def parameter_device(module):
+def parameter_device(module: nn.Module) -> torch.device:
     """The device of `module`'s first parameter (the CPU for a module without parameters)."""
     return next(iter(module.parameters()), torch.empty(0)).device
 

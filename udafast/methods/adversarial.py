@@ -93,7 +93,7 @@ class OutputSpaceAdversary:
         self.optimizer.step()
         return losses
 
-    def backward(self, loss):
+    def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()`; `register` puts the method's in its place (which scales the loss under fp16)."""
         loss.backward()
 

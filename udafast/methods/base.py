@@ -176,7 +176,7 @@ class Method:
     #: the trainer's torch.amp.GradScaler under `train.amp: fp16`, else None
     grad_scaler = None
 
-    def backward(self, loss):
+    def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()`, of the loss times the float16 loss scale when the trainer runs a grad
         scaler (the step guards unscale the gradients before the update). Every backward pass of a
         method's step goes through here."""
