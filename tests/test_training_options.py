@@ -105,7 +105,8 @@ def test_autocast_trains(tmp_path, method, amp):
     metrics = Trainer(config, tmp_path, progress=False, tensorboard=False).run()
     assert math.isfinite(metrics["miou"])
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
-    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())  # weights stay float32
+    # the weights stay float32
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
     if amp == "fp16":  # the grad scaler's state travels with the checkpoint; each overflow halved the scale
         assert ckpt["scaler"]["scale"] == 65536.0 / 2 ** metrics["nonfinite_steps"]
     else:
@@ -165,7 +166,8 @@ def test_fp16_resumes_exactly(tmp_path, monkeypatch):
     overflowing_scaler(monkeypatch, growth_interval=1)
     config = tiny_run_config("adaptsegnet", deterministic=True, train={"iters": 4, "panels": 0, "amp": "fp16"})
     full, resumed = run_and_resume(config, tmp_path, at=2)
-    assert full["scaler"] == resumed["scaler"] and full["scaler"]["scale"] == 2.0 ** 13  # 2^10 after the overflow, x2 three times
+    # 2^10 after the overflow, doubled after each of the three finite iterations
+    assert full["scaler"] == resumed["scaler"] and full["scaler"]["scale"] == 2.0 ** 13
     assert full["trainer"]["nonfinite_steps"] == resumed["trainer"]["nonfinite_steps"] == 1
     for k, v in full["model"].items():
         assert torch.equal(v, resumed["model"][k]), k

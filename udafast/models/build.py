@@ -86,8 +86,8 @@ def build_model(config, *, load_pretrained=True):
         path = resolved["pretrained"]
         if path is not None:
             if not isinstance(path, (str, os.PathLike)):
-                raise ValueError(f"config['pretrained']: expected {' or '.join(map(repr, PRETRAINED))}, a path or None, "
-                                 f"got {path!r}")
+                names = " or ".join(map(repr, PRETRAINED))
+                raise ValueError(f"config['pretrained']: expected {names}, a path or None, got {path!r}")
             path = resolved["pretrained"] = os.fspath(path)
         named = path in PRETRAINED
         if named:
