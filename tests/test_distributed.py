@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_config_file
+from conftest import tiny_config_file, tiny_run_config
 from udafast.engine.data import BatchStream
-from udafast.engine.distributed import NonFiniteError, StepGuard
+from udafast.engine.distributed import NonFiniteError, StepGuard, SyncBatchNorm
 from udafast.models.checkpoint import load_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -157,3 +157,56 @@ def test_step_guard_checks_its_arguments():
         StepGuard("model", opt, on_nonfinite="ignore")
     with pytest.raises(ValueError, match="accumulate"):
         StepGuard("model", opt, accumulate=0)
+
+
+@pytest.mark.parametrize("device, expected", [("cuda", torch.nn.SyncBatchNorm), ("cpu", SyncBatchNorm)])
+def test_sync_bn_is_torchs_on_cuda_and_ours_elsewhere(monkeypatch, device, expected):
+    """`RunContext.build_model` converts BatchNorm after moving the network to its device, so that
+    a CUDA network gets torch.nn.SyncBatchNorm (NCCL) and a CPU one udafast's (gloo). No CUDA here:
+    the move to cuda only marks the network, and the conversion reads the mark as its device."""
+    import types
+
+    from udafast.engine import distributed
+    from udafast.engine.trainer import RunContext
+    from udafast.methods import method_class
+
+    moved = torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        target = torch.device(args[0] if args else kwargs["device"])
+        if target.type != "cuda":
+            return moved(module, *args, **kwargs)
+        module.marked_device = target
+        return module
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    real_device = distributed.parameter_device
+    monkeypatch.setattr(distributed, "parameter_device",
+                        lambda m: getattr(m, "marked_device", None) or real_device(m))
+    config = tiny_run_config("source_only", train={"sync_bn": True})
+    ctx = types.SimpleNamespace(config=config, method_cls=method_class("source_only"), world=2,
+                                device=torch.device(device), log=print)
+    model = RunContext.build_model(ctx)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(type(m) is expected for m in norms)
+    one_process = RunContext.build_model(types.SimpleNamespace(**dict(vars(ctx), world=1)))
+    assert not any(isinstance(m, (torch.nn.SyncBatchNorm, SyncBatchNorm)) for m in one_process.modules())
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_step_guard_unscales_and_skips_overflows_under_a_grad_scaler(mode):
+    """fp16: the gradients of the scaled loss are unscaled before the update; an overflow drops it
+    (counted, whatever on_nonfinite says) and the scaler's update halves the scale."""
+    p, opt = _optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    guard = StepGuard("model", opt, on_nonfinite=mode, scaler=scaler)
+    scaler.scale((p * 2.0).sum()).backward()
+    assert p.grad.item() == 8.0
+    opt.step()
+    scaler.update()
+    assert p.item() == pytest.approx(1.0 - 0.5 * 2.0) and guard.unscaled == 1 and guard.skipped == 0
+    opt.zero_grad()
+    scaler.scale((p * float("inf")).sum()).backward()
+    opt.step()
+    scaler.update()
+    assert p.item() == pytest.approx(0.0) and guard.skipped == 1 and p.grad is None
+    assert scaler.get_scale() == 2.0 and guard.unscaled == 2

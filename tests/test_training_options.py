@@ -1,5 +1,6 @@
 """Trainer options for reliability and scale, in one process: non-finite losses (stop with the last
-good checkpoint intact, or skip and count), gradient accumulation, bf16 autocast, activation
+good checkpoint intact, or skip and count), gradient accumulation, bf16 and fp16 autocast (a grad
+scaler: every backward scaled, overflows skipped and counted, exact resume), activation
 checkpointing."""
 import json
 import math
@@ -7,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import run_and_resume, tiny_run_config
 from udafast.engine.data import BatchStream
 from udafast.engine.trainer import NonFiniteLoss, Trainer
 from udafast.methods.base import Method
@@ -95,15 +96,83 @@ def test_gradient_accumulation_averages_its_micro_batches(tmp_path, monkeypatch)
         assert torch.equal(single["model"][name], accumulated["model"][name]), name
 
 
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
 @pytest.mark.parametrize("method", ["source_only", "contrastive", "proda"])
-def test_bf16_autocast_trains(tmp_path, method):
+def test_autocast_trains(tmp_path, method, amp):
     config = tiny_run_config(method, deterministic=True, contrastive={"bank_start": 0, "loss_start": 1,
                                                                       "bank_threshold": 0.0},
-                             train={"iters": 3, "stage_iters": 2, "panels": 0, "amp": "bf16"})
+                             train={"iters": 3, "stage_iters": 2, "panels": 0, "amp": amp})
     metrics = Trainer(config, tmp_path, progress=False, tensorboard=False).run()
     assert math.isfinite(metrics["miou"])
-    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
-    assert all(v.dtype != torch.bfloat16 for v in state.values())  # weights stay float32
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    # the weights stay float32
+    assert all(v.dtype == torch.float32 for v in ckpt["model"].values() if v.is_floating_point())
+    if amp == "fp16":  # the grad scaler's state travels with the checkpoint; each overflow halved the scale
+        assert ckpt["scaler"]["scale"] == 65536.0 / 2 ** metrics["nonfinite_steps"]
+    else:
+        assert "scaler" not in ckpt
+
+
+@pytest.fixture
+def scaled_backwards(monkeypatch):
+    """Counts of the backward passes run on a loss the grad scaler scaled and on any other tensor."""
+    counts, scaled = {"scaled": 0, "other": 0}, []
+    scale, backward = torch.amp.GradScaler.scale, torch.Tensor.backward
+
+    def record_scale(self, outputs):
+        out = scale(self, outputs)
+        scaled.append(out)
+        return out
+
+    def record_backward(tensor, *args, **kwargs):
+        counts["scaled" if any(tensor is t for t in scaled) else "other"] += 1
+        return backward(tensor, *args, **kwargs)
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", record_scale)
+    monkeypatch.setattr(torch.Tensor, "backward", record_backward)
+    return counts
+
+
+@pytest.mark.parametrize("method", ["source_only", "oracle", "dann", "adaptsegnet", "cbst", "contrastive", "proda",
+                                    "ssl_source"])
+def test_fp16_scales_every_backward_pass_of_every_method(tmp_path, scaled_backwards, method):
+    """A loss that skipped the scaler would come out of `unscale_` 65536 times too small."""
+    config = tiny_run_config(method, contrastive={"bank_start": 0, "loss_start": 0, "bank_threshold": 0.0},
+                             train={"iters": 1, "stage_iters": 1, "panels": 0, "amp": "fp16"}, eval={"max_images": 1})
+    Trainer(config, tmp_path, progress=False, tensorboard=False).run()
+    assert scaled_backwards["scaled"] > 0 and scaled_backwards["other"] == 0
+
+
+def overflowing_scaler(monkeypatch, **options):
+    """The trainer's GradScaler starts at 2^40 (float16 gradients overflow) and backs off to 2^10."""
+    real = torch.amp.GradScaler
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda device: real(device, init_scale=2.0 ** 40,
+                                                                      backoff_factor=2.0 ** -30, **options))
+
+
+def test_fp16_overflow_skips_the_update_and_counts_it(tmp_path, monkeypatch, capsys):
+    overflowing_scaler(monkeypatch)
+    metrics = run(tmp_path, method="adaptsegnet", iters=3, amp="fp16")  # on_nonfinite "stop": no stop
+    assert metrics["nonfinite_steps"] == 1 and math.isfinite(metrics["miou"])
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
+    assert ckpt["scaler"]["scale"] == 1024.0
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert ("iteration 1: non-finite gradients (fp16 loss scale now 1024); update skipped (1 such iterations so far)"
+            in capsys.readouterr().err)
+
+
+def test_fp16_resumes_exactly(tmp_path, monkeypatch):
+    """The scale moves at every iteration (an overflow, then growth after each finite step): a
+    resumed run that started its scaler afresh would overflow again and end elsewhere."""
+    overflowing_scaler(monkeypatch, growth_interval=1)
+    config = tiny_run_config("adaptsegnet", deterministic=True, train={"iters": 4, "panels": 0, "amp": "fp16"})
+    full, resumed = run_and_resume(config, tmp_path, at=2)
+    # 2^10 after the overflow, doubled after each of the three finite iterations
+    assert full["scaler"] == resumed["scaler"] and full["scaler"]["scale"] == 2.0 ** 13
+    assert full["trainer"]["nonfinite_steps"] == resumed["trainer"]["nonfinite_steps"] == 1
+    for k, v in full["model"].items():
+        assert torch.equal(v, resumed["model"][k]), k
+    for name, opt in full["method"]["optimizers"].items():
+        assert str(opt) == str(resumed["method"]["optimizers"][name]), name
 
 
 def test_activation_checkpointing_gives_the_same_run(tmp_path):

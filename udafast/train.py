@@ -86,7 +86,9 @@ def build_parser():
                         "with ids outside the table), counted in log.csv and metrics.json, instead of stopping; "
                         "evaluation still stops at a bad val sample")
     p.add_argument("--grad-accum", type=int, metavar="K", help="micro-batches per update (gradient accumulation)")
-    p.add_argument("--amp", choices=("bf16",), help="bfloat16 autocast (the ops accumulate in float32)")
+    p.add_argument("--amp", choices=("bf16", "fp16"),
+                   help="autocast: bf16 = bfloat16 (Ampere and newer); fp16 = float16 with a grad scaler (V100, T4, "
+                        "20-series: overflowed updates are skipped and counted); the ops accumulate in float32")
     p.add_argument("--sync-bn", action="store_true",
                    help="under torchrun: BatchNorm statistics over the batches of every process")
     p.add_argument("--activation-checkpointing", action="store_true",

@@ -56,7 +56,8 @@ DEFAULTS = {
     # stage_iters: when set, every stage of the run runs that many iterations, over the method's own
     # per-stage settings (ProDA's proda.<stage>_iters, CBST's rounds) and those of pretraining runs
     # trained first (`pretrain`, ssl_source); --iters N sets it and iters to N (quick checks)
-    # grad_accum: micro-batches per update; amp: null or "bf16" (autocast); on_nonfinite: "stop" or
+    # grad_accum: micro-batches per update; amp: null, "bf16" (autocast) or "fp16" (autocast and a
+    # grad scaler); on_nonfinite: "stop" or
     # "skip"; sync_bn: BatchNorm over the batches of every process (torchrun); activation_checkpointing:
     # recompute the backbone's activations in the backward instead of keeping them
     "train": {"iters": 1000, "stage_iters": None, "eval_every": 0, "ckpt_every": 0, "keep_checkpoints": 2,

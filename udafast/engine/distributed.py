@@ -3,10 +3,18 @@
 Every process trains on its own shard of each domain (`DistributedSampler` order inside
 `BatchStream`) with `data.batch_size` images per domain; what makes them one run:
 
-- they start from the same weights (rank 0's, broadcast) and keep them: `StepGuard` averages the
-  gradients of every optimiser over the processes before it steps, so each process applies the
-  same update, and rank 0's buffers (BatchNorm statistics) are broadcast after every iteration as
-  DistributedDataParallel does (or, with `train.sync_bn`, BatchNorm normalises over the global batch);
+- they start each stage from the same weights and buffers (rank 0's, broadcast: `broadcast_state`)
+  and keep them: `StepGuard` averages the gradients of every optimiser over the processes before it
+  steps, so each process applies the same update; after every iteration (and after a method's last
+  change to its network, `Method.finish_stage`) `average_buffers` replaces
+  the floating-point buffers (BatchNorm running means and variances) of the trained network and of
+  the method's saved modules with their mean over the processes (summed in float64, divided by the
+  number of processes), where DistributedDataParallel would broadcast rank 0's; integer buffers
+  (`num_batches_tracked`) advance alike everywhere and are left alone. An iteration whose update
+  is skipped (non-finite gradients) instead restores each process's buffers from before it. With
+  `train.sync_bn`, BatchNorm normalises over the global batch (torch.nn.SyncBatchNorm on CUDA,
+  `SyncBatchNorm` below elsewhere), so the running statistics are already equal and the mean leaves
+  them as they are;
 - the adaptation state is updated from everyone's data in the same order on every process
   (`ClassMemoryBank.push` and `update_prototypes` gather in rank order, `ClassThresholds.all_reduce`
   sums counts, passes over the target set are sharded and reduced);
@@ -25,7 +33,7 @@ import torch.nn as nn
 
 __all__ = ["init_from_env", "shutdown", "is_distributed", "rank", "world_size", "barrier", "all_reduce_",
            "broadcast_state", "average_buffers", "StepGuard", "NonFiniteError", "shard", "SyncBatchNorm",
-           "convert_sync_batchnorm"]
+           "convert_sync_batchnorm", "parameter_device"]
 
 
 def is_distributed():
@@ -133,9 +141,15 @@ class StepGuard:
       k micro-batches, each already a mean over its images).
 
     Parameters with no gradient on any process are left without one (as in one process); a
-    parameter with a gradient on some processes only gets zeros on the others."""
+    parameter with a gradient on some processes only gets zeros on the others.
 
-    def __init__(self, name, optimizer, *, on_nonfinite="stop", accumulate=1):
+    With `scaler` (a torch.amp.GradScaler: float16 training), the gradients are of the scaled loss
+    (`Method.backward`): after the all-reduce they are unscaled (`scaler.unscale_`, which records
+    for `scaler.update` whether they overflowed), and non-finite ones, the scaler's overflow, drop
+    the update and count in `skipped` whatever `on_nonfinite` says: the trainer's `scaler.update()`
+    then lowers the scale. `unscaled` counts the steps that reached `unscale_`."""
+
+    def __init__(self, name, optimizer, *, on_nonfinite="stop", accumulate=1, scaler=None):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite: expected 'stop' or 'skip', got {on_nonfinite!r}")
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
@@ -144,6 +158,7 @@ class StepGuard:
         self.on_nonfinite, self.accumulate = on_nonfinite, accumulate
         self.micro_step = 0          # set by the trainer before each micro-batch
         self.skipped = 0
+        self.scaler, self.unscaled = scaler, 0
         self._step, self._zero_grad = optimizer.step, optimizer.zero_grad
         self._own = {k: vars(optimizer)[k] for k in ("step", "zero_grad") if k in vars(optimizer)}
         optimizer.step, optimizer.zero_grad = self.step, self.zero_grad
@@ -192,10 +207,13 @@ class StepGuard:
             torch._foreach_copy_(grads, [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in grads]), grads)])
         if scale != 1.0:
             torch._foreach_mul_(grads, scale)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+            self.unscaled += 1
         # the max-abs norm is NaN or inf exactly where a gradient has one (one fused kernel on CUDA)
         finite = bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
         if not finite:
-            if self.on_nonfinite == "stop":
+            if self.on_nonfinite == "stop" and self.scaler is None:
                 raise NonFiniteError(f"optimiser {self.name!r}: non-finite gradients")
             self.skipped += 1
             self._zero_grad(set_to_none=True)
@@ -266,10 +284,14 @@ class SyncBatchNorm(nn.BatchNorm2d):
 def convert_sync_batchnorm(module):
     """`module` with every BatchNorm2d replaced: torch.nn.SyncBatchNorm on CUDA, SyncBatchNorm
     above elsewhere (weights and statistics kept)."""
-    device = next(iter(module.parameters()), torch.empty(0)).device
-    if device.type == "cuda":
+    if parameter_device(module).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return _convert(module)
+
+
+def parameter_device(module: nn.Module) -> torch.device:
+    """The device of `module`'s first parameter (the CPU for a module without parameters)."""
+    return next(iter(module.parameters()), torch.empty(0)).device
 
 
 def _convert(module):

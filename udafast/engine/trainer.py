@@ -24,7 +24,11 @@ Every optimiser of the method steps through a `StepGuard` (udafast.engine.distri
 torchrun it averages the gradients over the processes, it refuses non-finite gradients (the run
 stops with NonFiniteLoss naming the last good checkpoint, or, with `train.on_nonfinite: skip`, the
 update is dropped and counted) and it applies one update per `train.grad_accum` micro-batches.
-`train.amp: bf16` runs each step under bfloat16 autocast.
+`train.amp: bf16` runs each step under bfloat16 autocast; `train.amp: fp16` under float16 autocast
+with one torch.amp.GradScaler for every optimiser of the method: `Method.backward` scales each loss,
+the step guards unscale the gradients and drop the update where they overflowed (counted in
+`nonfinite_steps` whatever `train.on_nonfinite` says; a non-finite loss still follows it), and the
+scale is updated once per iteration.
 """
 import contextlib
 import dataclasses
@@ -56,6 +60,14 @@ from udafast.models import build_model
 from udafast.models.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint
 
 __all__ = ["Trainer", "RunContext", "seed_everything", "NonFiniteLoss", "check_stage"]
+
+
+#: said at the start of a DeepLabV2-ResNet101 run that would train from random weights (the
+#: authors' code always starts from ImageNet weights; without them mIoU ends far lower)
+RANDOM_INIT_WARNING = (
+    "WARNING: neither model.pretrained nor init is set: DeepLabV2-ResNet101 starts from RANDOM weights and will "
+    "score far below the papers; set model.pretrained: imagenet (torchvision's ImageNet ResNet-101, ProDA's start) "
+    "or imagenet_caffe (the Caffe DeepLab init of AdaptSegNet and CRST), or a weights file, or init: a checkpoint")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -157,8 +169,6 @@ class RunContext:
         wanted = self.method_cls.model_overrides  # a dict, or a function of the model config giving one
         wanted = wanted(self.config["model"]) if callable(wanted) else wanted
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
-        if self.world > 1 and self.config["train"].get("sync_bn"):
-            model = dist.convert_sync_batchnorm(model)
         model.backbone.activation_checkpointing = bool(self.config["train"].get("activation_checkpointing"))
         path = init if isinstance(init, str) else self.config.get("init")
         if init and path:
@@ -173,7 +183,11 @@ class RunContext:
             fresh = sorted({k.split(".")[0] for k in own if k not in fits})
             if fresh:
                 self.log(f"init: {path} has no weights of this shape for {', '.join(fresh)}; they start fresh")
-        return model.to(self.device)
+        model = model.to(self.device)
+        if self.world > 1 and self.config["train"].get("sync_bn"):
+            # after the move: the conversion picks torch.nn.SyncBatchNorm for CUDA parameters
+            model = dist.convert_sync_batchnorm(model)
+        return model
 
     def set_source_subset(self, indices):
         """Train on these source images only from now on (CBST's source portion)."""
@@ -319,8 +333,10 @@ class Trainer:
             raise ValueError(f"train.grad_accum: expected a positive int, got {self.accumulate!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"train.on_nonfinite: expected 'stop' or 'skip', got {self.on_nonfinite!r}")
-        if self.amp not in (None, "bf16"):
-            raise ValueError(f"train.amp: expected null or 'bf16', got {self.amp!r}")
+        if self.amp not in (None, "bf16", "fp16"):
+            raise ValueError(f"train.amp: expected null, 'bf16' or 'fp16', got {self.amp!r}")
+        # one scaler for every optimiser of the method: one loss scale, updated once per iteration
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
         for key in ("sync_bn", "activation_checkpointing"):
             if not isinstance(train[key], bool):
                 raise ValueError(f"train.{key}: expected true or false, got {train[key]!r}")
@@ -342,6 +358,9 @@ class Trainer:
         method_cls = method_class(config["method"])
 
         logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard, rank=self.rank)
+        self.random_init = not config["model"].get("pretrained") and not config.get("init")
+        if self.random_init and config["model"].get("name") == "deeplabv2_r101":
+            logger.message(RANDOM_INIT_WARNING)
         ctx = None
         try:
             ctx = RunContext(config, self.out_dir, device, logger, method_cls)
@@ -349,6 +368,7 @@ class Trainer:
                 logger.message(f"{self.world} processes ({torch.distributed.get_backend()}), "
                                f"{ctx.source_stream.batch_size} images per domain each")
             method = build_method(config, ctx)
+            method.grad_scaler = self.scaler
             self.method = method  # for inspection after the run
             stages = method.stages()
             if config["train"].get("stage_iters"):  # only the length changes (not what a stage hands on)
@@ -503,19 +523,21 @@ class Trainer:
             synced = _synced_modules(method)
             if not resuming:  # the networks the method made in its set-up (heads, discriminators, students)
                 dist.broadcast_state([m for m in synced if m is not model])
-            guards = [dist.StepGuard(name, opt, on_nonfinite=self.on_nonfinite, accumulate=self.accumulate)
-                      for name, opt in method.optimizers.items()]
+            guards = [dist.StepGuard(name, opt, on_nonfinite=self.on_nonfinite, accumulate=self.accumulate,
+                                     scaler=self.scaler) for name, opt in method.optimizers.items()]
             for it in range(begin, stage.iters):
                 t0 = time.perf_counter()
                 lrs = _apply_schedule(method.optimizers, it, stage.iters)
-                skipped_before = sum(g.skipped for g in guards)
+                skipped_before, unscaled_before = sum(g.skipped for g in guards), sum(g.unscaled for g in guards)
                 # a skipped update must not leave the step's BatchNorm statistics behind either
-                kept = _buffers(synced, clone=True) if self.on_nonfinite == "skip" else None
+                kept = _buffers(synced, clone=True) if self.on_nonfinite == "skip" or self.scaler else None
                 try:
                     losses = self._iteration(method, ctx, guards, it, stage.iters)
                 except dist.NonFiniteError as e:
                     raise NonFiniteLoss(self._nonfinite_message(str(e), stage, it)) from None
                 skipped = sum(g.skipped for g in guards) > skipped_before
+                if self.scaler is not None and sum(g.unscaled for g in guards) > unscaled_before:
+                    self.scaler.update()  # a lower scale after an overflow, a higher one after a finite run
                 if skipped:
                     torch._foreach_copy_(_buffers(synced), kept)
                 elif self.world > 1:
@@ -571,8 +593,8 @@ class Trainer:
                     f"{self.world}: data order continues, random streams are re-seeded")
 
     def _iteration(self, method, ctx, guards, it, iters):
-        """One optimiser update: `train.grad_accum` micro-batches through `method.step` (under bf16
-        autocast with `train.amp: bf16`) -> the losses, averaged over micro-batches and processes."""
+        """One optimiser update: `train.grad_accum` micro-batches through `method.step` (under bf16 or
+        fp16 autocast with `train.amp`) -> the losses, averaged over micro-batches and processes."""
         totals = {}
         for micro in range(self.accumulate):
             for guard in guards:
@@ -596,17 +618,20 @@ class Trainer:
     def _autocast(self, device):
         if self.amp is None:
             return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
 
     def _check_losses(self, losses, skipped, state, stage, it, logger):
         """Stop on a non-finite loss, or, with `train.on_nonfinite: skip`, count the iteration
-        (the step guards have already refused the update where the gradients were not finite)."""
+        (the step guards have already refused the update where the gradients were not finite; under
+        fp16 they always do, the grad scaler's overflow, and the iteration is counted)."""
         bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
         if bad and self.on_nonfinite == "stop":
             raise NonFiniteLoss(self._nonfinite_message(f"non-finite loss ({', '.join(bad)})", stage, it))
         if bad or skipped:
             state["nonfinite_steps"] += 1
             what = f"non-finite loss ({', '.join(bad)})" if bad else "non-finite gradients"
+            if skipped and self.scaler is not None:
+                what += f" (fp16 loss scale now {self.scaler.get_scale():g})"
             logger.message(f"  [{stage.name}] iteration {it + 1}: {what}; "
                            f"{'update skipped' if skipped else 'update kept (finite gradients)'} "
                            f"({state['nonfinite_steps']} such iterations so far)")
@@ -762,6 +787,8 @@ class Trainer:
             "last": {"miou": result["miou"], "checkpoint": "checkpoints/last.pt"},
             "processes": self.world,
             "nonfinite_steps": state["nonfinite_steps"],
+            "pretrained": self.config["model"].get("pretrained"),
+            "random_init": self.random_init,
         }
         # the score before a method's last change after training (Method.finish_stage), e.g. miou_before_bn_update
         last_stage = state["stage_results"].get(stages[todo[-1]].name, {})

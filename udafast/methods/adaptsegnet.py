@@ -113,14 +113,14 @@ class AdaptSegNet(Method):
         if "aux" in out_s:
             losses["seg_aux"] = seg_loss(out_s["aux"], labels)
             loss = loss + o["seg_weight_aux"] * losses["seg_aux"]
-        loss.backward()
+        self.backward(loss)
 
         # generator, target half: fool the (frozen) discriminators
         target_size = self._adv_size(target["image"])
         out_t = self._levels(self.model(self.normalize(target["image"])))
         adv = self.adversary.generator_loss(out_t, target_size)
         loss = sum(o[f"adv_weight_{lv}"] * adv[lv] for lv in self.levels)
-        loss.backward()
+        self.backward(loss)
         opt.step()
 
         # discriminators: one step per level on the detached predictions

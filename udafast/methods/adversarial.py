@@ -88,13 +88,19 @@ class OutputSpaceAdversary:
             tgt = F.softmax(upsample(target_logits[lv].detach(), target_size), dim=1)
             w_src, w_tgt = self.disc_weights
             loss = w_src * _gan_loss(d(src), SOURCE_LABEL, self.gan) + w_tgt * _gan_loss(d(tgt), TARGET_LABEL, self.gan)
-            loss.backward()
+            self.backward(loss)
             losses[lv] = loss.detach()
         self.optimizer.step()
         return losses
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`; `register` puts the method's in its place (which scales the loss under fp16)."""
+        loss.backward()
+
     def register(self, method, prefix="disc"):
-        """Put the discriminators and their optimiser into `method`'s saved state."""
+        """Put the discriminators and their optimiser into `method`'s saved state, and take its
+        backward pass (`Method.backward`)."""
+        self.backward = method.backward
         for lv, d in self.discriminators.items():
             method.modules[f"{prefix}_{lv}"] = d
         method.optimizers[prefix] = self.optimizer

@@ -179,6 +179,15 @@ class Method:
         at iteration `it` of `iters` of the stage -> {loss name: float}."""
         raise NotImplementedError
 
+    #: the trainer's torch.amp.GradScaler under `train.amp: fp16`, else None
+    grad_scaler = None
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, of the loss times the float16 loss scale when the trainer runs a grad
+        scaler (the step guards unscale the gradients before the update). Every backward pass of a
+        method's step goes through here."""
+        (loss if self.grad_scaler is None else self.grad_scaler.scale(loss)).backward()
+
     def normalize(self, images, model=None):
         """Images in [0, 1] -> the network's input on the run's device."""
         from udafast.data.transforms import normalize

@@ -420,7 +420,7 @@ class CBST(Method):
         loss = seg_loss(self.model(self.normalize(mixed["image"]))["logits"], mixed["label"].to(self.device))
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         opt.step()
         return {"seg": loss.detach()}
 

@@ -590,7 +590,7 @@ class Contrastive(Method):
             losses.update(contrast_src=c_src.detach(), contrast_tgt=c_tgt.detach())
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         opt.step()
         self.teacher.update(self.student, teacher_momentum(it, iters, o["momentum"]))
         losses["bank"] = float(self.bank.counts.sum())

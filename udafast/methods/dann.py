@@ -113,6 +113,6 @@ class DANN(Method):
         loss = seg + dom
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         opt.step()
         return {"seg": seg.detach(), "domain": dom.detach(), "lambda": lambd}

@@ -442,7 +442,7 @@ class ProDA(Method):
         tgt_out = self.model(self.normalize(target["image"]))
         scale = self.options["adv_scale"]
         adv = self.adversary.generator_loss({"main": tgt_out["logits"]}, scaled_size(target["image"], scale))["main"]
-        (loss_src + self.options["adv_weight"] * adv).backward()
+        self.backward(loss_src + self.options["adv_weight"] * adv)
         opt.step()
         disc = self.adversary.discriminator_step({"main": src_out["logits"]}, {"main": tgt_out["logits"]},
                                                  scaled_size(source["image"], scale),
@@ -531,7 +531,7 @@ class ProDA(Method):
             kl = self.structure_loss(strong_out, z, params, size)
             loss = loss + o["kl_weight"] * kl
             logged["kl"] = kl.detach()
-        loss.backward()
+        self.backward(loss)
         opt.step()
         # the prototypes follow the teacher's class means on what it saw (adaptation_modelv2.py: ema_out)
         sums, counts = class_feature_sums(seen_feats, seen_logits.argmax(1), self.num_classes, backend=self.backend)
@@ -573,7 +573,7 @@ class ProDA(Method):
             _, loss_src = self._source_ce(source)
             loss = loss + loss_src
             logged["seg"] = loss_src.detach()
-        loss.backward()
+        self.backward(loss)
         opt.step()
         return logged
 

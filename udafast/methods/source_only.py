@@ -14,6 +14,6 @@ class SourceOnly(Method):
         loss = seg_loss(out["logits"], source["label"].to(self.device))
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         opt.step()
         return {"seg": loss.detach()}

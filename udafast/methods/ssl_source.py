@@ -290,6 +290,6 @@ class SSLSource(Method):
         loss = nt_xent(z[:n], z[n:], o["temperature"], o["code_sum_directions"])
         opt = self.optimizers["model"]
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.backward(loss)
         opt.step()
         return {"ntxent": loss.detach()}

@@ -4,6 +4,7 @@ from collections.abc import Mapping
 from typing import Tuple
 
 from udafast.models.authors import load_fitting_heads
+from udafast.models.pretrained import PRETRAINED, fetch_pretrained, pretrained_layout
 from udafast.models.resnet import LAYOUTS, load_backbone_weights, read_weights
 from udafast.models.segmentation import ASPP_MODES, HEADS, DeepLabV2, SmallSegNet
 
@@ -45,7 +46,9 @@ def build_model(config, *, load_pretrained=True):
     two-branch sum); head ("deeplabv2": DeepLabV2's ASPP classifier on layer4; "proda": ProDA's
     256-d feature head then a 1x1 classifier, which adds "features" to the outputs); head_dropout
     (0.1, ProDA's dropout before its classifier); feature_dim (256); freeze_bn_affine (False);
-    pretrained (a path to ResNet-101 backbone weights, or None); weights_format ("auto",
+    pretrained (None; a path to ResNet-101 backbone weights; or "imagenet" / "imagenet_caffe":
+    torchvision's / the Caffe DeepLab init's ImageNet weights from torch.hub's cache, downloaded
+    there when missing, see udafast.models.pretrained); weights_format ("auto",
     "torchvision" or "deeplab": also picks the network layout, see udafast.models.resnet);
     normalization ("caffe" for DeepLab-format weights, else "imagenet"; "unit" = RGB in [0, 1]);
     aux_head (True: the layer3 classifier); bn_clr (False: ProDA's BatchNorm on the layer4 features).
@@ -91,18 +94,27 @@ def build_model(config, *, load_pretrained=True):
         path = resolved["pretrained"]
         if path is not None:
             if not isinstance(path, (str, os.PathLike)):
-                raise ValueError(f"config['pretrained']: expected a path or None, got {path!r}")
+                names = " or ".join(map(repr, PRETRAINED))
+                raise ValueError(f"config['pretrained']: expected {names}, a path or None, got {path!r}")
             path = resolved["pretrained"] = os.fspath(path)
+        named = path in PRETRAINED
+        if named:
+            layout = pretrained_layout(path)
+            if resolved["weights_format"] not in ("auto", layout):
+                raise ValueError(f"config['weights_format']: {resolved['weights_format']!r}, but pretrained {path!r} "
+                                 f"is {layout} weights")
+            resolved["weights_format"] = layout
         state = heads = None
         if path is not None and (load_pretrained or resolved["weights_format"] == "auto"):
-            state, resolved["weights_format"], heads = read_weights(path, resolved["weights_format"])
+            file = fetch_pretrained(path) if named else path
+            state, resolved["weights_format"], heads = read_weights(file, resolved["weights_format"])
         elif resolved["weights_format"] == "auto":
             resolved["weights_format"] = "torchvision"
         model = DeepLabV2(resolved["num_classes"], resolved["aspp"], resolved["head"], float(dropout),
                           resolved["weights_format"], resolved["freeze_bn_affine"], resolved["feature_dim"],
                           resolved["aux_head"], resolved["bn_clr"])
         if state is not None and load_pretrained:
-            load_backbone_weights(model.backbone, state, path, resolved["weights_format"])
+            load_backbone_weights(model.backbone, state, file, resolved["weights_format"])
             if heads is not None:
                 model.pretrained_heads = load_fitting_heads(model, heads)
         if resolved["normalization"] is None:

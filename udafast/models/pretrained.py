@@ -1,0 +1,56 @@
+"""The named backbone weights `model.pretrained` accepts besides a path, kept in torch.hub's cache.
+
+- "imagenet": torchvision's ImageNet ResNet-101 (`resnet101-5d3b4d8f.pth`, what ProDA's network
+  loads), torchvision layout and key names (plus its `fc` classifier, left out).
+- "imagenet_caffe": the Caffe-converted DeepLab init `DeepLab_resnet_pretrained_init-f81d91e8.pth`
+  that AdaptSegNet and CRST start from: DeepLab layout, every key prefixed `Scale.`, and a 21-class
+  ASPP classifier `layer5` (loaded only into a model of that shape).
+
+A file is downloaded once, with a progress bar, into `<torch.hub.get_dir()>/checkpoints/` (the
+folder `torch.hub.load_state_dict_from_url` uses; TORCH_HOME moves it), its SHA-256 checked against
+the prefix its name carries; later runs read it from there without network.
+"""
+import os
+from urllib.parse import urlparse
+
+import torch.hub
+
+__all__ = ["PRETRAINED", "pretrained_layout", "cache_path", "fetch_pretrained"]
+
+#: name -> (URL, weights layout)
+PRETRAINED = {
+    "imagenet": ("https://download.pytorch.org/models/resnet101-5d3b4d8f.pth", "torchvision"),
+    "imagenet_caffe": ("http://vllab.ucmerced.edu/ytsai/CVPR18/DeepLab_resnet_pretrained_init-f81d91e8.pth",
+                       "deeplab"),
+}
+
+
+def pretrained_layout(name: str) -> str:
+    """The network layout ("torchvision" or "deeplab") the named weights were trained in."""
+    return PRETRAINED[name][1]
+
+
+def cache_path(name: str) -> str:
+    """Where torch.hub keeps the named weights file (whether or not it is there yet)."""
+    url = PRETRAINED[name][0]
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+
+
+def fetch_pretrained(name: str) -> str:
+    """The path of the named weights file in torch.hub's cache, downloaded first when it is not
+    there. FileNotFoundError saying which URL to fetch and where to put it when the download fails
+    (no network, or a file whose hash does not match its name); nothing is left at the path then."""
+    url = PRETRAINED[name][0]
+    path = cache_path(name)
+    if os.path.isfile(path):
+        return path
+    match = torch.hub.HASH_REGEX.search(os.path.basename(path))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # torch.hub's own download: a temporary file renamed into place once its hash is checked
+        torch.hub.download_url_to_file(url, path, match.group(1) if match else None, progress=True)
+    except (OSError, RuntimeError) as e:  # URLError and timeouts are OSErrors; a hash mismatch a RuntimeError
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise FileNotFoundError(f"model.pretrained: {name!r} is not in torch.hub's cache and could not be downloaded "
+                                f"({type(e).__name__}: {reason}); download {url} and put it at {path}") from None
+    return path
