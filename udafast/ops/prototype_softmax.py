@@ -34,8 +34,7 @@ def prototype_softmax(features, prototypes, tau=1.0, *, log=False, backend="auto
         "prototype_softmax", chosen, reference.prototype_softmax,
         features, prototypes.detach().to(features.dtype), tau, log,
     )
-    # the compiled kernels also return the distances, which their backward reuses
-    return (out if chosen == "reference" else out[0]).to(dtype)
+    return out.to(dtype)
 
 
 def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="auto"):
