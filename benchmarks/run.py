@@ -21,6 +21,7 @@ MODULES = (
     "bench_class_thresholds",
     "bench_topk_per_class",
     "bench_prototype_softmax",
+    "bench_class_feature_sums",
     "bench_sce_loss",
     "bench_kl_loss",
 )

@@ -8,7 +8,8 @@ from udafast.ops import _backend, registrations
 from udafast.ops._validate import get_validation, set_validation
 from udafast.ops.class_thresholds import ClassThresholds, cbst_pseudo_labels, class_thresholds
 from udafast.ops.kl_loss import kl_loss
-from udafast.ops.prototype_softmax import class_feature_sums, prototype_rectify, prototype_softmax, update_prototypes
+from udafast.ops.class_feature_sums import class_feature_sums
+from udafast.ops.prototype_softmax import prototype_rectify, prototype_softmax, update_prototypes
 from udafast.ops.sce_loss import sce_loss
 from udafast.ops.topk_per_class import ClassMemoryBank, topk_per_class
 
