@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 import torch  # noqa: E402
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, report  # noqa: E402
 
 SCHEMA = 1
 METHODS = ("source_only", "dann", "adaptsegnet", "cbst", "contrastive", "proda")
@@ -298,14 +298,14 @@ def run_child(spec):
                           setup_rss_growth_bytes=None if rss_before is None else meter.setup_peak - rss_before)
     except torch.cuda.OutOfMemoryError as e:
         # how far it got: out of memory in the set-up, in step N, or after the steps (evaluation)
-        result.update(status="oom", reason=f"after {len(meter.times)} steps: {harness._first_line(str(e))}",
+        result.update(status="oom", reason=f"after {len(meter.times)} steps: {harness.first_line(str(e))}",
                       peak_step_bytes=meter.step_peak)
     except Exception as e:
-        result.update(status="error", reason=f"{type(e).__name__}: {harness._first_line(str(e))}",
+        result.update(status="error", reason=f"{type(e).__name__}: {harness.first_line(str(e))}",
                       traceback=traceback.format_exc()[-4000:])
     finally:
         if spec.get("result"):
-            harness.write_json(spec["result"], result)
+            report.write_json(spec["result"], result)
     return result
 
 
@@ -522,8 +522,8 @@ def markdown(data):
         else:
             cells = [_gib(r.get("peak_rss_bytes")), _mib(r.get("rss_growth_bytes")),
                      _mib(r.get("setup_rss_growth_bytes"))]
-        lines.append("| " + " | ".join([r["method"], r["variant"], *cells, harness._fmt(r.get("sec_per_iter"), ".3f"),
-                                         harness._fmt(r.get("step_s"), ".3f"), note]) + " |")
+        lines.append("| " + " | ".join([r["method"], r["variant"], *cells, report.fmt(r.get("sec_per_iter"), ".3f"),
+                                         report.fmt(r.get("step_s"), ".3f"), note]) + " |")
     lines += ["", "Synthetic scenes at the sizes the configs' views resize to (the crops are the configs'), "
               "random weights; ProDA measured in stage 1 (from one warm-up iteration), CBST in round 0 (after its "
               "pseudo-labelling passes), the contrastive bank full and its loss on from the first iteration. "
@@ -626,9 +626,9 @@ class ResultsFile:
 
     def write(self):
         data = merge_results(self.old, self.env, list(self.rows), list(VARIANTS) + self.args.variants)
-        harness.write_json(self.path, data)
+        report.write_json(self.path, data)
         text = markdown(data)
-        harness.write_markdown(self.path.with_suffix(".md"), text)
+        report.write_markdown(self.path.with_suffix(".md"), text)
         return text
 
 

@@ -15,12 +15,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable f
 
 import torch  # noqa: E402
 
-from benchmarks import harness  # noqa: E402
+from benchmarks import harness, report  # noqa: E402
 
 MODULES = (
     "bench_class_thresholds",
     "bench_topk_per_class",
     "bench_prototype_softmax",
+    "bench_class_feature_sums",
     "bench_sce_loss",
     "bench_kl_loss",
 )
@@ -161,16 +162,16 @@ def main(argv=None):
 
     out = Path(args.out)
     json_path = out / f"{dev['slug']}.json"
-    old = None if args.fresh else harness.load_results(json_path)
-    data = harness.merge_results(old, env, entries, copy_bw, memory_check, [c.name for c in all_cases()])
-    harness.annotate(data)
-    harness.write_json(json_path, data)
-    text = harness.markdown(data)
-    harness.write_markdown(out / f"{dev['slug']}.md", text)
+    old = None if args.fresh else report.load_results(json_path)
+    data = report.merge_results(old, env, entries, copy_bw, memory_check, [c.name for c in all_cases()])
+    report.annotate(data)
+    report.write_json(json_path, data)
+    text = report.markdown(data)
+    report.write_markdown(out / f"{dev['slug']}.md", text)
     written = [json_path, out / f"{dev['slug']}.md"]
     if not args.no_chart:
         try:
-            harness.write_chart(out / f"{dev['slug']}.png", data)
+            report.write_chart(out / f"{dev['slug']}.png", data)
             written.append(out / f"{dev['slug']}.png")
         except Exception as exc:  # a missing matplotlib must not lose the measurements
             print(f"chart not written: {type(exc).__name__}: {exc}")

@@ -1,6 +1,6 @@
 // Every schema of the udafast operator library. Kernels register per backend in
 // csrc/cpu/<hot_path>.cpp and csrc/cuda/<hot_path>.cu; fake (meta) kernels and autograd are
-// registered from Python (udafast/ops/_native.py).
+// registered from Python (udafast/ops/registrations.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,7 +15,7 @@ TORCH_LIBRARY(udafast, m) {
   m.def("cbst_pseudo_labels(Tensor probs, Tensor thresholds, int ignore_index) -> Tensor");
   // 1.2 per-class top-K (topk_per_class.cpp)
   m.def("topk_per_class(Tensor scores, Tensor labels, int num_classes, int k, int ignore_index) -> (Tensor, Tensor)");
-  // 1.3 prototypes (prototype_softmax.cpp)
+  // 1.3 prototypes (prototype_softmax.cpp, class_feature_sums.cpp)
   // Returns (softmax or log-softmax [B, C, H, W], distances [B, C, H, W]); the backward reuses the
   // distances instead of recomputing C x D work per pixel.
   m.def("prototype_softmax(Tensor features, Tensor prototypes, float tau, bool log) -> (Tensor, Tensor)");

@@ -11,7 +11,7 @@ imported. Without Triton, ``LAUNCHERS`` is empty and ``backend="triton"`` says w
 """
 import importlib
 
-HOT_PATHS = ("class_thresholds", "topk_per_class", "prototype_softmax", "sce_loss", "kl_loss")
+HOT_PATHS = ("class_thresholds", "topk_per_class", "prototype_softmax", "class_feature_sums", "sce_loss", "kl_loss")
 
 
 def _load_launchers():

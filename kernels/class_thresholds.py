@@ -31,11 +31,6 @@ def class_thresholds(conf: torch.Tensor, pred: torch.Tensor, num_classes: int, p
     return out
 
 
-@class_thresholds.register_fake
-def _(conf, pred, num_classes, portion, ignore_index):
-    return conf.new_empty((num_classes,))
-
-
 @triton.jit
 def _histogram_add_kernel(counts_ptr, stride_c, stride_b, x_ptr, label_ptr, n, num_classes, bins, ignore_index,
                           BLOCK: tl.constexpr):
@@ -71,11 +66,6 @@ def class_histogram_add_(counts: torch.Tensor, conf: torch.Tensor, pred: torch.T
     _histogram_add_kernel[(triton.cdiv(n, block),)](
         counts, counts.stride(0), counts.stride(1), x, labels, n, num_classes, bins, ignore_index, BLOCK=block
     )
-
-
-@class_histogram_add_.register_fake
-def _(counts, conf, pred, ignore_index):
-    return None
 
 
 @triton.jit
@@ -133,12 +123,6 @@ def cbst_pseudo_labels(probs: torch.Tensor, thresholds: torch.Tensor, ignore_ind
         IEEE_DIV_RN=probs.dtype == torch.float32, BLOCK=block,
     )
     return out
-
-
-@cbst_pseudo_labels.register_fake
-def _(probs, thresholds, ignore_index):
-    b, _, h, w = probs.shape
-    return probs.new_empty((b, h, w), dtype=torch.int64)
 
 
 LAUNCHERS = {

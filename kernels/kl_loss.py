@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .sce_loss import FINALIZE_BLOCK, compute_dtype, loss_dtype, on_device, tile_shape
+from .common import FINALIZE_BLOCK, compute_dtype, loss_dtype, on_device, plane_tile, tile_shape
 
 
 @triton.jit
@@ -43,13 +43,7 @@ def _softmax_parts(z, cmask, DT: tl.constexpr):
 @triton.jit
 def _kl_forward_kernel(logits_ptr, target_ptr, mask_ptr, lse_ptr, ws_ptr, C, S, tiles,
                        HAS_MASK: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, DT: tl.constexpr):
-    pid = tl.program_id(0)
-    b = (pid // tiles).to(tl.int64)
-    s = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = s < S
-    cls = tl.arange(0, BLOCK_C)
-    cmask = cls < C
-    offs = b * C * S + cls.to(tl.int64)[:, None] * S + s[None, :]
+    pid, b, s, pmask, cls, cmask, offs = plane_tile(tiles, C, S, BLOCK_C, BLOCK_P)
     mask = cmask[:, None] & pmask[None, :]
     z = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(DT)
     z = tl.where(cmask[:, None], z, float("-inf"))
@@ -106,13 +100,7 @@ def _kl_backward_kernel(grad_loss_ptr, count_ptr, logits_ptr, target_ptr, mask_p
     denominator = tl.load(count_ptr).to(tl.float64) * classes
     scale = tl.where(denominator > 0, go / tl.maximum(denominator, 1.0), 0.0).to(DT)
 
-    pid = tl.program_id(0)
-    b = (pid // tiles).to(tl.int64)
-    s = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = s < S
-    cls = tl.arange(0, BLOCK_C)
-    cmask = cls < C
-    offs = b * C * S + cls.to(tl.int64)[:, None] * S + s[None, :]
+    pid, b, s, pmask, cls, cmask, offs = plane_tile(tiles, C, S, BLOCK_C, BLOCK_P)
     mask = cmask[:, None] & pmask[None, :]
     z = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(DT)
     z = tl.where(cmask[:, None], z, float("-inf"))
@@ -177,14 +165,6 @@ def kl_loss(logits: torch.Tensor, target_probs: torch.Tensor,
     return loss, lse, count
 
 
-@kl_loss.register_fake
-def _(logits, target_probs, valid_mask):
-    b, _, h, w = logits.shape
-    dtype = loss_dtype(logits.dtype)
-    return (logits.new_empty((), dtype=dtype), logits.new_empty((b, h, w), dtype=dtype),
-            logits.new_empty((), dtype=torch.int64))
-
-
 @torch.library.custom_op("udafast_triton::kl_loss_backward", mutates_args=())
 def kl_loss_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target_probs: torch.Tensor,
                      valid_mask: torch.Tensor | None, lse: torch.Tensor, num_valid: torch.Tensor) -> torch.Tensor:
@@ -207,24 +187,5 @@ def kl_loss_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target_probs
         grad.copy_(out)
     return grad
 
-
-@kl_loss_backward.register_fake
-def _(grad_loss, logits, target_probs, valid_mask, lse, num_valid):
-    return torch.empty_like(logits)
-
-
-def _setup(ctx, inputs, output):
-    logits, target_probs, valid_mask = inputs
-    _, lse, num_valid = output
-    ctx.save_for_backward(logits, target_probs, valid_mask, lse, num_valid)
-
-
-def _backward(ctx, grad_loss, _grad_lse, _grad_num_valid):
-    logits, target_probs, valid_mask, lse, num_valid = ctx.saved_tensors
-    grad = torch.ops.udafast_triton.kl_loss_backward(grad_loss, logits, target_probs, valid_mask, lse, num_valid)
-    return grad, None, None
-
-
-kl_loss.register_autograd(_backward, setup_context=_setup)
 
 LAUNCHERS = {"kl_loss": kl_loss}

@@ -1,5 +1,5 @@
-"""SPEC 1.3 in Triton: ProDA's prototype distance softmax (forward and backward), rectified
-pseudo-labels and per-class feature sums.
+"""SPEC 1.3 in Triton: ProDA's prototype distance softmax (forward and backward) and rectified
+pseudo-labels (the per-class feature sums are in class_feature_sums.py).
 
 The numerics follow csrc/cpu/prototype_softmax.cpp:
 - features are NCHW, so one image's channel row is a contiguous run of pixels. A program takes a
@@ -12,9 +12,6 @@ The numerics follow csrc/cpu/prototype_softmax.cpp:
 - the softmax is taken in float64 up to the shift z - max z, then in the compute dtype (float32,
   or float64 for float64 features); the backward reuses the saved softmax and distances:
   grad_f[d] = sum_c a_c (f_d - p_cd), a_c = -dz_c / (tau d_c), 0 where d_c == 0.
-- class_feature_sums has no float atomics: programs over (image, channel block, pixel split)
-  sum their pixels' features per class in float64 and write partials, which torch then sums over
-  the splits in a fixed order; the number of splits depends on the shape only.
 
 Every launcher takes the same positional arguments and returns the same outputs as the compiled
 op torch.ops.udafast.<op>. They are torch.library custom ops (namespace udafast_triton), opaque
@@ -24,28 +21,20 @@ float16/bfloat16 features (CUDA) are computed in float32, with float32 distances
 Python float kernel arguments are float32 in Triton (compiled and interpreted), so tau travels as
 three float32 parts that add up to it exactly in float64.
 """
-import contextlib
-import os
-
 import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from .common import INTERPRET, compute_dtype, on_device
+
 # Channels whose squared differences are summed in the compute dtype before the partial is added
 # into float64 (as kDepthBlock in the CPU kernel).
 DEPTH_BLOCK = 32
 # Elements of a program's [BLOCK_C, BLOCK_P] tile in the softmax kernels (at most _MAX_BLOCK_P
-# pixels), and of the [BLOCK_C, BLOCK_D, BLOCK_P] tile of class_feature_sums. The interpreter
-# (TRITON_INTERPRET=1, read at import as triton.jit does) pays per program and per tl operation
-# in Python, so it takes larger tiles: the same code and masks, fewer programs.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_SOFTMAX_TILE = 32768 if _INTERPRET else 2048
-_MAX_BLOCK_P = 1024 if _INTERPRET else 128
-_SUMS_TILE = 65536 if _INTERPRET else 8192
-# class_feature_sums: pixels per split (at least), and the most splits of one image.
-_SPLIT_PIXELS = 4096
-_MAX_SPLITS = 64
+# pixels); larger under the interpreter (kernels/common.py).
+_SOFTMAX_TILE = 32768 if INTERPRET else 2048
+_MAX_BLOCK_P = 1024 if INTERPRET else 128
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,53 +160,8 @@ def _rectify_kernel(f_ptr, pt_ptr, soft_ptr, labels_ptr, N, D, C, tau_hi, tau_mi
     tl.store(labels_ptr + b * N + offs_p, label.to(tl.int64), mask=mask_p)
 
 
-@triton.jit
-def _class_sums_kernel(f_ptr, labels_ptr, sums_ptr, counts_ptr, N, D, C, ignore_index, split_pixels,
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-                       COMPUTE: tl.constexpr):
-    """Program (b, channel block j, split s): sums_part[b, s, c, d] (float64) over the pixels of
-    split s for the channels of block j; the programs of block 0 also write counts_part[b, s, c]."""
-    b = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    s = tl.program_id(2).to(tl.int64)
-    splits = tl.num_programs(2)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_d = j * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    row = offs_d.to(tl.int64)[:, None] * N
-    f_base = f_ptr + b * D * N
-    l_base = labels_ptr + b * N
-    start = s * split_pixels
-    end = tl.minimum(start + split_pixels, N)
-    acc = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float64)
-    count = tl.zeros([BLOCK_C], dtype=tl.int64)
-    for p0 in range(start, end, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < end
-        label = tl.load(l_base + offs_p, mask=mask_p, other=0).to(tl.int64)
-        # ignored labels and labels outside [0, C) are skipped, never used as an index
-        valid = mask_p & (label != ignore_index) & (label >= 0) & (label < C)
-        label = tl.where(valid, label, -1)
-        onehot = label[None, :] == offs_c[:, None]  # [BLOCK_C, BLOCK_P]
-        f = tl.load(f_base + row + offs_p[None, :], mask=mask_d[:, None] & mask_p[None, :], other=0.0)
-        f = f.to(COMPUTE)  # [BLOCK_D, BLOCK_P]
-        part = tl.sum(tl.where(onehot[:, None, :], f[None, :, :], 0.0), axis=2)
-        acc += part.to(tl.float64)
-        count += tl.sum(onehot.to(tl.int32), axis=1).to(tl.int64)
-    mask_c = offs_c < C
-    base = (b * splits + s) * C
-    tl.store(sums_ptr + (base + offs_c.to(tl.int64))[:, None] * D + offs_d[None, :], acc,
-             mask=mask_c[:, None] & mask_d[None, :])
-    if j == 0:
-        tl.store(counts_ptr + base + offs_c, count, mask=mask_c)
-
-
 # ---------------------------------------------------------------------------------------------
 # launchers
-
-
-def _device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _tau_parts(tau):
@@ -226,10 +170,6 @@ def _tau_parts(tau):
     mid = float(np.float32(tau - hi))
     lo = float(np.float32(tau - hi - mid))
     return hi, mid, lo
-
-
-def _compute_dtype(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
 
 
 def _distance_dtype(dtype):
@@ -268,19 +208,12 @@ def prototype_softmax(features: torch.Tensor, prototypes: torch.Tensor, tau: flo
     if out.numel() == 0:
         return out, distances
     block_c, block_p = _softmax_blocks(C)
-    with _device(f):
+    with on_device(f):
         _forward_kernel[(triton.cdiv(N, block_p), B)](
             f, _transposed(prototypes, f.dtype), out, distances, N, D, C, *_tau_parts(tau),
-            LOG=bool(log), BLOCK_C=block_c, BLOCK_P=block_p, COMPUTE=_compute_dtype(f.dtype), DEPTH=DEPTH_BLOCK,
+            LOG=bool(log), BLOCK_C=block_c, BLOCK_P=block_p, COMPUTE=compute_dtype(f.dtype), DEPTH=DEPTH_BLOCK,
         )
     return out, distances
-
-
-@prototype_softmax.register_fake
-def _(features, prototypes, tau, log):
-    b, _, h, w = features.shape
-    shape = (b, prototypes.shape[0], h, w)
-    return features.new_empty(shape), features.new_empty(shape, dtype=_distance_dtype(features.dtype))
 
 
 @torch.library.custom_op("udafast_triton::prototype_softmax_backward", mutates_args=())
@@ -300,36 +233,13 @@ def prototype_softmax_backward(grad_out: torch.Tensor, out: torch.Tensor, distan
     if C == 0:
         return grad.zero_()
     block_c, block_p = _softmax_blocks(C)
-    with _device(f):
+    with on_device(f):
         _backward_kernel[(triton.cdiv(N, block_p), B)](
             grad_out.detach().to(f.dtype).contiguous(), out.detach().to(f.dtype).contiguous(),
             distances.detach().contiguous(), f, _transposed(prototypes, f.dtype), grad, N, D, C,
-            *_tau_parts(tau), LOG=bool(log), BLOCK_C=block_c, BLOCK_P=block_p, COMPUTE=_compute_dtype(f.dtype),
+            *_tau_parts(tau), LOG=bool(log), BLOCK_C=block_c, BLOCK_P=block_p, COMPUTE=compute_dtype(f.dtype),
         )
     return grad
-
-
-@prototype_softmax_backward.register_fake
-def _(grad_out, out, distances, features, prototypes, tau, log):
-    return torch.empty_like(features, memory_format=torch.contiguous_format)
-
-
-def _softmax_setup(ctx, inputs, output):
-    features, prototypes, tau, log = inputs
-    out, distances = output
-    ctx.save_for_backward(out, distances, features, prototypes)
-    ctx.tau, ctx.log = tau, log
-
-
-def _softmax_backward(ctx, grad_out, _grad_distances):
-    out, distances, features, prototypes = ctx.saved_tensors
-    grad = torch.ops.udafast_triton.prototype_softmax_backward(
-        grad_out, out, distances, features, prototypes, ctx.tau, ctx.log
-    )
-    return grad, None, None, None
-
-
-prototype_softmax.register_autograd(_softmax_backward, setup_context=_softmax_setup)
 
 
 @torch.library.custom_op("udafast_triton::prototype_rectify", mutates_args=())
@@ -345,68 +255,16 @@ def prototype_rectify(features: torch.Tensor, prototypes: torch.Tensor, soft_lab
     if labels.numel() == 0 or C == 0:
         return labels
     block_c, block_p = _softmax_blocks(C)
-    with _device(f):
+    with on_device(f):
         _rectify_kernel[(triton.cdiv(N, block_p), B)](
             f, _transposed(prototypes, f.dtype), soft_labels.detach().to(f.dtype).contiguous(), labels,
             N, D, C, *_tau_parts(tau),
-            BLOCK_C=block_c, BLOCK_P=block_p, COMPUTE=_compute_dtype(f.dtype), DEPTH=DEPTH_BLOCK,
+            BLOCK_C=block_c, BLOCK_P=block_p, COMPUTE=compute_dtype(f.dtype), DEPTH=DEPTH_BLOCK,
         )
     return labels
-
-
-@prototype_rectify.register_fake
-def _(features, prototypes, soft_labels, tau):
-    b, _, h, w = features.shape
-    return features.new_empty((b, h, w), dtype=torch.int64)
-
-
-def _sums_blocks(C, D, N):
-    block_c = max(2, triton.next_power_of_2(C))
-    block_d = max(1, min(16, triton.next_power_of_2(max(D, 1)), _SUMS_TILE // 32 // block_c))
-    block_p = min(1024, max(16, _SUMS_TILE // (block_c * block_d)))
-    # splits: a function of the shape only, each a whole number of pixel blocks
-    splits = max(1, min(_MAX_SPLITS, N // _SPLIT_PIXELS))
-    split_pixels = triton.cdiv(triton.cdiv(N, splits), block_p) * block_p
-    return block_c, block_d, block_p, triton.cdiv(N, split_pixels), split_pixels
-
-
-@torch.library.custom_op("udafast_triton::class_feature_sums", mutates_args=())
-def class_feature_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                       ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if features.dim() != 4:
-        raise RuntimeError(f"features must be [B, D, H, W]; got {tuple(features.shape)}")
-    B, D, H, W = features.shape
-    if labels.dim() != 3 or tuple(labels.shape) != (B, H, W):
-        raise RuntimeError(f"labels must be [B, H, W] matching the features; got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise RuntimeError(f"labels must be of an integer dtype; got {labels.dtype}")
-    if num_classes < 0:
-        raise RuntimeError(f"num_classes must be >= 0; got {num_classes}")
-    C, N = num_classes, H * W
-    if B * N == 0 or C == 0:
-        return (torch.zeros((B, C, D), dtype=features.dtype, device=features.device),
-                torch.zeros((B, C), dtype=torch.int64, device=features.device))
-    f = features.detach().contiguous()
-    lab = labels.contiguous()
-    block_c, block_d, block_p, splits, split_pixels = _sums_blocks(C, D, N)
-    sums = torch.empty((B, splits, C, D), dtype=torch.float64, device=f.device)
-    counts = torch.empty((B, splits, C), dtype=torch.int64, device=f.device)
-    with _device(f):
-        _class_sums_kernel[(B, max(1, triton.cdiv(D, block_d)), splits)](
-            f, lab, sums, counts, N, D, C, ignore_index, split_pixels,
-            BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_P=block_p, COMPUTE=_compute_dtype(f.dtype),
-        )
-    return sums.sum(1).to(f.dtype), counts.sum(1)
-
-
-@class_feature_sums.register_fake
-def _(features, labels, num_classes, ignore_index):
-    b, d = features.shape[:2]
-    return features.new_empty((b, num_classes, d)), features.new_empty((b, num_classes), dtype=torch.int64)
 
 
 LAUNCHERS = {
     "prototype_softmax": prototype_softmax,
     "prototype_rectify": prototype_rectify,
-    "class_feature_sums": class_feature_sums,
 }

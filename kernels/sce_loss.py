@@ -15,68 +15,22 @@ kernel adds the partials in a fixed order (deterministic, no atomics) and assemb
 the valid count on the device (no host synchronisation). Backward: one pass that reads grad_loss
 and num_valid from the device.
 """
-import contextlib
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-LOSS_DTYPES = {torch.float64: torch.float64, torch.float32: torch.float32,
-               torch.float16: torch.float32, torch.bfloat16: torch.float32}
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# elements of a [BLOCK_C, BLOCK_P] tile: registers on a GPU; under the interpreter (numpy, one
-# program at a time) larger tiles mean fewer programs and less Python overhead
-TILE_ELEMENTS = 32768 if INTERPRET else 4096
-MAX_BLOCK_P = 2048 if INTERPRET else 512
-FINALIZE_BLOCK = 256
+from .common import FINALIZE_BLOCK, compute_dtype, loss_dtype, on_device, plane_tile, tile_shape
+
 # -log(1e-4): the RCE weight of every non-target class, log(clamp(onehot, 1e-4, 1)) = log(1e-4)
 RCE_WEIGHT = -math.log(1e-4)
-
-
-def loss_dtype(dtype):
-    return LOSS_DTYPES[dtype]
-
-
-def compute_dtype(dtype):
-    """The tl dtype of the arithmetic: float64 for float64 logits, else float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def tile_shape(C, S):
-    """(BLOCK_C, BLOCK_P, tiles per plane, num_warps) for C classes and S pixels per plane."""
-    block_c = triton.next_power_of_2(max(C, 1))
-    block_p = max(1, min(MAX_BLOCK_P, TILE_ELEMENTS // block_c))
-    block_p = min(block_p, triton.next_power_of_2(max(S, 1)))
-    num_warps = 8 if block_c * block_p >= 4096 else 4
-    return block_c, block_p, triton.cdiv(S, block_p), num_warps
-
-
-def on_device(tensor):
-    """The context of a launch: the tensor's CUDA device (Triton launches on the current one).
-
-    Under the interpreter, numpy's warnings off: masked lanes (padding classes, pixels past the
-    plane, ignored pixels) compute 0/0, log(0) or inf * 0 as IEEE arithmetic does on a GPU, and
-    their values are discarded."""
-    if tensor.is_cuda:
-        return torch.cuda.device(tensor.device)
-    if INTERPRET:
-        import numpy
-        return numpy.errstate(divide="ignore", invalid="ignore", over="ignore")
-    return contextlib.nullcontext()
 
 
 @triton.jit
 def _sce_forward_kernel(logits_ptr, target_ptr, lse_ptr, ws_ptr, C, S, tiles, ignore_index,
                         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, DT: tl.constexpr):
-    pid = tl.program_id(0)
-    b = (pid // tiles).to(tl.int64)
-    s = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = s < S
-    cls = tl.arange(0, BLOCK_C)
-    cmask = cls < C
-    offs = b * C * S + cls.to(tl.int64)[:, None] * S + s[None, :]
+    pid, b, s, pmask, cls, cmask, offs = plane_tile(tiles, C, S, BLOCK_C, BLOCK_P)
     z = tl.load(logits_ptr + offs, mask=cmask[:, None] & pmask[None, :], other=0.0).to(DT)
     z = tl.where(cmask[:, None], z, float("-inf"))
     y = tl.load(target_ptr + b * S + s, mask=pmask, other=0).to(tl.int64)
@@ -169,13 +123,7 @@ def _sce_backward_kernel(grad_loss_ptr, count_ptr, logits_ptr, target_ptr, lse_p
     rce_scale = tl.where(n > 0, go * beta * rce_weight / nd, 0.0).to(DT)
     reg_scale = (-go * reg_weight / elements).to(DT)
 
-    pid = tl.program_id(0)
-    b = (pid // tiles).to(tl.int64)
-    s = (pid % tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = s < S
-    cls = tl.arange(0, BLOCK_C)
-    cmask = cls < C
-    offs = b * C * S + cls.to(tl.int64)[:, None] * S + s[None, :]
+    pid, b, s, pmask, cls, cmask, offs = plane_tile(tiles, C, S, BLOCK_C, BLOCK_P)
     mask = cmask[:, None] & pmask[None, :]
     z = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(DT)
     lse = tl.load(lse_ptr + b * S + s, mask=pmask, other=0.0).to(DT)
@@ -231,14 +179,6 @@ def sce_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float, beta: flo
     return loss, lse, count
 
 
-@sce_loss.register_fake
-def _(logits, target, alpha, beta, reg_weight, ignore_index):
-    b, _, h, w = logits.shape
-    dtype = loss_dtype(logits.dtype)
-    return (logits.new_empty((), dtype=dtype), logits.new_empty((b, h, w), dtype=dtype),
-            logits.new_empty((), dtype=torch.int64))
-
-
 @torch.library.custom_op("udafast_triton::sce_loss_backward", mutates_args=())
 def sce_loss_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor,
                       num_valid: torch.Tensor, alpha: float, beta: float, reg_weight: float,
@@ -261,25 +201,5 @@ def sce_loss_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: tor
         grad.copy_(out)
     return grad
 
-
-@sce_loss_backward.register_fake
-def _(grad_loss, logits, target, lse, num_valid, alpha, beta, reg_weight, ignore_index):
-    return torch.empty_like(logits)
-
-
-def _setup(ctx, inputs, output):
-    logits, target, alpha, beta, reg_weight, ignore_index = inputs
-    _, lse, num_valid = output
-    ctx.save_for_backward(logits, target, lse, num_valid)
-    ctx.args = (alpha, beta, reg_weight, ignore_index)
-
-
-def _backward(ctx, grad_loss, _grad_lse, _grad_num_valid):
-    logits, target, lse, num_valid = ctx.saved_tensors
-    grad = torch.ops.udafast_triton.sce_loss_backward(grad_loss, logits, target, lse, num_valid, *ctx.args)
-    return grad, None, None, None, None, None
-
-
-sce_loss.register_autograd(_backward, setup_context=_setup)
 
 LAUNCHERS = {"sce_loss": sce_loss}

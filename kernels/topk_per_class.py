@@ -126,12 +126,4 @@ def topk_per_class(scores: torch.Tensor, labels: torch.Tensor, num_classes: int,
     return index, count
 
 
-@topk_per_class.register_fake
-def _(scores, labels, num_classes, k, ignore_index):
-    return (
-        scores.new_empty((num_classes, k), dtype=torch.int64),
-        scores.new_empty((num_classes,), dtype=torch.int64),
-    )
-
-
 LAUNCHERS = {"topk_per_class": topk_per_class}

@@ -203,9 +203,10 @@ def test_bitwise_reproducible(backend):
 def test_triton_tile_sizes(backend, tile, dtype, monkeypatch):
     """Other tilings than the interpreter's default: tiles of 2 pixels (tiles that do not divide a
     plane; more programs than a finalize block of 4 partials, the last block partial) and the GPU's."""
+    import udafast.kernels.common as common  # the tiling of both losses
     import udafast.kernels.sce_loss as module
-    monkeypatch.setattr(module, "TILE_ELEMENTS", tile[0])
-    monkeypatch.setattr(module, "MAX_BLOCK_P", tile[1])
+    monkeypatch.setattr(common, "TILE_ELEMENTS", tile[0])
+    monkeypatch.setattr(common, "MAX_BLOCK_P", tile[1])
     monkeypatch.setattr(module, "FINALIZE_BLOCK", 4)
     logits = torch.randn(2, 19, 3, 7, dtype=dtype) * 4
     target = make_target(2, 19, 3, 7)

@@ -34,7 +34,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 
 namespace {
@@ -176,8 +175,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-at::ScalarType acc_dtype(at::ScalarType type) { return type == at::kDouble ? at::kDouble : at::kFloat; }
-
 void check_shapes(const char* op, const at::Tensor& logits, const at::Tensor& target,
                   const std::optional<at::Tensor>& mask) {
   TORCH_CHECK(logits.dim() == 4 && target.sizes() == logits.sizes(), op,
@@ -199,11 +196,6 @@ std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask)
   return mask->contiguous();
 }
 
-unsigned int grid_size(int64_t blocks) {
-  TORCH_CHECK(blocks <= static_cast<int64_t>(std::numeric_limits<int>::max()), "kl_loss: too many pixels");
-  return static_cast<unsigned int>(blocks);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_loss_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                            const std::optional<at::Tensor>& mask_in) {
   check_shapes("kl_loss", logits_in, target_in, mask_in);
@@ -211,29 +203,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_loss_cuda(const at::Tensor& lo
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.to(logits.scalar_type()).contiguous();
   const std::optional<at::Tensor> mask = contiguous_mask(mask_in);
-  const int64_t B = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
-  const int64_t S = H * W, P = B * S;
-  const auto acc_options = logits.options().dtype(acc_dtype(logits.scalar_type()));
-  at::Tensor loss = at::empty({}, acc_options);
-  at::Tensor lse = at::empty({B, H, W}, acc_options);
-  at::Tensor num_valid = at::empty({}, logits.options().dtype(at::kLong));
-  const int64_t nb = (P + kPixPerBlock - 1) / kPixPerBlock;
-  at::Tensor partial = at::empty({nb}, logits.options().dtype(at::kDouble));
-  at::Tensor counts = at::empty({nb}, logits.options().dtype(at::kLong));
+  const int64_t B = logits.size(0), C = logits.size(1), S = logits.size(2) * logits.size(3), P = B * S;
+  const ForwardBuffers out = forward_buffers(logits, /*partials_per_block=*/1);
+  const int64_t nb = out.blocks;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "kl_loss_cuda", [&] {
     using acc_t = typename AccOf<scalar_t>::type;
     if (nb > 0) {
-      kl_forward_kernel<scalar_t, acc_t><<<grid_size(nb), kThreads, 0, stream>>>(
+      kl_forward_kernel<scalar_t, acc_t><<<grid_size(nb, "kl_loss"), kThreads, 0, stream>>>(
           logits.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), mask ? mask->data_ptr<bool>() : nullptr, C, S,
-          P, lse.data_ptr<acc_t>(), partial.data_ptr<double>(), counts.data_ptr<int64_t>());
+          P, out.lse.data_ptr<acc_t>(), out.partial.data_ptr<double>(), out.counts.data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    kl_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(partial.data_ptr<double>(), counts.data_ptr<int64_t>(), nb,
-                                                         C, loss.data_ptr<acc_t>(), num_valid.data_ptr<int64_t>());
+    kl_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(out.partial.data_ptr<double>(),
+                                                         out.counts.data_ptr<int64_t>(), nb, C,
+                                                         out.loss.data_ptr<acc_t>(),
+                                                         out.num_valid.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, lse, num_valid};
+  return {out.loss, out.lse, out.num_valid};
 }
 
 at::Tensor kl_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tensor& logits_in,
@@ -243,41 +231,27 @@ at::Tensor kl_loss_backward_cuda(const at::Tensor& grad_loss_in, const at::Tenso
   TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == logits_in.size(0) && lse_in.size(1) == logits_in.size(2) &&
                   lse_in.size(2) == logits_in.size(3),
               "kl_loss_backward: lse [B, H, W]");
-  TORCH_CHECK(grad_loss_in.numel() == 1 && num_valid_in.numel() == 1,
-              "kl_loss_backward: grad_loss and num_valid must hold one element");
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Device device = logits_in.device();
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor target = target_in.to(logits.scalar_type()).contiguous();
   const std::optional<at::Tensor> mask = contiguous_mask(mask_in);
-  const at::ScalarType acc = acc_dtype(logits.scalar_type());
   // lse_in is not read: the kernel recomputes the max and the sum of the others from the logits
-  // grad_loss and num_valid stay on the device: read by the kernel (float or double grad_loss)
-  at::Tensor grad_loss = grad_loss_in;
-  if (grad_loss.device() != device ||
-      (grad_loss.scalar_type() != at::kFloat && grad_loss.scalar_type() != at::kDouble)) {
-    grad_loss = grad_loss.to(device, acc);
-  }
-  at::Tensor num_valid = num_valid_in;
-  if (num_valid.device() != device || num_valid.scalar_type() != at::kLong) num_valid = num_valid.to(device, at::kLong);
-  const int64_t B = logits.size(0), C = logits.size(1), H = logits.size(2), W = logits.size(3);
-  const int64_t S = H * W, P = B * S;
-  // the gradient takes the logits' layout (as the fake kernel's empty_like); the kernel writes NCHW
-  at::Tensor grad = at::empty_like(logits_in);
-  at::Tensor out = grad.is_contiguous() ? grad : at::empty_like(logits);
+  const BackwardScalars in = backward_scalars(grad_loss_in, num_valid_in, logits, "kl_loss_backward");
+  const int64_t B = logits.size(0), C = logits.size(1), S = logits.size(2) * logits.size(3), P = B * S;
+  const Gradient grad = gradient_buffer(logits_in);
   if (P > 0 && C > 0) {
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    const bool go_double = grad_loss.scalar_type() == at::kDouble;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "kl_loss_backward_cuda", [&] {
       using acc_t = typename AccOf<scalar_t>::type;
-      kl_backward_kernel<scalar_t, acc_t><<<grid_size((P + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), mask ? mask->data_ptr<bool>() : nullptr,
-          grad_loss.data_ptr(), go_double, num_valid.data_ptr<int64_t>(), C, S, P, out.data_ptr<scalar_t>());
+      kl_backward_kernel<scalar_t, acc_t>
+          <<<grid_size((P + kThreads - 1) / kThreads, "kl_loss_backward"), kThreads, 0, stream>>>(
+              logits.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), mask ? mask->data_ptr<bool>() : nullptr,
+              in.grad_loss.data_ptr(), in.grad_double, in.num_valid.data_ptr<int64_t>(), C, S, P,
+              grad.out.data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  if (!out.is_same(grad)) grad.copy_(out);
-  return grad;
+  return grad.finish();
 }
 
 }  // namespace

@@ -3,16 +3,21 @@
 "reference" is pure PyTorch and defines the semantics; "native" is the compiled extension
 (torch.ops.udafast.*); "triton" the kernels in udafast.kernels.
 """
-from udafast.ops import _backend
+from udafast.kernels import LAUNCHERS
+from udafast.ops import _backend, registrations
 from udafast.ops._validate import get_validation, set_validation
 from udafast.ops.class_thresholds import ClassThresholds, cbst_pseudo_labels, class_thresholds
 from udafast.ops.kl_loss import kl_loss
-from udafast.ops.prototype_softmax import class_feature_sums, prototype_rectify, prototype_softmax, update_prototypes
+from udafast.ops.class_feature_sums import class_feature_sums
+from udafast.ops.prototype_softmax import prototype_rectify, prototype_softmax, update_prototypes
 from udafast.ops.sce_loss import sce_loss
 from udafast.ops.topk_per_class import ClassMemoryBank, topk_per_class
 
+# fake kernels and autograd of the compiled ops, one table for both backends
 if _backend.extension_loaded():
-    from udafast.ops import _native  # noqa: F401  (fake kernels and autograd of the compiled ops)
+    registrations.register("udafast")
+if LAUNCHERS:
+    registrations.register("udafast_triton")
 
 __all__ = [
     "class_thresholds", "ClassThresholds", "cbst_pseudo_labels",

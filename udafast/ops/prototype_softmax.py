@@ -1,4 +1,5 @@
-"""SPEC 1.3: ProDA's prototype distance softmax, rectified pseudo-labels and class feature sums."""
+"""SPEC 1.3: ProDA's prototype distance softmax, rectified pseudo-labels and the prototypes' update
+(the per-class feature sums it takes are udafast.ops.class_feature_sums)."""
 import torch
 
 from udafast.ops import _validate as check
@@ -34,8 +35,7 @@ def prototype_softmax(features, prototypes, tau=1.0, *, log=False, backend="auto
         "prototype_softmax", chosen, reference.prototype_softmax,
         features, prototypes.detach().to(features.dtype), tau, log,
     )
-    # the compiled kernels also return the distances, which their backward reuses
-    return (out if chosen == "reference" else out[0]).to(dtype)
+    return out.to(dtype)
 
 
 def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="auto"):
@@ -52,26 +52,6 @@ def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="au
     return launch(
         "prototype_rectify", chosen, reference.prototype_rectify,
         features.detach(), prototypes.detach().to(features.dtype), soft_labels.detach().to(features.dtype), tau,
-    )
-
-
-def class_feature_sums(features, labels, num_classes, *, ignore_index=255, backend="auto", validate=None):
-    """Per image and class, the sum of its pixels' features and their count:
-    (sums [B, C, D] in the features' dtype, counts int64 [B, C])."""
-    check.ndim("features", features, 4, "[B, D, H, W]")
-    check.float_dtype("features", features)
-    check.ndim("labels", labels, 3, "[B, H, W]")
-    check.int_dtype("labels", labels)
-    b, _, h, w = features.shape
-    check.same_shape("labels", labels, "[B, H, W]", (b, h, w))
-    check.same_device(("features", features), ("labels", labels))
-    check.positive_int("num_classes", num_classes)
-    ignore_index = check.ignore_index(ignore_index)
-    if check.values_checked(validate):
-        check.labels_in_range("labels", labels, num_classes, ignore_index)
-    chosen = resolve("class_feature_sums", backend, features.device)
-    return launch(
-        "class_feature_sums", chosen, reference.class_feature_sums, features.detach(), labels, num_classes, ignore_index
     )
 
 
@@ -99,4 +79,4 @@ def update_prototypes(prototypes, sums, counts, *, momentum=0.9999, min_pixels=1
     return prototypes
 
 
-__all__ = ["prototype_softmax", "prototype_rectify", "class_feature_sums", "update_prototypes"]
+__all__ = ["prototype_softmax", "prototype_rectify", "update_prototypes"]

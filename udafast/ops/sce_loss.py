@@ -28,9 +28,7 @@ def sce_loss(logits, target, *, alpha=0.1, beta=1.0, reg_weight=0.0, ignore_inde
         check.labels_in_range("target", target, c, ignore_index)
     logits = check.widened_on_cpu(logits)
     chosen = resolve("sce_loss", backend, logits.device)
-    out = launch("sce_loss", chosen, reference.sce_loss, logits, target, alpha, beta, reg_weight, ignore_index)
-    # the compiled kernels also return the per-pixel log-sum-exp and valid count for their backward
-    return out if chosen == "reference" else out[0]
+    return launch("sce_loss", chosen, reference.sce_loss, logits, target, alpha, beta, reg_weight, ignore_index)
 
 
 __all__ = ["sce_loss"]
