@@ -7,8 +7,8 @@
 //                                     matrix (class start + the counts of the earlier blocks) and
 //                                     scatters its pixels' entries there; block 0 also writes the
 //                                     class starts and sizes for launch 3.
-//   launch 3  (in the .cu files)      one block per class: block_select (MSD radix select, 11-bit
-//                                     digits, shared-memory histograms) on the class's bucket.
+//   launch 3  threshold_select_kernel one block per class: block_select (MSD radix select, 11-bit
+//             / topk_select_kernel    digits, shared-memory histograms) on the class's bucket.
 //
 // No workspace needs zeroing (every word read is written first), nothing is read back on the host.
 // The order of the entries inside a bucket depends on atomics, but every result is a function of
@@ -16,8 +16,10 @@
 // are deterministic. Pixel counts are uint32 inside: the ops check N < 2^32.
 #pragma once
 
-// UDAFAST_CUDA_EMULATION: the device code compiled as plain C++ against a CPU emulation of the
-// CUDA block semantics (a test harness, outside the package build); the host launchers are left out.
+// The host side at the end (workspace layout, launch sequences) takes raw pointers, so that it
+// compiles in both builds. UDAFAST_CUDA_EMULATION: this file compiled as plain C++ against
+// emulation/cuda_emu.h, a CPU emulation of the CUDA block semantics (a test harness, outside the
+// package build), where a launch runs the blocks on the CPU; only the at::Tensor helpers are left out.
 #ifndef UDAFAST_CUDA_EMULATION
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -322,53 +324,6 @@ __global__ void __launch_bounds__(kBucketThreads)
   }
 }
 
-// Workspace carving: one at::empty byte buffer, every part 16-byte aligned.
-struct Carver {
-  uint8_t* base = nullptr;
-  size_t offset = 0;
-  template <typename T>
-  T* take(int64_t count) {
-    offset = (offset + 15) & ~size_t(15);
-    T* p = reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(base) + offset);  // base is null on the sizing run
-    offset += static_cast<size_t>(count) * sizeof(T);
-    return p;
-  }
-};
-
-#ifndef UDAFAST_CUDA_EMULATION
-// Launches 1 and 2.
-template <typename scalar_t, typename label_t, bool kPositions>
-void fill_buckets(const scalar_t* values, const label_t* labels, int64_t n, int64_t num_classes,
-                  int64_t ignore_index, int64_t k, const BucketPlan& plan, u32* counts, int64_t* class_start,
-                  int64_t* class_count, int64_t* acc_start, typename Entries<scalar_t, kPositions>::E* buckets,
-                  cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(plan.blocks));
-  count_classes_kernel<scalar_t, label_t><<<grid, kBucketThreads, 0, stream>>>(
-      values, labels, n, plan.tile, plan.iters, num_classes, ignore_index, counts);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  scatter_classes_kernel<scalar_t, label_t, kPositions><<<grid, kBucketThreads, 0, stream>>>(
-      values, labels, n, plan.tile, plan.iters, plan.blocks, num_classes, ignore_index, static_cast<u64>(k), counts,
-      class_start, class_count, acc_start, buckets);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Labels of the dtypes AT_DISPATCH_INTEGRAL_TYPES covers pass as they are; the rarer unsigned
-// types are widened to int64 (as the CPU top-K does; an extra kernel only for those dtypes).
-inline at::Tensor dispatchable_labels(const at::Tensor& labels) {
-  switch (labels.scalar_type()) {
-    case at::kByte:
-    case at::kChar:
-    case at::kShort:
-    case at::kInt:
-    case at::kLong:
-      return labels.contiguous();
-    default:
-      return labels.to(at::kLong).contiguous();
-  }
-}
-
-#endif  // UDAFAST_CUDA_EMULATION
-
 // ---------------------------------------------------------------------------------------------
 // Launch 3: block-level radix select on one bucket (blockDim.x == kSelectThreads)
 
@@ -642,6 +597,113 @@ __global__ void __launch_bounds__(kSelectThreads)
   sort_positions(cur, oth, m, row, tile);  // begins with a barrier (after block_select's writes)
   for (u64 i = m + threadIdx.x; i < kk; i += kSelectThreads) row[i] = -1;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Host side: the launch sequences, compiled in both builds (the ops' at::Tensor wrappers and the
+// emulation test call these same functions)
+
+// One kernel launch on `stream`; under UDAFAST_CUDA_EMULATION, the blocks run on the CPU.
+template <typename... P, typename... A>
+void launch(void (*kernel)(P...), unsigned grid, unsigned block, cudaStream_t stream, A... args) {
+#ifdef UDAFAST_CUDA_EMULATION
+  (void)stream;
+  emu_launch(kernel, grid, block, args...);
+#else
+  kernel<<<grid, block, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// Workspace carving: one byte buffer, every part 16-byte aligned.
+struct Carver {
+  uint8_t* base = nullptr;
+  size_t offset = 0;
+  template <typename T>
+  T* take(int64_t count) {
+    offset = (offset + 15) & ~size_t(15);
+    T* p = reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(base) + offset);  // base is null on the sizing run
+    offset += static_cast<size_t>(count) * sizeof(T);
+    return p;
+  }
+};
+
+// The three launches' workspace for n pixels and C classes (and, for top-K, k), carved from
+// bytes(n, C, k) bytes at `base`. Nothing in it needs zeroing.
+template <typename scalar_t, bool kPositions>
+struct BucketWorkspace {
+  using E = typename Entries<scalar_t, kPositions>::E;
+  int64_t n, num_classes, k;
+  BucketPlan plan;
+  u32* counts;           // [blocks, C], launch 1
+  int64_t* class_start;  // [C], launch 2
+  int64_t* class_count;  // [C], launch 2
+  int64_t* acc_start;    // [C], launch 2, top-K only (null otherwise)
+  E* buckets;            // [n], launch 2; clobbered by launch 3
+  E* acc;                // [min(n, C * k)], launch 3's spare, top-K only (null otherwise)
+  size_t end;            // bytes carved
+
+  BucketWorkspace(uint8_t* base, int64_t n, int64_t num_classes, int64_t k = 0)
+      : n(n), num_classes(num_classes), k(k), plan(plan_buckets(n, num_classes)) {
+    Carver cv{base};
+    counts = cv.take<u32>(plan.blocks * num_classes);
+    class_start = cv.take<int64_t>(num_classes);
+    class_count = cv.take<int64_t>(num_classes);
+    acc_start = kPositions ? cv.take<int64_t>(num_classes) : nullptr;
+    buckets = cv.take<E>(n);
+    // Room for every class's min(N_c, k) entries: sum_c min(N_c, k) <= min(N, C * k) (no overflow:
+    // C < 2^31, and k < n < 2^32 where C * k is taken).
+    acc = kPositions ? cv.take<E>(k >= n ? n : std::min<int64_t>(n, num_classes * k)) : nullptr;
+    end = cv.offset;
+  }
+
+  static int64_t bytes(int64_t n, int64_t num_classes, int64_t k = 0) {
+    return static_cast<int64_t>(BucketWorkspace(nullptr, n, num_classes, k).end) + 16;
+  }
+};
+
+// Launches 1 and 2: the valid pixels' entries into ws.buckets, class starts and sizes.
+template <typename scalar_t, typename label_t, bool kPositions>
+void fill_buckets(const scalar_t* values, const label_t* labels, int64_t ignore_index,
+                  const BucketWorkspace<scalar_t, kPositions>& ws, cudaStream_t stream) {
+  const auto grid = static_cast<unsigned>(ws.plan.blocks);
+  launch(count_classes_kernel<scalar_t, label_t>, grid, kBucketThreads, stream, values, labels, ws.n, ws.plan.tile,
+         ws.plan.iters, ws.num_classes, ignore_index, ws.counts);
+  launch(scatter_classes_kernel<scalar_t, label_t, kPositions>, grid, kBucketThreads, stream, values, labels, ws.n,
+         ws.plan.tile, ws.plan.iters, ws.plan.blocks, ws.num_classes, ignore_index, static_cast<u64>(ws.k),
+         ws.counts, ws.class_start, ws.class_count, ws.acc_start, ws.buckets);
+}
+
+// Launch 3 of class_thresholds (after fill_buckets; clobbers the buckets): out[C].
+template <typename scalar_t>
+void select_thresholds(const BucketWorkspace<scalar_t, false>& ws, double portion, scalar_t* out,
+                       cudaStream_t stream) {
+  launch(threshold_select_kernel<scalar_t>, static_cast<unsigned>(ws.num_classes), kSelectThreads, stream,
+         ws.buckets, ws.class_start, ws.class_count, portion, out);
+}
+
+// Launch 3 of topk_per_class (after fill_buckets; clobbers the buckets): index[C, k], count[C].
+template <typename scalar_t>
+void select_topk(const BucketWorkspace<scalar_t, true>& ws, int64_t* index, int64_t* count, cudaStream_t stream) {
+  launch(topk_select_kernel<scalar_t>, static_cast<unsigned>(ws.num_classes), kSelectThreads, stream, ws.buckets,
+         ws.acc, ws.class_start, ws.class_count, ws.acc_start, ws.k, index, count);
+}
+
+#ifndef UDAFAST_CUDA_EMULATION
+// Labels of the dtypes AT_DISPATCH_INTEGRAL_TYPES covers pass as they are; the rarer unsigned
+// types are widened to int64 (as the CPU top-K does; an extra kernel only for those dtypes).
+inline at::Tensor dispatchable_labels(const at::Tensor& labels) {
+  switch (labels.scalar_type()) {
+    case at::kByte:
+    case at::kChar:
+    case at::kShort:
+    case at::kInt:
+    case at::kLong:
+      return labels.contiguous();
+    default:
+      return labels.to(at::kLong).contiguous();
+  }
+}
+#endif  // UDAFAST_CUDA_EMULATION
 
 }  // namespace
 }  // namespace udafast_cuda

@@ -112,35 +112,16 @@ at::Tensor class_thresholds_cuda(const at::Tensor& conf, const at::Tensor& pred,
   const at::Tensor values = conf.contiguous();
   const at::Tensor labels = dispatchable_labels(pred);
   at::Tensor out = at::empty({num_classes}, conf.options());
-  const BucketPlan plan = plan_buckets(n, num_classes);
 
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "class_thresholds_cuda", [&] {
     using conf_t = scalar_t;
-    using E = typename Entries<conf_t, false>::E;
-    auto carve = [&](Carver& cv, u32*& counts, int64_t*& start, int64_t*& count, E*& buckets) {
-      counts = cv.take<u32>(plan.blocks * num_classes);
-      start = cv.take<int64_t>(num_classes);
-      count = cv.take<int64_t>(num_classes);
-      buckets = cv.take<E>(n);
-    };
-    u32* counts;
-    int64_t *start, *count;
-    E* buckets;
-    Carver sizing;
-    carve(sizing, counts, start, count, buckets);
-    const at::Tensor workspace =
-        at::empty({static_cast<int64_t>(sizing.offset) + 16}, values.options().dtype(at::kByte));
-    Carver cv{workspace.mutable_data_ptr<uint8_t>()};
-    carve(cv, counts, start, count, buckets);
-
+    using Workspace = BucketWorkspace<conf_t, false>;
+    const at::Tensor bytes = at::empty({Workspace::bytes(n, num_classes)}, values.options().dtype(at::kByte));
+    const Workspace ws(bytes.mutable_data_ptr<uint8_t>(), n, num_classes);
     AT_DISPATCH_INTEGRAL_TYPES(labels.scalar_type(), "class_thresholds_cuda", [&] {
-      fill_buckets<conf_t, scalar_t, false>(values.const_data_ptr<conf_t>(), labels.const_data_ptr<scalar_t>(), n,
-                                            num_classes, ignore_index, /*k=*/0, plan, counts, start, count,
-                                            /*acc_start=*/nullptr, buckets, stream);
+      fill_buckets(values.const_data_ptr<conf_t>(), labels.const_data_ptr<scalar_t>(), ignore_index, ws, stream);
     });
-    threshold_select_kernel<conf_t><<<static_cast<unsigned>(num_classes), kSelectThreads, 0, stream>>>(
-        buckets, start, count, portion, out.mutable_data_ptr<conf_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    select_thresholds(ws, portion, out.mutable_data_ptr<conf_t>(), stream);
   });
   return out;
 }

@@ -44,40 +44,16 @@ std::tuple<at::Tensor, at::Tensor> topk_per_class_cuda(const at::Tensor& scores,
   auto count = at::empty({num_classes}, scores.options().dtype(at::kLong));
   const at::Tensor values = scores.contiguous();
   const at::Tensor label_values = dispatchable_labels(labels);
-  const BucketPlan plan = plan_buckets(n, num_classes);
-  // Room for every class's min(N_c, k) entries: sum_c min(N_c, k) <= min(N, C * k).
-  const int64_t acc_room = k >= n ? n : std::min<int64_t>(n, num_classes * k);  // k < n < 2^32 here
-
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "topk_per_class_cuda", [&] {
     using score_t = scalar_t;
-    using E = typename Entries<score_t, true>::E;
-    auto carve = [&](Carver& cv, u32*& counts, int64_t*& start, int64_t*& size, int64_t*& acc_start, E*& buckets,
-                     E*& acc) {
-      counts = cv.take<u32>(plan.blocks * num_classes);
-      start = cv.take<int64_t>(num_classes);
-      size = cv.take<int64_t>(num_classes);
-      acc_start = cv.take<int64_t>(num_classes);
-      buckets = cv.take<E>(n);
-      acc = cv.take<E>(acc_room);
-    };
-    u32* counts;
-    int64_t *start, *size, *acc_start;
-    E *buckets, *acc;
-    Carver sizing;
-    carve(sizing, counts, start, size, acc_start, buckets, acc);
-    const at::Tensor workspace =
-        at::empty({static_cast<int64_t>(sizing.offset) + 16}, values.options().dtype(at::kByte));
-    Carver cv{workspace.mutable_data_ptr<uint8_t>()};
-    carve(cv, counts, start, size, acc_start, buckets, acc);
-
+    using Workspace = BucketWorkspace<score_t, true>;
+    const at::Tensor bytes = at::empty({Workspace::bytes(n, num_classes, k)}, values.options().dtype(at::kByte));
+    const Workspace ws(bytes.mutable_data_ptr<uint8_t>(), n, num_classes, k);
     AT_DISPATCH_INTEGRAL_TYPES(label_values.scalar_type(), "topk_per_class_cuda", [&] {
-      fill_buckets<score_t, scalar_t, true>(values.const_data_ptr<score_t>(), label_values.const_data_ptr<scalar_t>(),
-                                            n, num_classes, ignore_index, k, plan, counts, start, size, acc_start,
-                                            buckets, stream);
+      fill_buckets(values.const_data_ptr<score_t>(), label_values.const_data_ptr<scalar_t>(), ignore_index, ws,
+                   stream);
     });
-    topk_select_kernel<score_t><<<static_cast<unsigned>(num_classes), kSelectThreads, 0, stream>>>(
-        buckets, acc, start, size, acc_start, k, index.mutable_data_ptr<int64_t>(), count.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    select_topk(ws, index.mutable_data_ptr<int64_t>(), count.mutable_data_ptr<int64_t>(), stream);
   });
   return {index, count};
 }

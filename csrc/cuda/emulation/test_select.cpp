@@ -1,7 +1,11 @@
 // Runs the CUDA kernels of class_thresholds.cu / class_buckets.cuh under cuda_emu.h (no GPU
 // needed) and compares with a direct implementation of SPEC 1.1 / 1.2 and the CPU kernels'
-// conventions. Not part of the package build (setup.py globs csrc/cuda/*.cu only). Slow: every
-// CUDA thread is an OS thread; "thr" ~6 min, "topk" ~8 min, "wide"/"big" ~1-2 min on 2 cores.
+// conventions. class_thresholds and topk_per_class go through the ops' own host side (the
+// workspace layout and launch sequence of class_buckets.cuh: BucketWorkspace, fill_buckets,
+// select_thresholds, select_topk); the histogram and pseudo-label kernels are launched directly,
+// on small grids so that their grid-stride loops take several turns. Not part of the package
+// build (setup.py globs csrc/cuda/*.cu only). Slow: every CUDA thread is an OS thread; "thr"
+// ~6 min, "topk" ~8 min, "wide"/"big" ~1-2 min, "misc" seconds on 2 cores.
 //   cd csrc/cuda/emulation && g++ -std=c++20 -O1 -pthread -DUDAFAST_CUDA_EMULATION -I. -I.. \
 //       test_select.cpp -o /tmp/test_select && /tmp/test_select [all|thr|topk|wide|big|misc]
 #include "cuda_emu.h"
@@ -14,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 
@@ -58,14 +63,28 @@ bool same_bits(S a, S b) {
   return std::memcmp(&a, &b, sizeof(S)) == 0;
 }
 
-struct Workspace {
+// The workspace bytes the ops allocate with at::empty.
+struct Bytes {
   uint8_t* p = nullptr;
-  explicit Workspace(size_t bytes) {
-    p = static_cast<uint8_t*>(std::aligned_alloc(64, (bytes + 64) / 64 * 64));
-    std::memset(p, 0xCD, (bytes + 64) / 64 * 64);  // garbage: nothing may rely on zeroed memory
+  explicit Bytes(int64_t bytes) {
+    const size_t rounded = (size_t(bytes) + 64) / 64 * 64;
+    p = static_cast<uint8_t*>(std::aligned_alloc(64, rounded));
+    std::memset(p, 0xCD, rounded);  // garbage: nothing may rely on zeroed memory
   }
-  ~Workspace() { std::free(p); }
+  ~Bytes() { std::free(p); }
+  Bytes(const Bytes&) = delete;
+  Bytes& operator=(const Bytes&) = delete;
 };
+
+// The classes launch 3 runs for: all, or `only`.
+std::vector<int64_t> selected_classes(int64_t C, const std::vector<unsigned>& only) {
+  std::vector<int64_t> classes;
+  if (only.empty())
+    for (int64_t c = 0; c < C; ++c) classes.push_back(c);
+  else
+    for (unsigned c : only) classes.push_back(c);
+  return classes;
+}
 
 template <typename S, typename L>
 int64_t class_of_host(S x, L l, int64_t C, int64_t ignore) {
@@ -81,28 +100,12 @@ void test_thresholds(const char* name, const std::vector<S>& conf, const std::ve
                      int64_t ignore, const std::vector<double>& portions, std::vector<unsigned> only = {}) {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t n = conf.size();
-  const BucketPlan plan = plan_buckets(n, C);
-  using E = typename Entries<S, false>::E;
-  auto carve = [&](Carver& cv, u32*& counts, int64_t*& start, int64_t*& count, E*& buckets) {
-    counts = cv.take<u32>(plan.blocks * C);
-    start = cv.take<int64_t>(C);
-    count = cv.take<int64_t>(C);
-    buckets = cv.take<E>(n);
-  };
-  u32* counts;
-  int64_t *start, *count;
-  E* buckets;
-  Carver sizing;
-  carve(sizing, counts, start, count, buckets);
-  Workspace ws(sizing.offset + 16);
-  Carver cv{ws.p};
-  carve(cv, counts, start, count, buckets);
-
-  emu_launch(count_classes_kernel<S, L>, plan.blocks, kBucketThreads, {}, conf.data(), pred.data(), n, plan.tile,
-             plan.iters, C, ignore, counts);
-  emu_launch(scatter_classes_kernel<S, L, false>, plan.blocks, kBucketThreads, {}, conf.data(), pred.data(), n,
-             plan.tile, plan.iters, plan.blocks, C, ignore, u64(0), (const u32*)counts, start, count,
-             (int64_t*)nullptr, buckets);
+  using Workspace = BucketWorkspace<S, false>;
+  Bytes bytes(Workspace::bytes(n, C));
+  const Workspace ws(bytes.p, n, C);
+  const BucketPlan& plan = ws.plan;
+  const int64_t *start = ws.class_start, *count = ws.class_count;
+  fill_buckets(conf.data(), pred.data(), ignore, ws, nullptr);
 
   // reference per class
   std::vector<std::vector<KeyOf<S>>> keys(C);
@@ -116,7 +119,7 @@ void test_thresholds(const char* name, const std::vector<S>& conf, const std::ve
           keys[c].size());
     CHECK(start[c] == running, "%s: class_start[%ld] = %ld, want %ld", name, c, start[c], running);
     // bucket content is the class's multiset of keys
-    std::vector<KeyOf<S>> got(buckets + start[c], buckets + start[c] + keys[c].size());
+    std::vector<KeyOf<S>> got(ws.buckets + start[c], ws.buckets + start[c] + keys[c].size());
     std::vector<KeyOf<S>> want = keys[c];
     std::sort(got.begin(), got.end());
     std::sort(want.begin(), want.end());
@@ -128,16 +131,13 @@ void test_thresholds(const char* name, const std::vector<S>& conf, const std::ve
   for (double portion : portions) {
     std::vector<S> out(C, S(-7));
     // launch 3 clobbers the buckets (in-place compaction): refill them for every portion
-    emu_launch(scatter_classes_kernel<S, L, false>, plan.blocks, kBucketThreads, {}, conf.data(), pred.data(), n,
-               plan.tile, plan.iters, plan.blocks, C, ignore, u64(0), (const u32*)counts, start, count,
-               (int64_t*)nullptr, buckets);
-    emu_launch(threshold_select_kernel<S>, C, kSelectThreads, only, buckets, (const int64_t*)start,
-               (const int64_t*)count, portion, out.data());
-    std::vector<int64_t> classes;
-    if (only.empty())
-      for (int64_t c = 0; c < C; ++c) classes.push_back(c);
-    else
-      for (unsigned c : only) classes.push_back(c);
+    fill_buckets(conf.data(), pred.data(), ignore, ws, nullptr);
+    {
+      std::optional<EmuOnlyBlocks> selected;
+      if (!only.empty()) selected.emplace(threshold_select_kernel<S>, only);
+      select_thresholds(ws, portion, out.data(), nullptr);
+    }
+    const std::vector<int64_t> classes = selected_classes(C, only);
     for (int64_t c : classes) {
       const double floored = std::floor(double(keys[c].size()) * portion);
       S want = S(1);
@@ -173,45 +173,25 @@ void test_topk(const char* name, const std::vector<S>& scores, const std::vector
     std::stable_sort(p.begin(), p.end(), [&](int64_t a, int64_t b) { return host_key(scores[a]) > host_key(scores[b]); });
 
   for (int64_t k : ks) {
-    const int64_t acc_room = k >= n ? n : std::min<int64_t>(n, C * k);
-    auto carve = [&](Carver& cv, u32*& counts, int64_t*& start, int64_t*& size, int64_t*& acc_start, E*& buckets,
-                     E*& acc) {
-      counts = cv.take<u32>(plan.blocks * C);
-      start = cv.take<int64_t>(C);
-      size = cv.take<int64_t>(C);
-      acc_start = cv.take<int64_t>(C);
-      buckets = cv.take<E>(n);
-      acc = cv.take<E>(acc_room);
-    };
-    u32* counts;
-    int64_t *start, *size, *acc_start;
-    E *buckets, *acc;
-    Carver sizing;
-    carve(sizing, counts, start, size, acc_start, buckets, acc);
-    Workspace ws(sizing.offset + 16);
-    Carver cv{ws.p};
-    carve(cv, counts, start, size, acc_start, buckets, acc);
+    using Workspace = BucketWorkspace<S, true>;
+    Bytes bytes(Workspace::bytes(n, C, k));
+    const Workspace ws(bytes.p, n, C, k);
     std::vector<int64_t> index(C * k, -99), count(C, -99);
-
-    emu_launch(count_classes_kernel<S, L>, plan.blocks, kBucketThreads, {}, scores.data(), labels.data(), n, plan.tile,
-               plan.iters, C, ignore, counts);
-    emu_launch(scatter_classes_kernel<S, L, true>, plan.blocks, kBucketThreads, {}, scores.data(), labels.data(), n,
-               plan.tile, plan.iters, plan.blocks, C, ignore, u64(k), (const u32*)counts, start, size, acc_start,
-               buckets);
+    fill_buckets(scores.data(), labels.data(), ignore, ws, nullptr);
     int64_t acc_running = 0;
     for (int64_t c = 0; c < C; ++c) {
-      CHECK(acc_start[c] == acc_running, "%s k=%ld: acc_start[%ld] = %ld want %ld", name, k, c, acc_start[c],
+      CHECK(ws.acc_start[c] == acc_running, "%s k=%ld: acc_start[%ld] = %ld want %ld", name, k, c, ws.acc_start[c],
             acc_running);
       acc_running += std::min<int64_t>(pos[c].size(), k);
     }
-    CHECK(acc_running <= acc_room, "%s: acc room", name);
-    emu_launch(topk_select_kernel<S>, C, kSelectThreads, only, buckets, acc, (const int64_t*)start,
-               (const int64_t*)size, (const int64_t*)acc_start, k, index.data(), count.data());
-    std::vector<int64_t> classes;
-    if (only.empty())
-      for (int64_t c = 0; c < C; ++c) classes.push_back(c);
-    else
-      for (unsigned c : only) classes.push_back(c);
+    const auto* acc_begin = reinterpret_cast<const uint8_t*>(ws.acc);
+    CHECK(acc_running * int64_t(sizeof(E)) <= bytes.p + ws.end - acc_begin, "%s: acc room", name);
+    {
+      std::optional<EmuOnlyBlocks> selected;
+      if (!only.empty()) selected.emplace(topk_select_kernel<S>, only);
+      select_topk(ws, index.data(), count.data(), nullptr);
+    }
+    const std::vector<int64_t> classes = selected_classes(C, only);
     for (int64_t c : classes) {
       const int64_t m = std::min<int64_t>(pos[c].size(), k);
       CHECK(count[c] == m, "%s k=%ld: count[%ld] = %ld want %ld", name, k, c, count[c], m);
@@ -243,7 +223,7 @@ void test_histogram(const char* name, const std::vector<S>& conf, const std::vec
     const S bin = std::min(std::floor(conf[i] * scale), last_bin);
     if (c != ignore && c >= 0 && c < C && bin >= 0) ++want[c * 1 + int64_t(bin) * C];
   }
-  emu_launch(histogram_add_kernel<S, L>, 3, 64, {}, conf.data(), pred.data(), n, C, bins, ignore, counts.data(),
+  emu_launch(histogram_add_kernel<S, L>, 3, 64, conf.data(), pred.data(), n, C, bins, ignore, counts.data(),
              int64_t(1), C);
   CHECK(counts == want, "%s: histogram differs", name);
   std::printf("histogram  %-40s N=%ld C=%ld bins=%ld\n", name, n, C, bins);
@@ -266,7 +246,7 @@ void test_pseudo(const char* name, const std::vector<S>& probs, const std::vecto
       }
       want[b * P + j] = best < S(1) ? ignore : label;
     }
-  emu_launch(pseudo_labels_kernel<S>, 2, 64, {}, probs.data(), th.data(), B, C, P, ignore, out.data());
+  emu_launch(pseudo_labels_kernel<S>, 2, 64, probs.data(), th.data(), B, C, P, ignore, out.data());
   CHECK(out == want, "%s: pseudo-labels differ", name);
   std::printf("pseudo     %-40s B=%ld C=%ld P=%ld\n", name, B, C, P);
 }
