@@ -21,7 +21,7 @@ import time
 
 import yaml
 
-from udafast.engine.config import read_config
+from udafast.config import read_config
 from udafast.engine.runs import SOURCE_INIT, _commit, _mean_std, needs_ssl, resolve_config, run_method
 
 #: (key, row, the paper's mIoU, the row's proda.* flags, where its mIoU comes from)

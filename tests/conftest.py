@@ -163,7 +163,7 @@ def tiny_run_config(method="source_only", **sections):
 
 def tiny_config_file(**sections):
     """The config-file form of `tiny_run_config` (before a method is resolved)."""
-    from udafast.engine.config import merge
+    from udafast.config import merge
     scenes = {"size": [32, 64], "cache": True}
     base = {
         "threads": 1,

@@ -1,15 +1,15 @@
 """Run configs: defaults, files with `extends`, presets, per-method sections and --set overrides;
-the whole-config check (udafast.engine.schema)."""
+the whole-config check (udafast.config_schema)."""
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from udafast.engine.config import (DEFAULTS, apply_overrides, config_names, merge, parse_override, preset_names,
+from udafast.config import (DEFAULTS, apply_overrides, config_names, merge, parse_override, preset_names,
                                    read_config)
 from udafast.engine.runs import resolve_config
-from udafast.engine.schema import validate_config
+from udafast.config_schema import validate_config
 from udafast.methods import METHOD_NAMES
 
 

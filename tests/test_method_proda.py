@@ -12,8 +12,9 @@ from conftest import tiny_run_config
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import frame_to_view, strong_augment, warp_like
 from udafast.engine.data import TrainView
-from udafast.engine.config import merge
-from udafast.engine.trainer import RunContext, Trainer
+from udafast.config import merge
+from udafast.engine.context import TrainingContext
+from udafast.engine.trainer import Trainer
 from udafast.methods import method_class
 from udafast.methods.base import Stage
 from udafast.methods.proda import ProDA, distillation_labels, initial_prototypes
@@ -35,7 +36,7 @@ class _Log:
 def make_method(tmp_path, **sections):
     torch.manual_seed(0)
     config = tiny_config(**sections)
-    ctx = RunContext(config, str(tmp_path), "cpu", _Log(), ProDA)
+    ctx = TrainingContext(config, str(tmp_path), "cpu", _Log(), ProDA)
     return ProDA(config, ctx), ctx
 
 

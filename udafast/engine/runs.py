@@ -10,8 +10,8 @@ import subprocess
 import time
 from collections.abc import Mapping
 
-from udafast.engine.config import DATA_SPLITS, DEFAULTS, merge
-from udafast.engine.schema import validate_config
+from udafast.config import DATA_SPLITS, DEFAULTS, merge
+from udafast.config_schema import validate_config
 from udafast.methods import METHOD_NAMES, method_class
 
 __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summarize", "write_results",
@@ -31,7 +31,7 @@ SSL_INIT = "@ssl_source"
 def resolve_config(file_config, method, overrides=()):
     """The config of one `method`: DEFAULTS, then the file's common keys, then its
     `methods: {method: {...}}` section, then `overrides` (a list of key=value). ValueError naming
-    any unknown key, at any depth (udafast.engine.schema), in this config or in that of another
+    any unknown key, at any depth (udafast.config_schema), in this config or in that of another
     method the file has a `methods:` section for."""
     config = _resolve(file_config, method, overrides)
     validate_config(config)
@@ -67,7 +67,7 @@ def _split(config, split):
 def _override_layer(config, overrides):
     """`config` with `overrides` (key=value) applied in order; one that points a data split at
     another dataset drops the options of the one before (later ones may set its own)."""
-    from udafast.engine.config import apply_overrides
+    from udafast.config import apply_overrides
     for text in overrides or ():
         before, config = config, apply_overrides(config, [text])
         for split in DATA_SPLITS:
@@ -78,7 +78,7 @@ def _override_layer(config, overrides):
 
 
 def _merge_layer(config, update):
-    """`update` merged over `config` (udafast.engine.config.merge); a data split whose dataset
+    """`update` merged over `config` (udafast.config.merge); a data split whose dataset
     `update` changes keeps only the options `update` gives it (the synthetic default's `domain` is
     not an option of gta5)."""
     out = merge(config, update)

@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
 from udafast.methods.base import EMATeacher, Method, build_optimizer, nearest_labels, upsample
+from udafast.methods.context import RunContext
 from udafast.models.heads import ClassSelectors, PredictionHead, ProjectionHead
 from udafast.ops import ClassMemoryBank
 
@@ -436,7 +437,7 @@ class Contrastive(Method):
         "code_unit_memory_weights": False,
     }
 
-    def __init__(self, config, ctx):
+    def __init__(self, config: dict, ctx: RunContext):
         super().__init__(config, ctx)
         self._check_options()
         self.num_classes = int(config["model"]["num_classes"])
