@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from conftest import tiny_run_config
 from udafast.data.labels import IGNORE_INDEX
-from udafast.data.transforms import frame_to_view, strong_augment, warp_like
+from udafast.data.strong_view import strong_augment, warp_like
+from udafast.data.transforms import frame_to_view
 from udafast.engine.data import TrainView
 from udafast.config import merge
 from udafast.engine.context import TrainingContext

@@ -63,7 +63,8 @@ import torch
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.data.transforms import frame_to_view, strong_augment, warp_like
+from udafast.data.strong_view import strong_augment, warp_like
+from udafast.data.transforms import frame_to_view
 from udafast.config import merge
 from udafast.inference import InferenceOptions, average, infer_probabilities, view_probabilities
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
