@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from hypothesis import settings
 
-from udafast.ops import _backend
+from udafast.ops.backend import native_unavailable_reason, triton_unavailable_reason
 
 # Property tests draw the same examples on every run, so that a CI run is reproducible; pass
 # --hypothesis-profile=explore to search new ones.
@@ -30,10 +30,10 @@ def fast_backends(op, device="cpu"):
     """The non-reference backends that can run `op` in this process (native when built; Triton
     only in the interpreter process, TRITON_INTERPRET=1, where `-m triton` selects its cases)."""
     found = []
-    if _backend.native_unavailable_reason(op, device) is None:
+    if native_unavailable_reason(op, device) is None:
         found.append("native")
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if (interpreting or device == "cuda") and _backend.triton_unavailable_reason(op, device) is None:
+    if (interpreting or device == "cuda") and triton_unavailable_reason(op, device) is None:
         found.append(pytest.param("triton", marks=pytest.mark.triton))
     return found
 

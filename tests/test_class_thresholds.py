@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import udafast.ops as U
 from udafast.ops import reference
-from udafast.ops._dispatch import launch
+from udafast.ops.dispatch import launch
 from conftest import assert_reproducible, fast_backends, noncontiguous
 
 THRESHOLD_BACKENDS = fast_backends("class_thresholds")
@@ -442,10 +442,10 @@ def test_triton_digit_widths(digits, dtype, monkeypatch):
     very many classes), on ties, signed zeros and values a few ulps apart."""
     if "triton" not in [getattr(b, "values", [b])[0] for b in THRESHOLD_BACKENDS]:
         pytest.skip("Triton is not available in this process")
-    from udafast.kernels import _radix
+    from udafast.kernels import radix
 
-    monkeypatch.setattr(_radix, "MIN_DIGIT_BITS", digits)
-    monkeypatch.setattr(_radix, "MAX_DIGIT_BITS", digits)
+    monkeypatch.setattr(radix, "MIN_DIGIT_BITS", digits)
+    monkeypatch.setattr(radix, "MAX_DIGIT_BITS", digits)
     conf, pred = make_inputs((3000,), 5, dtype, levels=7)
     conf[:40] = -0.0
     bits = torch.int64 if dtype == torch.float64 else torch.int32

@@ -269,10 +269,10 @@ def test_triton_digit_widths(digits, dtype, monkeypatch):
     very many classes): ties broken on the position digits, signed zeros, infinities."""
     if not _has_triton():
         pytest.skip("Triton is not available in this process")
-    from udafast.kernels import _radix
+    from udafast.kernels import radix
 
-    monkeypatch.setattr(_radix, "MIN_DIGIT_BITS", digits)
-    monkeypatch.setattr(_radix, "MAX_DIGIT_BITS", digits)
+    monkeypatch.setattr(radix, "MIN_DIGIT_BITS", digits)
+    monkeypatch.setattr(radix, "MAX_DIGIT_BITS", digits)
     values = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), float("-inf"), 0.5, 1e-300], dtype=dtype)
     scores = values[torch.randint(0, len(values), (3001,))]
     scores[::5] = torch.randn(601, dtype=dtype)

@@ -1,9 +1,9 @@
 """SPEC 1.3: per image and class, the sum of its pixels' features and their count (ProDA's
 prototype updates and initial prototypes)."""
-from udafast.ops import _validate as check
+from udafast.ops import validate as check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 
 
 def class_feature_sums(features, labels, num_classes, *, ignore_index=255, backend="auto", validate=None):

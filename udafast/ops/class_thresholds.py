@@ -2,10 +2,10 @@
 
 import torch
 
-from udafast.ops import _validate as check
+from udafast.ops import validate as check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 
 
 def class_thresholds(conf, pred, num_classes, portion, *, ignore_index=255, backend="auto", validate=None):

@@ -1,10 +1,10 @@
 """SPEC 1.4: KL(target || softmax(logits)) over valid pixels, fused."""
 import torch
 
-from udafast.ops import _validate as check
+from udafast.ops import validate as check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 from udafast.ops.sce_loss import check_logits
 
 

@@ -2,10 +2,10 @@
 (the per-class feature sums it takes are udafast.ops.class_feature_sums)."""
 import torch
 
-from udafast.ops import _validate as check
+from udafast.ops import validate as check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 
 
 def _check_features_prototypes(features, prototypes):

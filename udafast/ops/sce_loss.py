@@ -1,8 +1,8 @@
 """SPEC 1.4: symmetric cross-entropy (CE + reverse CE) with ProDA's regulariser, fused."""
-from udafast.ops import _validate as check
+from udafast.ops import validate as check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 
 
 def check_logits(logits):

@@ -1,10 +1,10 @@
 """SPEC 1.2: per-class top-K selection and the class-wise memory bank built on it."""
 import torch
 
-from udafast.ops import _validate as check
+from udafast.ops import validate as check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 
 
 def topk_per_class(scores, labels, num_classes, k, *, ignore_index=255, backend="auto", validate=None):
