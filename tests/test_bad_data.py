@@ -15,11 +15,11 @@ from PIL import Image
 
 from conftest import run_and_resume, tiny_run_config
 from udafast import train
-from udafast.data import BadSampleError, build_dataset, check, io
 from udafast.config import merge
+from udafast.data import BadSampleError, build_dataset, check, io
+from udafast.engine.context import TrainingContext
 from udafast.engine.data import BatchStream, SkipLog, TrainView
 from udafast.engine.logging import RunLogger
-from udafast.engine.context import TrainingContext
 from udafast.engine.trainer import Trainer
 from udafast.methods import method_class
 from udafast.models.checkpoint import load_checkpoint

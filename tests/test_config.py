@@ -8,8 +8,8 @@ import yaml
 
 from udafast.config import (DEFAULTS, apply_overrides, config_names, merge, parse_override, preset_names,
                                    read_config)
-from udafast.engine.runs import resolve_config
 from udafast.config_schema import validate_config
+from udafast.engine.runs import resolve_config
 from udafast.methods import METHOD_NAMES
 
 

@@ -6,8 +6,8 @@ import torch
 
 from conftest import tiny_run_config
 from udafast.data import build_dataset
-from udafast.engine.data import TrainView, TruthLabels, collate
 from udafast.engine.context import TrainingContext
+from udafast.engine.data import TrainView, TruthLabels, collate
 from udafast.methods.label_quality import LabelQuality
 from udafast.methods.source_only import SourceOnly
 

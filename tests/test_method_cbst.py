@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 
 from udafast.config import DEFAULTS, merge
-from udafast.engine.data import BatchStream, TrainView
-from udafast.inference import InferenceOptions
 from udafast.engine.context import TrainingContext
+from udafast.engine.data import BatchStream, TrainView
 from udafast.engine.trainer import Trainer
+from udafast.inference import InferenceOptions
 from udafast.methods.cbst import CBST, _RoundExtras, mine_classes, portion_schedule, source_fraction, subsample_mask
 
 C = 4

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_run_config
+from udafast.config import merge
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.strong_view import strong_augment, warp_like
 from udafast.data.transforms import frame_to_view
-from udafast.engine.data import TrainView
-from udafast.config import merge
 from udafast.engine.context import TrainingContext
+from udafast.engine.data import TrainView
 from udafast.engine.trainer import Trainer
 from udafast.methods import method_class
 from udafast.methods.base import Stage

@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_run_config
 from udafast.config import merge
-from udafast.engine.runs import COMPARED, compare_methods, run_method, summarize
 from udafast.engine.context import TrainingContext
+from udafast.engine.runs import COMPARED, compare_methods, run_method, summarize
 from udafast.engine.trainer import Trainer
 from udafast.methods.base import Stage
 from udafast.methods.proda import ProDA

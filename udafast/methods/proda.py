@@ -62,10 +62,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from udafast.config import merge
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.strong_view import strong_augment, warp_like
 from udafast.data.transforms import frame_to_view
-from udafast.config import merge
 from udafast.inference import InferenceOptions, average, infer_probabilities, view_probabilities
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import EMATeacher, Method, Stage, build_optimizer, nearest_labels, seg_loss, upsample
