@@ -5,6 +5,7 @@ sums and shared files."""
 import contextlib
 import os
 import sys
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -13,6 +14,8 @@ from udafast.config import merge
 from udafast.data import BadSampleError
 from udafast.engine import distributed as dist
 from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
+from udafast.engine.logging import RunLogger
+from udafast.methods.base import Method
 from udafast.models import build_model
 from udafast.models.checkpoint import load_model_checkpoint
 
@@ -37,7 +40,8 @@ class TrainingContext:
     metrics.json hold every process's). Evaluation never skips: a score over part of the val set
     would pass for one over all of it."""
 
-    def __init__(self, config, out_dir, device, logger, method_cls):
+    def __init__(self, config: Dict[str, Any], out_dir: str, device: Union[str, torch.device], logger: RunLogger,
+                 method_cls: Type[Method]):
         self.config = config
         self.out_dir = out_dir
         self.device = torch.device(device)
@@ -89,10 +93,10 @@ class TrainingContext:
                                              num_workers=workers, rank=self.rank, world=self.world,
                                              skip_log=self.skip_log)
 
-    def log(self, text):
+    def log(self, text: str) -> None:
         self.logger.message(text)
 
-    def build_model(self, overrides=None, init=True):
+    def build_model(self, overrides: Optional[dict] = None, init: Union[bool, str] = True) -> torch.nn.Module:
         """A fresh network from the config's `model` (merged with `overrides`) on the device; with
         `init`, loaded with the weights of the config's `init` checkpoint when one is set, or of the
         checkpoint `init` names (a path)."""
@@ -119,14 +123,15 @@ class TrainingContext:
             model = dist.convert_sync_batchnorm(model)
         return model
 
-    def set_source_subset(self, indices):
+    def set_source_subset(self, indices: Sequence[int]) -> None:
         """Train on these source images only from now on (CBST's source portion)."""
         subset = torch.utils.data.Subset(self.source, list(indices))
         self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
                                          seed=self.source_stream.seed, num_workers=self.source_stream.num_workers,
                                          rank=self.rank, world=self.world, skip_log=self.skip_log)
 
-    def set_mixed_stream(self, source_indices, target_extras=None, seed=None):
+    def set_mixed_stream(self, source_indices: Optional[Sequence[int]], target_extras: Any = None,
+                         seed: Optional[int] = None) -> Optional[BatchStream]:
         """From now on the trainer draws one stream over the union of these source images (through
         the source view) and the target set (through the target view and `target_extras`, as
         `BatchStream.set_extras`), shuffled together: `method.step` gets {"mixed": batch}, where
@@ -166,7 +171,8 @@ class TrainingContext:
                 self.skip_log.record(exc.path, exc.reason)
             return None
 
-    def target_frames(self, batch_size=None, limit=None, shard=False):
+    def target_frames(self, batch_size: Optional[int] = None, limit: Optional[int] = None,
+                      shard: bool = False) -> Iterator[Dict[str, Any]]:
         """The target training images in order, in the frame of the target view's resize (no
         random augmentation): batches {"image" [B, 3, H, W] in [0, 1], "index", "name"}. With
         `shard`, only this process's share (every world-th frame from its rank): the pass's results
@@ -187,7 +193,7 @@ class TrainingContext:
             if samples:
                 yield collate(samples)
 
-    def target_frame_size(self):
+    def target_frame_size(self) -> Tuple[int, int]:
         """(H, W) of the target frames in the frame of the target view's resize: that of the first
         frame that reads (under `data.skip_bad_samples` bad ones are passed over, not counted)."""
         for i in range(len(self.target)):
@@ -196,12 +202,12 @@ class TrainingContext:
                 return tuple(frame["image"].shape[-2:])
         raise ValueError(f"data.target: every frame of {self.target!r} is bad")
 
-    def all_reduce_(self, tensor):
+    def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the run's processes, in place (identity in one process)."""
         return dist.all_reduce_(tensor)
 
     @contextlib.contextmanager
-    def shared_array(self, path, dtype, shape):
+    def shared_array(self, path: str, dtype: Any, shape: Sequence[int]) -> Iterator[np.ndarray]:
         """A .npy memmap of `shape` that every process writes its share of (rows of its sharded
         frames): made by rank 0 as a temporary file beside `path`, renamed to `path` once every
         process has written, removed if the block fails."""
