@@ -5,7 +5,7 @@ sums and shared files."""
 import contextlib
 import os
 import sys
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Type, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -205,6 +205,10 @@ class TrainingContext:
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the run's processes, in place (identity in one process)."""
         return dist.all_reduce_(tensor)
+
+    def all_gather(self, tensor: torch.Tensor) -> List[torch.Tensor]:
+        """Every process's `tensor` (the same shape everywhere) in rank order ([tensor] in one process)."""
+        return dist.all_gather(tensor)
 
     @contextlib.contextmanager
     def shared_array(self, path: str, dtype: Any, shape: Sequence[int]) -> Iterator[np.ndarray]:

@@ -6,7 +6,7 @@ method reads. The methods import nothing of the engine: everything they touch of
 listed here.
 """
 import contextlib
-from typing import Any, Dict, Iterator, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ class RunContext(Protocol):
 
     def all_reduce_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum `tensor` over the run's processes, in place (identity in one process)."""
+
+    def all_gather(self, tensor: torch.Tensor) -> List[torch.Tensor]:
+        """Every process's `tensor` (the same shape everywhere) in rank order ([tensor] in one process)."""
 
     def shared_array(self, path: str, dtype: Any,
                      shape: Sequence[int]) -> contextlib.AbstractContextManager[np.ndarray]:
