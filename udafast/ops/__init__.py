@@ -8,7 +8,7 @@ from the caller (udafast.ops.sync); no module here talks to torch.distributed.
 """
 from udafast.kernels import LAUNCHERS
 from udafast.ops import backend, registrations
-from udafast.ops.validate import get_validation, set_validation
+from udafast.ops.check import get_validation, set_validation
 from udafast.ops.class_thresholds import ClassThresholds, cbst_pseudo_labels, class_thresholds
 from udafast.ops.kl_loss import kl_loss
 from udafast.ops.class_feature_sums import class_feature_sums

@@ -3,7 +3,7 @@ from typing import Optional
 
 import torch
 
-from udafast.ops import validate as check
+from udafast.ops import check
 from udafast.ops import reference
 from udafast.ops.backend import resolve
 from udafast.ops.dispatch import launch
