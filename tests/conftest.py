@@ -1,4 +1,5 @@
-"""Shared test helpers: the backends to hold against the reference, and SPEC 1.5's tolerances."""
+"""Shared test helpers and fixtures: the (device, backend) pairs to hold against the reference,
+SPEC 1.5's tolerances, tiny run configs."""
 import os
 
 import pytest
@@ -26,27 +27,63 @@ def pytest_configure(config):
         config.pluginmanager.register(triton_aot.Recorder(path), "udafast-triton-aot")
 
 
-def fast_backends(op, device="cpu"):
-    """The non-reference backends that can run `op` in this process (native when built; Triton
-    only in the interpreter process, TRITON_INTERPRET=1, where `-m triton` selects its cases)."""
-    found = []
-    if _backend.native_unavailable_reason(op, device) is None:
-        found.append("native")
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if (interpreting or device == "cuda") and _backend.triton_unavailable_reason(op, device) is None:
-        found.append(pytest.param("triton", marks=pytest.mark.triton))
-    return found
+def backend_params(op, devices=("cpu", "cuda"), backends=("native", "triton")):
+    """pytest params (device, backend) for the fast backends of `op`, to parametrize "device, backend".
+
+    ("cpu", "native") where the extension has a CPU kernel; ("cpu", "triton") only in the
+    interpreter process, TRITON_INTERPRET=1 (marked `triton`: `-m triton` selects it there);
+    ("cuda", "native") and ("cuda", "triton") always, marked `cuda` and skipped without a GPU
+    or where the backend has no CUDA path for `op`. `devices` and `backends` narrow the list."""
+    params = []
+    if "cpu" in devices:
+        if "native" in backends and _backend.native_unavailable_reason(op, "cpu") is None:
+            params.append(pytest.param("cpu", "native", id="cpu-native"))
+        interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+        if "triton" in backends and interpreting and _backend.triton_unavailable_reason(op, "cpu") is None:
+            params.append(pytest.param("cpu", "triton", marks=pytest.mark.triton, id="cpu-triton"))
+    if "cuda" in devices:
+        for backend in backends:
+            if not torch.cuda.is_available():
+                reason = "needs a CUDA device"
+            elif backend == "native":
+                reason = _backend.native_unavailable_reason(op, "cuda")
+            else:
+                reason = _backend.triton_unavailable_reason(op, "cuda")
+            marks = [pytest.mark.cuda] + ([pytest.mark.skip(reason=reason)] if reason else [])
+            params.append(pytest.param("cuda", backend, marks=marks, id=f"cuda-{backend}"))
+    return params
+
+
+def compiled_ops(backend):
+    """The namespace of the backend's compiled ops (the same signatures and outputs)."""
+    return torch.ops.udafast if backend == "native" else torch.ops.udafast_triton
+
+
+def gen(seed=0):
+    """A seeded CPU generator: the same draws on every run and device (move the result after)."""
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def no_validation():
+    """The ops' input validation off for one test (bad values reach the kernels)."""
+    import udafast.ops
+    before = udafast.ops.get_validation()
+    udafast.ops.set_validation(False)
+    yield
+    udafast.ops.set_validation(before)
 
 
 def assert_close_spec(actual, expected, what="value"):
-    """SPEC 1.5 for float results: |x - ref| <= 1e-5 |ref| + 1e-6 max|ref|, elementwise.
+    """SPEC 1.5 for float results: |x - ref| <= 1e-5 |ref| + 1e-6 max|ref|, elementwise (on any
+    devices: compared on the CPU).
 
     Plus four of the smallest subnormals of the result's dtype: a float32 result cannot hold a
     reference value below them (gradients of saturated logits reach 1e-50)."""
     # a few subnormals: float32 gradients near 1e-45 round to a neighbouring subnormal
     smallest = 4 * torch.finfo(actual.dtype).tiny * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
-    actual = actual.detach().double()
-    expected = expected.detach().double()
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     if expected.numel() == 0:
@@ -63,8 +100,9 @@ def assert_close_spec(actual, expected, what="value"):
 def assert_grad_close_spec(actual, expected, what="gradient"):
     """SPEC 1.5 for gradients: elementwise as values, and ||x - ref||_2 <= 1e-5 ||ref||_2."""
     assert_close_spec(actual, expected, what)
-    diff = torch.linalg.vector_norm(actual.detach().double() - expected.detach().double())
-    assert diff <= 1e-5 * torch.linalg.vector_norm(expected.detach().double()), f"{what}: L2 error {diff:.3e}"
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = torch.linalg.vector_norm(actual - expected)
+    assert diff <= 1e-5 * torch.linalg.vector_norm(expected), f"{what}: L2 error {diff:.3e}"
 
 
 _SAME_SIZE_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
@@ -159,6 +197,15 @@ def tiny_run_config(method="source_only", **sections):
     network on one thread (seconds per run); `sections` are merged over it."""
     from udafast.engine.runs import resolve_config
     return resolve_config(tiny_config_file(**sections), method)
+
+
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    """The path (str) of a config file for a 2-iteration tiny run (tiny_config_file)."""
+    import yaml
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_file(train={"iters": 2, "panels": 0})))
+    return str(path)
 
 
 def tiny_config_file(**sections):
