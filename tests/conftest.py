@@ -64,6 +64,23 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def random_labels(shape, num_classes, ignore_fraction=0.2, seed=0, dtype=torch.int64):
+    """Labels in [0, num_classes), a share of them ignored (255), drawn from gen(seed), on the CPU."""
+    g = gen(seed)
+    out = torch.randint(0, num_classes, shape, generator=g)
+    out[torch.rand(shape, generator=g) < ignore_fraction] = 255
+    return out.to(dtype)
+
+
+def confidences(n, seed=0, dtype=torch.float32, ties=True):
+    """n confidences in [0, 1] from gen(seed), on the CPU; a third quantised to sixteenths with
+    `ties` (many exact ties, exact 0 and 1)."""
+    conf = torch.rand(n, generator=gen(seed), dtype=torch.float64)
+    if ties:
+        conf[: n // 3] = torch.round(conf[: n // 3] * 16) / 16
+    return conf.to(dtype)
+
+
 @pytest.fixture
 def no_validation():
     """The ops' input validation off for one test (bad values reach the kernels)."""
