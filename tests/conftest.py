@@ -27,6 +27,17 @@ def pytest_configure(config):
         config.pluginmanager.register(triton_aot.Recorder(path), "udafast-triton-aot")
 
 
+def unavailable_reason(op, device, backend):
+    """Why `backend` cannot run `op` on `device` in this process, or None."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA device"
+    if backend == "native":
+        return _backend.native_unavailable_reason(op, device)
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "Triton runs on CPU tensors only in the interpreter process (TRITON_INTERPRET=1)"
+    return _backend.triton_unavailable_reason(op, device)
+
+
 def backend_params(op, devices=("cpu", "cuda"), backends=("native", "triton")):
     """pytest params (device, backend) for the fast backends of `op`, to parametrize "device, backend".
 
@@ -36,19 +47,13 @@ def backend_params(op, devices=("cpu", "cuda"), backends=("native", "triton")):
     or where the backend has no CUDA path for `op`. `devices` and `backends` narrow the list."""
     params = []
     if "cpu" in devices:
-        if "native" in backends and _backend.native_unavailable_reason(op, "cpu") is None:
-            params.append(pytest.param("cpu", "native", id="cpu-native"))
-        interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-        if "triton" in backends and interpreting and _backend.triton_unavailable_reason(op, "cpu") is None:
-            params.append(pytest.param("cpu", "triton", marks=pytest.mark.triton, id="cpu-triton"))
+        for backend in backends:
+            if unavailable_reason(op, "cpu", backend) is None:
+                marks = [pytest.mark.triton] if backend == "triton" else []
+                params.append(pytest.param("cpu", backend, marks=marks, id=f"cpu-{backend}"))
     if "cuda" in devices:
         for backend in backends:
-            if not torch.cuda.is_available():
-                reason = "needs a CUDA device"
-            elif backend == "native":
-                reason = _backend.native_unavailable_reason(op, "cuda")
-            else:
-                reason = _backend.triton_unavailable_reason(op, "cuda")
+            reason = unavailable_reason(op, "cuda", backend)
             marks = [pytest.mark.cuda] + ([pytest.mark.skip(reason=reason)] if reason else [])
             params.append(pytest.param("cuda", backend, marks=marks, id=f"cuda-{backend}"))
     return params
