@@ -21,6 +21,7 @@ class RunLogger:
         self._writer = None
         self._bar = None
         self._running = {}
+        self._running_stage = None
         self._tracked = {}
         self._last_line = 0.0
         if not self.enabled:
@@ -81,6 +82,8 @@ class RunLogger:
         """Record one iteration's losses (floats), learning rates and time, and the tracked values."""
         if not self.enabled:
             return
+        if stage != self._running_stage:  # a stage's own losses: the previous stage's may not apply
+            self._running, self._running_stage = {}, stage
         for k, v in losses.items():  # exponential running mean for the bar
             self._running[k] = v if k not in self._running else 0.9 * self._running[k] + 0.1 * v
         tracked = {k: f() for k, f in self._tracked.items()}
