@@ -82,12 +82,11 @@ def random_labels(shape, num_classes, ignore_fraction=0.2, seed=0, dtype=torch.i
     return out.to(dtype)
 
 
-def confidences(n, seed=0, dtype=torch.float32, ties=True):
-    """n confidences in [0, 1] from gen(seed), on the CPU; a third quantised to sixteenths with
-    `ties` (many exact ties, exact 0 and 1)."""
+def confidences(n, seed=0, dtype=torch.float32):
+    """n confidences in [0, 1] from gen(seed), on the CPU; a third quantised to sixteenths (many
+    exact ties, exact 0 and 1)."""
     conf = torch.rand(n, generator=gen(seed), dtype=torch.float64)
-    if ties:
-        conf[: n // 3] = torch.round(conf[: n // 3] * 16) / 16
+    conf[: n // 3] = torch.round(conf[: n // 3] * 16) / 16
     return conf.to(dtype)
 
 
