@@ -141,3 +141,18 @@ def test_trainer_run_records_labels_and_resumes_exactly(tmp_path):
     assert_bitwise_equal(full["method"]["modules"]["teacher"], resumed["method"]["modules"]["teacher"], "teacher")
     assert_bitwise_equal(full["method"]["generator"], resumed["method"]["generator"], "generator")
     assert_bitwise_equal(full["method"]["optimizers"], resumed["method"]["optimizers"], "optimizers")
+
+
+def test_shipped_configs_carry_the_papers_setting():
+    """gta5_dacs / synthia_dacs: configUDA.json's SGD schedule, batch 2 of 512x512 crops, the code's
+    frozen BatchNorm affines, every DACS option set (the DAFormer flags off)."""
+    from udafast.engine.config import read_config
+    from udafast.engine.runs import resolve_config
+    for name in ("gta5_dacs", "synthia_dacs"):
+        config = resolve_config(read_config(name), "dacs")
+        assert config["method"] == "dacs" and config["model"]["name"] == "deeplabv2_r101"
+        assert config["model"]["freeze_bn_affine"] is True and config["train"]["iters"] == 250000
+        assert config["optimizer"] == {**config["optimizer"], "name": "sgd", "lr": 2.5e-4, "momentum": 0.9,
+                                       "weight_decay": 5.0e-4, "schedule": "poly", "power": 0.9}
+        assert config["data"]["batch_size"] == 2 and config["data"]["source_view"]["crop"] == [512, 512]
+        assert config["dacs"] == dacs.DACS.defaults
