@@ -7,13 +7,10 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import default_collate
 
+from conftest import gen
 from udafast.data import transforms as T
 
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def block_sample(h=48, w=64, block=8, seed=0):

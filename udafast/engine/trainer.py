@@ -270,6 +270,10 @@ class RunContext:
         """Sum `tensor` over the run's processes, in place (identity in one process)."""
         return dist.all_reduce_(tensor)
 
+    def all_gather(self, tensor):
+        """Every process's `tensor` (the same shape everywhere) in rank order ([tensor] in one process)."""
+        return dist.all_gather(tensor)
+
     @contextlib.contextmanager
     def shared_array(self, path, dtype, shape):
         """A .npy memmap of `shape` that every process writes its share of (rows of its sharded

@@ -384,7 +384,7 @@ class CBST(Method):
             predicted += torch.bincount(pred.reshape(-1).cpu(), minlength=self.num_classes)[:self.num_classes]
             keep = subsample_mask(pred, self.num_classes, self.options["subsample"])
             hist.update(conf, torch.where(keep, pred, IGNORE_INDEX))
-        hist.all_reduce()
+        hist.all_reduce(self.ctx.all_reduce_)
         return hist.thresholds(portion).cpu(), self.ctx.all_reduce_(predicted)
 
     def _labels_pass(self, thresholds, path):

@@ -414,7 +414,7 @@ class Contrastive(Method):
         self.student = nn.ModuleDict({"net": model, "heads": self.heads})
         self.teacher = ParameterEMATeacher(self.student, dropout=True)  # the script: ema_model.train()
         self.bank = ClassMemoryBank(self.num_classes, o["bank_size"], o["dim"], device=self.device,
-                                    backend=self.backend)
+                                    backend=self.backend, all_gather=getattr(self.ctx, "all_gather", None))
         # the script: ClassBalancing(labelled images / labelled batch, unlabelled images / unlabelled batch)
         source, target = getattr(self.ctx, "source", None), getattr(self.ctx, "target", None)
         batch = int(self.config.get("data", {}).get("batch_size", 1) or 1)

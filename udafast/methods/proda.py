@@ -536,7 +536,7 @@ class ProDA(Method):
         # the prototypes follow the teacher's class means on what it saw (adaptation_modelv2.py: ema_out)
         sums, counts = class_feature_sums(seen_feats, seen_logits.argmax(1), self.num_classes, backend=self.backend)
         update_prototypes(self.prototypes, sums, counts, momentum=o["proto_momentum"],
-                          min_pixels=o["proto_min_pixels"])
+                          min_pixels=o["proto_min_pixels"], all_gather=self.ctx.all_gather)
         self.teacher.update(self.model, o["ema_momentum"])
         return logged
 

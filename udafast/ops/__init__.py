@@ -1,7 +1,10 @@
 """The hot-path ops of udafast (SPEC part 1), each with backend="auto" | "reference" | "native" | "triton".
 
 "reference" is pure PyTorch and defines the semantics; "native" is the compiled extension
-(torch.ops.udafast.*); "triton" the kernels in udafast.kernels.
+(torch.ops.udafast.*); "triton" the kernels in udafast.kernels. `validate=False` (where an op takes
+it) skips, for that call, the checks that need a pass over the values; `set_validation(False)`
+skips them everywhere. The stateful helpers that processes must keep alike take their collectives
+from the caller (udafast.ops.sync); no module here talks to torch.distributed.
 """
 from udafast.kernels import LAUNCHERS
 from udafast.ops import _backend, registrations
