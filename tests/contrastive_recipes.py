@@ -7,7 +7,8 @@ import types
 import torch
 
 from udafast.config import DEFAULTS, merge
-from udafast.methods.contrastive import ClassBalance, Contrastive, _ParameterEMA
+from udafast.methods.base import ParameterEMATeacher
+from udafast.methods.contrastive import ClassBalance, Contrastive
 from udafast.models import build_model
 from udafast.models.heads import ClassSelectors
 
@@ -101,7 +102,7 @@ def step_setup():
     with torch.no_grad():
         for p in m.student.parameters():  # larger than the default init, so every term moves the weights
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    m.teacher = _ParameterEMA(m.student)
+    m.teacher = ParameterEMATeacher(m.student, dropout=True)
     m.modules["teacher"] = m.teacher
     x_s = torch.rand(2, 3, 32, 32, generator=g)
     y_s = torch.randint(0, C, (2, 32, 32), generator=g)

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 import contrastive_recipes as R  # noqa: E402
 
-from udafast.methods.contrastive import (ClassBalance, class_mask, class_memory_loss, entropy_loss,  # noqa: E402
+from udafast.methods.contrastive import (ClassBalance, class_memory_loss, entropy_loss,  # noqa: E402
                                          mix, self_training_loss, sigmoid_ramp_up, teacher_momentum)
+from udafast.methods.mixing import class_mask  # noqa: E402
 
 with open(os.path.join(os.path.dirname(__file__), "fixtures", "authors", "contrastive_golden.json")) as f:
     GOLDEN = json.load(f)

@@ -1,6 +1,6 @@
 """The methods, by name: `METHODS[name]` is the class, `build_method(config, ctx)` an instance.
 
-source_only and oracle bound the comparison; dann, adaptsegnet, cbst, contrastive and proda adapt;
+source_only and oracle bound the comparison; dann, adaptsegnet, cbst, contrastive, proda and dacs adapt;
 adabn (target BatchNorm statistics, no training) is a control for how much of a gap is statistics;
 ssl_source (SimCLR on the source images) is a pretraining, not a compared method: ProDA's stage-2
 student may start from it (`proda.student_init: "@ssl_source"`).
@@ -24,6 +24,7 @@ METHODS = {
     "cbst": "udafast.methods.cbst:CBST",
     "contrastive": "udafast.methods.contrastive:Contrastive",
     "proda": "udafast.methods.proda:ProDA",
+    "dacs": "udafast.methods.dacs:DACS",
     "adabn": "udafast.methods.adabn:AdaBN",
     # not compared: the self-supervised source pretraining ProDA's stage 2 may start from
     "ssl_source": "udafast.methods.ssl_source:SSLSource",

@@ -21,7 +21,8 @@ from udafast.data.labels import IGNORE_INDEX
 from udafast.methods.context import RunContext
 from udafast.methods.label_quality import LabelQuality
 
-__all__ = ["Method", "Stage", "seg_loss", "upsample", "nearest_labels", "EMATeacher", "build_optimizer"]
+__all__ = ["Method", "Stage", "seg_loss", "upsample", "nearest_labels", "EMATeacher", "ParameterEMATeacher",
+           "build_optimizer"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,28 @@ class EMATeacher:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         self.model.load_state_dict(state)
+
+
+class ParameterEMATeacher(EMATeacher):
+    """The mean teacher of the contrastive script (`create_ema_model`, `update_ema_variables`) and
+    of DACS (vikolss/DACS trainUDA.py; lhoyer/DAFormer mmseg/models/uda/dacs.py): an EMA of the
+    student's parameters only, its buffers (BatchNorm statistics) its own, its forward in train mode
+    (batch statistics). `dropout=False` turns Dropout and DropPath off in it, as DAFormer's
+    `forward_train` does before the teacher labels."""
+
+    def __init__(self, student: torch.nn.Module, dropout: bool):
+        super().__init__(student)
+        self.model.train()
+        if not dropout:
+            for m in self.model.modules():
+                # DropPath: timm's and any module of that name (the MiT backbone's)
+                if isinstance(m, torch.nn.modules.dropout._DropoutNd) or type(m).__name__ == "DropPath":
+                    m.training = False
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module, momentum: float) -> None:
+        for t, s in zip(self.model.parameters(), student.parameters()):
+            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
 
 class Method:

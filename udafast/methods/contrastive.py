@@ -66,14 +66,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.methods.base import EMATeacher, Method, build_optimizer, nearest_labels, upsample
+from udafast.methods.base import Method, ParameterEMATeacher, build_optimizer, nearest_labels, upsample
 from udafast.methods.context import RunContext
+from udafast.methods.mixing import class_mask, color_jitter, gaussian_blur, uniform
 from udafast.models.heads import ClassSelectors, PredictionHead, ProjectionHead
 from udafast.ops import ClassMemoryBank
 
 __all__ = ["Contrastive", "class_memory_loss", "teacher_momentum", "sigmoid_ramp_up", "self_training_loss",
-           "entropy_loss", "ClassBalance", "class_mask", "class_mix_masks", "mix", "random_scale_crop",
-           "color_jitter", "gaussian_blur", "augment_samples"]
+           "entropy_loss", "ClassBalance", "class_mix_masks", "mix", "random_scale_crop", "augment_samples"]
 
 # trainSSL_domain_adaptation_targetCity.py augment_samples: (weak, strong) probabilities and strengths
 WEAK_VIEW = {"flip": 0.5, "jitter": 0.2, "jitter_s": 0.125, "blur": 0.0, "scale": 0.5}
@@ -199,16 +199,6 @@ class ClassBalance:
 
 
 # -- augmentations (the script's augment_samples over utils/transformsgpu.py) ---------------------
-def _uniform(generator, low=0.0, high=1.0, n=None):
-    u = torch.rand(() if n is None else (n,), generator=generator, dtype=torch.float64)
-    return low + (high - low) * (u.item() if n is None else u)
-
-
-def class_mask(labels, classes):
-    """`utils/transformmasks.generate_class_mask`: 1 where `labels` [H, W] is one of `classes`."""
-    return (labels[None] == classes.to(labels.device)[:, None, None]).sum(0)
-
-
 def class_mix_masks(labels, generator, ignore_index=IGNORE_INDEX):
     """Per image, ClassMix's mask over floor(n/2) + 1 of its n classes (the ignore label left out
     when another class is there), drawn without replacement (`augment_samples`)."""
@@ -269,81 +259,16 @@ def random_scale_crop(scale, data, target=None, probs=None, generator=None, igno
     return data, target, probs
 
 
-def _rgb_to_hsv(x):
-    r, g, b = x.unbind(1)
-    maxc, argmax = x.max(1)
-    minc = x.min(1).values
-    delta = maxc - minc
-    v = maxc
-    s = torch.where(maxc > 0, delta / maxc.clamp_min(1e-12), torch.zeros_like(maxc))
-    safe = delta.clamp_min(1e-12)
-    h = torch.stack([((g - b) / safe) % 6, (b - r) / safe + 2, (r - g) / safe + 4], 1).gather(1, argmax[:, None])[:, 0]
-    h = torch.where(delta > 0, h, torch.zeros_like(h)) * (math.pi / 3)  # radians in [0, 2 pi)
-    return h, s, v
-
-
-def _hsv_to_rgb(h, s, v):
-    h6 = (h / (math.pi / 3)) % 6
-    k = torch.stack([(5 + h6) % 6, (3 + h6) % 6, (1 + h6) % 6], 1)
-    return v[:, None] - (v * s)[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
-
-
-def color_jitter(data, s, generator):
-    """kornia 0.4.1 `ColorJitter(brightness=s, contrast=s, saturation=s/2, hue=s/3)` on images in
-    [0, 1] (`transformsgpu.colorJitter`): per image factors, one random order per batch."""
-    B = data.shape[0]
-    dev, dt = data.device, data.dtype
-
-    def factors(low, high):
-        return _uniform(generator, low, high, B).to(dev, dt)[:, None, None, None]
-    brightness = factors(max(0.0, 1 - s), 1 + s)
-    contrast = factors(max(0.0, 1 - s), 1 + s)
-    saturation = factors(max(0.0, 1 - s / 2), 1 + s / 2)[:, 0]
-    hue = factors(-s / 3, s / 3)[:, 0]
-    order = torch.randperm(4, generator=generator).tolist()
-    for k in order:
-        if k == 0:
-            data = (data + (brightness - 1)).clamp(0, 1)
-        elif k == 1:
-            data = (data * contrast).clamp(0, 1)
-        else:
-            h, sat, v = _rgb_to_hsv(data)
-            if k == 2:
-                sat = (sat * saturation).clamp(0, 1)
-            else:
-                h = (h + hue * 2 * math.pi) % (2 * math.pi)
-            data = _hsv_to_rgb(h, sat, v).clamp(0, 1)
-    return data
-
-
-def _gaussian_1d(size, sigma, dtype, device):
-    x = torch.arange(size, dtype=dtype, device=device) - size // 2
-    g = torch.exp(-x ** 2 / (2.0 * sigma ** 2))
-    return g / g.sum()
-
-
-def gaussian_blur(data, kernel=BLUR_KERNEL, sigma=BLUR_SIGMA):
-    """kornia 0.4.1 `GaussianBlur2d((kernel, kernel), sigma)`, reflect border: sigma[0] along the
-    rows (H), sigma[1] along the columns (W)."""
-    C = data.shape[1]
-    ky = _gaussian_1d(kernel, sigma[0], data.dtype, data.device)
-    kx = _gaussian_1d(kernel, sigma[1], data.dtype, data.device)
-    p = kernel // 2
-    out = F.pad(data, (p, p, p, p), mode="reflect")
-    out = F.conv2d(out, ky.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-    return F.conv2d(out, kx.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
-
-
 def augment_samples(images, labels, probs, do_classmix, weak, generator, ignore_index=IGNORE_INDEX):
     """The script's `augment_samples` (the draws in its order): ClassMix masks from `labels` when
     `do_classmix`, then mix, random scale-crop, flip, colour jitter, blur. `images` [B, 3, H, W] in
     [0, 1], `labels` [B, H, W], `probs` [B, H, W] or None -> the three, augmented."""
     view = WEAK_VIEW if weak else STRONG_VIEW
     masks = class_mix_masks(labels, generator, ignore_index) if do_classmix else None
-    flip = _uniform(generator) < view["flip"]
-    jitter = _uniform(generator) < view["jitter"]
-    blur = _uniform(generator) < view["blur"]
-    scale = _uniform(generator, *SCALE_RANGE) if _uniform(generator) < view["scale"] else 1.0
+    flip = uniform(generator) < view["flip"]
+    jitter = uniform(generator) < view["jitter"]
+    blur = uniform(generator) < view["blur"]
+    scale = uniform(generator, *SCALE_RANGE) if uniform(generator) < view["scale"] else 1.0
     if masks is not None:
         images, labels, probs = mix(masks, images, labels, probs)
     images, labels, probs = random_scale_crop(scale, images, labels, probs, generator, ignore_index)
@@ -351,9 +276,10 @@ def augment_samples(images, labels, probs, do_classmix, weak, generator, ignore_
         images, labels = images.flip(3), labels.flip(2)
         probs = None if probs is None else probs.flip(2)
     if jitter:
-        images = color_jitter(images, view["jitter_s"], generator)
+        s = view["jitter_s"]  # transformsgpu.colorJitter: ColorJitter(brightness=s, contrast=s, saturation=s/2, hue=s/3)
+        images = color_jitter(images, (s, s, s / 2, s / 3), generator)
     if blur:
-        images = gaussian_blur(images)
+        images = gaussian_blur(images, BLUR_KERNEL, BLUR_SIGMA)
     return images, labels, probs
 
 
@@ -391,21 +317,6 @@ def _downsample_float(x, size):
 def _pixels(features):
     """[B, D, h, w] -> [B * h * w, D] rows."""
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-
-
-class _ParameterEMA(EMATeacher):
-    """The script's teacher (`create_ema_model`, `update_ema_variables`): an EMA of the student's
-    parameters only; its buffers (BatchNorm statistics) are its own, and it stays in train mode, so
-    its forward normalises with batch statistics (the script calls `ema_model.train()`)."""
-
-    def __init__(self, student):
-        super().__init__(student)
-        self.model.train()
-
-    @torch.no_grad()
-    def update(self, student, momentum):
-        for t, s in zip(self.model.parameters(), student.parameters()):
-            t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
 
 class Contrastive(Method):
@@ -502,7 +413,7 @@ class Contrastive(Method):
         }).to(self.device).train()
         # one module for the EMA: the network and its heads (the script's model holds both)
         self.student = nn.ModuleDict({"net": model, "heads": self.heads})
-        self.teacher = _ParameterEMA(self.student)
+        self.teacher = ParameterEMATeacher(self.student, dropout=True)  # the script: ema_model.train()
         self.bank = ClassMemoryBank(self.num_classes, o["bank_size"], o["dim"], device=self.device,
                                     backend=self.backend, all_gather=getattr(self.ctx, "all_gather", None))
         # the script: ClassBalancing(labelled images / labelled batch, unlabelled images / unlabelled batch)
@@ -548,10 +459,10 @@ class Contrastive(Method):
             self.balance.add(y_s, pseudo)
 
         # 2. the views
-        x_s2, y_s2, _ = augment_samples(x_s, y_s, None, _uniform(g) < SOURCE_CLASSMIX_P, True, g)
+        x_s2, y_s2, _ = augment_samples(x_s, y_s, None, uniform(g) < SOURCE_CLASSMIX_P, True, g)
         views = []
         for _ in range(o["target_views"]):
-            do_mix = it > o["ramp_up"] and _uniform(g) < TARGET_CLASSMIX_P
+            do_mix = it > o["ramp_up"] and uniform(g) < TARGET_CLASSMIX_P
             views.append(augment_samples(x_t, pseudo, max_probs, do_mix, False, g))
         x_u = torch.cat([v[0] for v in views])
         y_u = torch.cat([v[1] for v in views])
