@@ -1,4 +1,4 @@
-"""Activation checkpointing of backbone stages: `stage(module, x, enabled)`.
+"""Activation checkpointing of backbone stages: `stage(module, x, enabled, *args)`.
 
 With `enabled` (and gradients being recorded), a stage keeps only its input and recomputes its
 activations in the backward pass (torch.utils.checkpoint, non-reentrant, random state preserved),
@@ -35,8 +35,8 @@ class _NoContext:
         return False
 
 
-def stage(module, x, enabled):
-    """`module(x)`, checkpointed when `enabled` and autograd is recording."""
+def stage(module, x, enabled, *args):
+    """`module(x, *args)`, checkpointed when `enabled` and autograd is recording."""
     if not (enabled and torch.is_grad_enabled()):
-        return module(x)
-    return checkpoint(module, x, use_reentrant=False, context_fn=lambda: (_NoContext(), _KeepBuffers(module)))
+        return module(x, *args)
+    return checkpoint(module, x, *args, use_reentrant=False, context_fn=lambda: (_NoContext(), _KeepBuffers(module)))
