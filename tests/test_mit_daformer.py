@@ -61,7 +61,8 @@ def test_imagenet_mit_file_loads_by_its_names(tmp_path):
     for edit, named in ((lambda s: s.pop("block3.39.mlp.fc2.bias"), "missing keys: block3.39.mlp.fc2.bias"),
                         (lambda s: s.update({"block5.0.attn.q.weight": torch.zeros(1)}),
                          "unexpected keys: block5.0.attn.q.weight"),
-                        (lambda s: s.update({"norm4.weight": torch.zeros(256)}), "shape mismatches: norm4.weight (256,)")):
+                        (lambda s: s.update({"norm4.weight": torch.zeros(256)}),
+                         "shape mismatches: norm4.weight (256,)")):
         broken = dict(state)
         edit(broken)
         torch.save(broken, path)

@@ -61,7 +61,8 @@ def build_mit_daformer(config: dict, load_pretrained: bool = True) -> MiTDAForme
             raise ValueError(f"config[{key!r}]: expected a number in [0, 1), got {value!r}")
     path = config["pretrained"]
     if path is not None and not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"config['pretrained']: expected a path to SegFormer's ImageNet mit_b5.pth or None, got {path!r}")
+        raise ValueError(f"config['pretrained']: expected a path to SegFormer's ImageNet mit_b5.pth or None, "
+                         f"got {path!r}")
     model = MiTDAFormer(config["num_classes"], config["feature_dim"], float(config["head_dropout"]),
                         float(config["drop_path_rate"]))
     if path is not None:

@@ -140,8 +140,9 @@ class MixVisionTransformer(nn.Module):
             kernel, stride = (7, 4) if i == 0 else (3, 2)
             prev = in_channels if i == 0 else embed_dims[i - 1]
             self.add_module(f"patch_embed{i + 1}", OverlapPatchEmbed(prev, embed_dims[i], kernel, stride))
-            self.add_module(f"block{i + 1}", nn.ModuleList(
-                Block(embed_dims[i], num_heads[i], sr_ratios[i], mlp_ratio, rates[first + j]) for j in range(depths[i])))
+            blocks = [Block(embed_dims[i], num_heads[i], sr_ratios[i], mlp_ratio, rates[first + j])
+                      for j in range(depths[i])]
+            self.add_module(f"block{i + 1}", nn.ModuleList(blocks))
             self.add_module(f"norm{i + 1}", nn.LayerNorm(embed_dims[i], eps=_EPS))
             first += depths[i]
         self.apply(_init_weights)
