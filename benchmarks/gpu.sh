@@ -17,7 +17,7 @@ TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}" MAX_JOBS="${MAX_JOBS:-16}"
 python3 -m udafast.info | tee "$logs/info.log"
 python3 -m pytest -q tests/test_cuda.py 2>&1 | tee "$logs/test_cuda.log"
 python3 -m pytest -q tests/test_class_thresholds.py tests/test_topk_per_class.py tests/test_prototype_softmax.py \
-  tests/test_sce_loss.py tests/test_kl_loss.py tests/test_backend.py tests/test_reference.py 2>&1 | tee "$logs/test_ops.log"
+  tests/test_class_feature_sums.py tests/test_sce_loss.py tests/test_kl_loss.py tests/test_backend.py tests/test_reference.py 2>&1 | tee "$logs/test_ops.log"
 python3 -m benchmarks --device cuda "$@" 2>&1 | tee "$logs/benchmarks.log"
 # the trainer also needs udafast's other dependencies (cityscapesscripts' label tables among them)
 python3 -m benchmarks.memory --device cuda 2>&1 | tee "$logs/memory.log"

@@ -115,15 +115,15 @@ class Settings:
 
 
 def unavailable_reason(case, provider, device):
-    from udafast.ops import _backend
+    from udafast.ops import backend
 
     if provider == "native":
         for kernel in case.kernels:
-            reason = _backend.native_unavailable_reason(kernel, device.type)
+            reason = backend.native_unavailable_reason(kernel, device.type)
             if reason:
                 return reason
     if provider == "triton":
-        return _backend.triton_unavailable_reason(case.kernels[0], device.type)
+        return backend.triton_unavailable_reason(case.kernels[0], device.type)
     if provider == "compile" and not hasattr(torch, "compile"):
         return "this torch has no torch.compile"
     return None
@@ -458,7 +458,7 @@ def git_info():
 
 def environment(device, settings):
     import udafast
-    from udafast.ops import _backend
+    from udafast.ops import backend
 
     try:
         load = os.getloadavg()
@@ -469,7 +469,7 @@ def environment(device, settings):
         "torch": torch.__version__,
         "python": platform.python_version(),
         "udafast": getattr(udafast, "__version__", None),
-        "extension_error": _backend.EXTENSION_ERROR,
+        "extension_error": backend.EXTENSION_ERROR,
         "git": git_info(),
         "device": device_info(device),
         "load_average_at_start": load,

@@ -97,7 +97,7 @@ def _frame(view, native, divisor):
 def measurement_config(method, variant, *, device, iters, quick=False, threads=None):
     """The run config measuring `method` (its GTA5 config) in `variant` for `iters` iterations of
     the measured stage, on synthetic scenes of the config's sizes (see the module docstring)."""
-    from udafast.engine.config import merge, read_config
+    from udafast.config import merge, read_config
     from udafast.engine.runs import resolve_config
     if method not in METHODS:
         raise ValueError(f"--methods: expected some of {', '.join(METHODS)}, got {method!r}")

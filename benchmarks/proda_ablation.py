@@ -21,8 +21,8 @@ import time
 
 import yaml
 
-from udafast.engine.config import read_config
-from udafast.engine.runs import SOURCE_INIT, _commit, _mean_std, needs_ssl, resolve_config, run_method
+from udafast.config import read_config
+from udafast.engine.runs import SOURCE_INIT, git_commit, mean_std, needs_ssl, resolve_config, run_method
 
 #: (key, row, the paper's mIoU, the row's proda.* flags, where its mIoU comes from)
 ROWS = (
@@ -144,12 +144,12 @@ def _comparison_run(folder, method, seed):
 def summarize(per_seed, seeds, preset):
     rows = []
     for key, name, paper, flags, _ in ROWS:
-        miou = _mean_std([r[key]["miou"] for r in per_seed])
-        acc = _mean_std([r[key]["accuracy"] for r in per_seed])
+        miou = mean_std([r[key]["miou"] for r in per_seed])
+        acc = mean_std([r[key]["accuracy"] for r in per_seed])
         rows.append({"key": key, "row": name, "paper_miou": paper, "flags": flags,
                      "miou_mean": miou[0], "miou_std": miou[1], "miou_per_seed": [round(r[key]["miou"], 2) for r in per_seed],
                      "label_accuracy_mean": acc[0], "label_accuracy_std": acc[1]})
-    return {"rows": rows, "seeds": list(seeds), "preset": preset, "commit": _commit()}
+    return {"rows": rows, "seeds": list(seeds), "preset": preset, "commit": git_commit()}
 
 
 def format_table(results):

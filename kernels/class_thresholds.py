@@ -2,7 +2,7 @@
 
 Launches per call (no host sync; output shapes from the arguments only; a copy more for a
 non-contiguous input):
-- class_thresholds: 1 zero-fill, then 2 per radix pass (histogram, scan; see _radix), ceil(32 / D)
+- class_thresholds: 1 zero-fill, then 2 per radix pass (histogram, scan; see radix), ceil(32 / D)
   passes for float32 and ceil(64 / D) for float64, the digit width D in [4, 16] picked from N and C:
   N = 10^7, C = 19: D = 16, 5 launches (float32) / 9 (float64); N = 5000, C = 19: 7 / 11.
 - class_histogram_add_: 1 launch (int64 atomic adds straight into `counts`, through its strides).
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _radix
+from . import radix
 
 
 @torch.library.custom_op("udafast_triton::class_thresholds", mutates_args=())
@@ -23,11 +23,11 @@ def class_thresholds(conf: torch.Tensor, pred: torch.Tensor, num_classes: int, p
     if conf.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"class_thresholds: conf must be float32 or float64; got {conf.dtype}")
     x = conf.contiguous().view(-1)
-    labels = _radix.flat_labels(pred)
+    labels = radix.flat_labels(pred)
     out = torch.empty(num_classes, dtype=conf.dtype, device=conf.device)
     # floor(N_c * portion) is taken in float64 on the device: the portion goes in as its bits
     portion_bits = struct.unpack("<q", struct.pack("<d", float(portion)))[0]
-    _radix.select(x, labels, num_classes, ignore_index, 0, portion_bits=portion_bits, out=out)
+    radix.select(x, labels, num_classes, ignore_index, 0, portion_bits=portion_bits, out=out)
     return out
 
 
@@ -58,11 +58,11 @@ def class_histogram_add_(counts: torch.Tensor, conf: torch.Tensor, pred: torch.T
     if conf.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"class_histogram_add_: conf must be float32 or float64; got {conf.dtype}")
     x = conf.contiguous().view(-1)
-    labels = _radix.flat_labels(pred)
+    labels = radix.flat_labels(pred)
     n = x.numel()
     if n == 0 or num_classes == 0:
         return
-    block = 1 << 16 if _radix.interpreting(x) else 1024
+    block = 1 << 16 if radix.interpreting(x) else 1024
     _histogram_add_kernel[(triton.cdiv(n, block),)](
         counts, counts.stride(0), counts.stride(1), x, labels, n, num_classes, bins, ignore_index, BLOCK=block
     )
@@ -116,7 +116,7 @@ def cbst_pseudo_labels(probs: torch.Tensor, thresholds: torch.Tensor, ignore_ind
         return out
     p = probs.contiguous()
     t = thresholds.to(probs.dtype).contiguous()
-    block = 1 << 14 if _radix.interpreting(p) else 512
+    block = 1 << 14 if radix.interpreting(p) else 512
     blocks = triton.cdiv(pixels, block)
     _pseudo_label_kernel[(batch * blocks,)](
         p, t, out, num_classes, pixels, blocks, ignore_index,

@@ -2,7 +2,7 @@
 
 Per class, the min(N_c, k)-th largest composite (score key, then max_position - position, so that
 equal scores order by the lower position first and every composite is distinct) is found by the
-radix select of _radix: no host sync, static shapes. Then every element at or above its class's
+radix select of radix: no host sync, static shapes. Then every element at or above its class's
 composite takes a slot of its class's candidate row by an integer atomic (slot order varies, the
 set does not), and each candidate is written at its rank: the number of candidates of its class
 with a larger composite (k <= PLACE_MAX_K), or, past that, by stable device sorts of the rows.
@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _radix
-from ._radix import order_key
+from . import radix
+from .radix import order_key
 
 # Largest k whose ranks are counted pairwise (cost sum_c min(N_c, k)^2); above it the candidate
 # rows are sorted with torch.sort (static shapes, on the device).
@@ -104,12 +104,12 @@ def topk_per_class(scores: torch.Tensor, labels: torch.Tensor, num_classes: int,
     if scores.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"topk_per_class: scores must be float32 or float64; got {scores.dtype}")
     x = scores.contiguous()
-    flat = _radix.flat_labels(labels)
+    flat = radix.flat_labels(labels)
     n = x.numel()
     count = torch.empty(num_classes, dtype=torch.int64, device=x.device)
-    state, pos_max = _radix.select(x, flat, num_classes, ignore_index, 1, k=k, count=count, position_phase=True)
+    state, pos_max = radix.select(x, flat, num_classes, ignore_index, 1, k=k, count=count, position_phase=True)
     key64 = x.dtype == torch.float64
-    interpret = _radix.interpreting(x)
+    interpret = radix.interpreting(x)
     cand = torch.empty(num_classes * k, dtype=torch.int64, device=x.device)
     block = 1 << 16 if interpret else 1024
     _gather_kernel[(max(1, triton.cdiv(n, block)),)](

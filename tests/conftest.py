@@ -1,4 +1,5 @@
-"""Shared test helpers: the backends to hold against the reference, and SPEC 1.5's tolerances."""
+"""Shared test helpers and fixtures: the (device, backend) pairs to hold against the reference,
+SPEC 1.5's tolerances, tiny run configs."""
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from hypothesis import settings
 
-from udafast.ops import _backend
+from udafast.ops.backend import native_unavailable_reason, triton_unavailable_reason
 
 # Property tests draw the same examples on every run, so that a CI run is reproducible; pass
 # --hypothesis-profile=explore to search new ones.
@@ -26,27 +27,89 @@ def pytest_configure(config):
         config.pluginmanager.register(triton_aot.Recorder(path), "udafast-triton-aot")
 
 
-def fast_backends(op, device="cpu"):
-    """The non-reference backends that can run `op` in this process (native when built; Triton
-    only in the interpreter process, TRITON_INTERPRET=1, where `-m triton` selects its cases)."""
-    found = []
-    if _backend.native_unavailable_reason(op, device) is None:
-        found.append("native")
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if (interpreting or device == "cuda") and _backend.triton_unavailable_reason(op, device) is None:
-        found.append(pytest.param("triton", marks=pytest.mark.triton))
-    return found
+def unavailable_reason(op, device, backend):
+    """Why `backend` cannot run `op` on `device` in this process, or None."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return "needs a CUDA device"
+    if backend == "native":
+        return native_unavailable_reason(op, device)
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return "Triton runs on CPU tensors only in the interpreter process (TRITON_INTERPRET=1)"
+    return triton_unavailable_reason(op, device)
+
+
+def backend_params(op, devices=("cpu", "cuda"), backends=("native", "triton")):
+    """pytest params (device, backend) for the fast backends of `op`, to parametrize "device, backend".
+
+    ("cpu", "native") where the extension has a CPU kernel; ("cpu", "triton") only in the
+    interpreter process, TRITON_INTERPRET=1 (marked `triton`: `-m triton` selects it there);
+    ("cuda", "native") and ("cuda", "triton") always, marked `cuda` and skipped without a GPU
+    or where the backend has no CUDA path for `op`. `devices` and `backends` narrow the list."""
+    params = []
+    if "cpu" in devices:
+        for backend in backends:
+            if unavailable_reason(op, "cpu", backend) is None:
+                marks = [pytest.mark.triton] if backend == "triton" else []
+                params.append(pytest.param("cpu", backend, marks=marks, id=f"cpu-{backend}"))
+    if "cuda" in devices:
+        for backend in backends:
+            reason = unavailable_reason(op, "cuda", backend)
+            marks = [pytest.mark.cuda] + ([pytest.mark.skip(reason=reason)] if reason else [])
+            params.append(pytest.param("cuda", backend, marks=marks, id=f"cuda-{backend}"))
+    return params
+
+
+def on(device, *tensors):
+    """The tensors moved to `device` (None stays None)."""
+    return tuple(None if t is None else t.to(device) for t in tensors)
+
+
+def compiled_ops(backend):
+    """The namespace of the backend's compiled ops (the same signatures and outputs)."""
+    return torch.ops.udafast if backend == "native" else torch.ops.udafast_triton
+
+
+def gen(seed=0):
+    """A seeded CPU generator: the same draws on every run and device (move the result after)."""
+    return torch.Generator().manual_seed(seed)
+
+
+def random_labels(shape, num_classes, ignore_fraction=0.2, seed=0, dtype=torch.int64):
+    """Labels in [0, num_classes), a share of them ignored (255), drawn from gen(seed), on the CPU."""
+    g = gen(seed)
+    out = torch.randint(0, num_classes, shape, generator=g)
+    out[torch.rand(shape, generator=g) < ignore_fraction] = 255
+    return out.to(dtype)
+
+
+def confidences(n, seed=0, dtype=torch.float32):
+    """n confidences in [0, 1] from gen(seed), on the CPU; a third quantised to sixteenths (many
+    exact ties, exact 0 and 1)."""
+    conf = torch.rand(n, generator=gen(seed), dtype=torch.float64)
+    conf[: n // 3] = torch.round(conf[: n // 3] * 16) / 16
+    return conf.to(dtype)
+
+
+@pytest.fixture
+def no_validation():
+    """The ops' input validation off for one test (bad values reach the kernels)."""
+    import udafast.ops
+    before = udafast.ops.get_validation()
+    udafast.ops.set_validation(False)
+    yield
+    udafast.ops.set_validation(before)
 
 
 def assert_close_spec(actual, expected, what="value"):
-    """SPEC 1.5 for float results: |x - ref| <= 1e-5 |ref| + 1e-6 max|ref|, elementwise.
+    """SPEC 1.5 for float results: |x - ref| <= 1e-5 |ref| + 1e-6 max|ref|, elementwise (on any
+    devices: compared on the CPU).
 
     Plus four of the smallest subnormals of the result's dtype: a float32 result cannot hold a
     reference value below them (gradients of saturated logits reach 1e-50)."""
     # a few subnormals: float32 gradients near 1e-45 round to a neighbouring subnormal
     smallest = 4 * torch.finfo(actual.dtype).tiny * torch.finfo(actual.dtype).eps if actual.is_floating_point() else 0.0
-    actual = actual.detach().double()
-    expected = expected.detach().double()
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     if expected.numel() == 0:
@@ -60,11 +123,31 @@ def assert_close_spec(actual, expected, what="value"):
     )
 
 
+def max_error(x, ref):
+    """max |x - ref| in float64 (on the CPU)."""
+    return (x.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item()
+
+
 def assert_grad_close_spec(actual, expected, what="gradient"):
     """SPEC 1.5 for gradients: elementwise as values, and ||x - ref||_2 <= 1e-5 ||ref||_2."""
     assert_close_spec(actual, expected, what)
-    diff = torch.linalg.vector_norm(actual.detach().double() - expected.detach().double())
-    assert diff <= 1e-5 * torch.linalg.vector_norm(expected.detach().double()), f"{what}: L2 error {diff:.3e}"
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    diff = torch.linalg.vector_norm(actual - expected)
+    assert diff <= 1e-5 * torch.linalg.vector_norm(expected), f"{what}: L2 error {diff:.3e}"
+
+
+def assert_grad_close_spec_representable(grad, ref_grad):
+    """assert_grad_close_spec, with the L2 bound widened by what the gradient's dtype cannot hold,
+    as the elementwise bound is (the smallest subnormal per element): the gradient of a saturated
+    pixel with a one-hot target on its top class is about exp(-gap), below float32's smallest
+    subnormal from a gap of about 104, so a one-pixel case cannot meet a purely relative L2 bound
+    (nor can a loss gradient whose reference values are float32 subnormals)."""
+    smallest = torch.finfo(grad.dtype).tiny * torch.finfo(grad.dtype).eps
+    assert_close_spec(grad, ref_grad, "gradient")
+    grad, ref_grad = grad.detach().double().cpu(), ref_grad.detach().double().cpu()
+    diff = torch.linalg.vector_norm(grad - ref_grad)
+    bound = 1e-5 * torch.linalg.vector_norm(ref_grad) + smallest * grad.numel() ** 0.5
+    assert diff <= bound, f"gradient: L2 error {diff:.3e} > {bound:.3e}"
 
 
 _SAME_SIZE_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
@@ -161,9 +244,18 @@ def tiny_run_config(method="source_only", **sections):
     return resolve_config(tiny_config_file(**sections), method)
 
 
+@pytest.fixture
+def tiny_yaml(tmp_path):
+    """The path (str) of a config file for a 2-iteration tiny run (tiny_config_file)."""
+    import yaml
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_file(train={"iters": 2, "panels": 0})))
+    return str(path)
+
+
 def tiny_config_file(**sections):
     """The config-file form of `tiny_run_config` (before a method is resolved)."""
-    from udafast.engine.config import merge
+    from udafast.config import merge
     scenes = {"size": [32, 64], "cache": True}
     base = {
         "threads": 1,

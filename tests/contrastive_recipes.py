@@ -6,7 +6,7 @@ import types
 
 import torch
 
-from udafast.engine.config import DEFAULTS, merge
+from udafast.config import DEFAULTS, merge
 from udafast.methods.contrastive import ClassBalance, Contrastive, _ParameterEMA
 from udafast.models import build_model
 from udafast.models.heads import ClassSelectors

@@ -15,7 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_run_config  # noqa: E402
 
-from udafast.engine.distributed import convert_sync_batchnorm, init_from_env  # noqa: E402
+from udafast.engine.distributed import all_gather, all_reduce_, convert_sync_batchnorm, init_from_env  # noqa: E402
 from udafast.engine.trainer import Trainer  # noqa: E402
 from udafast.ops import ClassMemoryBank, ClassThresholds, update_prototypes  # noqa: E402
 
@@ -45,16 +45,16 @@ def op_checks(rank, world):
     conf, pred, feats, labels, scores, sums, counts = data_of(rank)
     everyone = [data_of(r) for r in range(world)]
     out = {}
-    # ClassThresholds.all_reduce: the counts of everyone's pixels
+    # ClassThresholds.all_reduce through the engine's sum: the counts of everyone's pixels
     hist = ClassThresholds(5, bins=64)
     hist.update(conf, pred)
-    hist.all_reduce()
+    hist.all_reduce(all_reduce_)
     whole = ClassThresholds(5, bins=64)
     whole.update(torch.cat([d[0] for d in everyone]), torch.cat([d[1] for d in everyone]))
     out["thresholds_equal_whole"] = torch.equal(hist.counts, whole.counts)
     out["thresholds"] = hist.thresholds(0.3)
-    # ClassMemoryBank.push: rank 0's selection in front, then rank 1's, ...
-    bank = ClassMemoryBank(5, size=8, dim=3)
+    # ClassMemoryBank.push through the engine's gather: rank 0's selection in front, then rank 1's, ...
+    bank = ClassMemoryBank(5, size=8, dim=3, all_gather=all_gather)
     bank.push(feats, labels, scores, per_class=2)
     expected = ClassMemoryBank(5, size=8, dim=3)
     for d in reversed(everyone):  # one process: the newest push ends up in front
@@ -64,7 +64,7 @@ def op_checks(rank, world):
     out["bank"] = bank.state_dict()
     # update_prototypes: everyone's images in (rank, image) order
     protos = torch.zeros(5, 3, dtype=torch.float64)
-    update_prototypes(protos, sums, counts, momentum=0.5, min_pixels=10)
+    update_prototypes(protos, sums, counts, momentum=0.5, min_pixels=10, all_gather=all_gather)
     sequential = torch.zeros(5, 3, dtype=torch.float64)
     for d in everyone:
         for b in range(d[5].shape[0]):

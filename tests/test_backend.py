@@ -7,23 +7,23 @@ import pytest
 import torch
 
 import udafast.ops as ops
-from udafast.ops import _backend
+from udafast.ops import backend
 
 
 @pytest.mark.skipif(os.environ.get("UDAFAST_NO_EXT") == "1", reason="installed without the extension on purpose")
 def test_extension_is_built_and_has_every_cpu_kernel():
-    assert _backend.extension_loaded(), _backend.EXTENSION_ERROR
+    assert backend.extension_loaded(), backend.EXTENSION_ERROR
     from udafast.info import OPS
 
     backwards = ("prototype_softmax_backward", "sce_loss_backward", "kl_loss_backward")
-    missing = [op for op in OPS + backwards if not _backend.native_has_kernel(op, "cpu")]
+    missing = [op for op in OPS + backwards if not backend.native_has_kernel(op, "cpu")]
     assert not missing, f"no CPU kernel for {missing}"
     # the availability table agrees with the dispatcher, op by op
     for op in OPS + backwards:
         for device, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-            assert _backend.native_has_kernel(op, device) == \
+            assert backend.native_has_kernel(op, device) == \
                 torch._C._dispatch_has_kernel_for_dispatch_key(f"udafast::{op}", key), (op, device)
-    assert _backend.resolve("sce_loss", "auto", "cpu") == "native"
+    assert backend.resolve("sce_loss", "auto", "cpu") == "native"
 
 
 def test_triton_without_kernel_or_device_raises_runtime_error_saying_why():
@@ -32,7 +32,7 @@ def test_triton_without_kernel_or_device_raises_runtime_error_saying_why():
 
 
 def test_reference_backend_is_always_available():
-    assert _backend.resolve("kl_loss", "reference", "cpu") == "reference"
+    assert backend.resolve("kl_loss", "reference", "cpu") == "reference"
 
 
 SCRIPT = """
@@ -77,17 +77,17 @@ def test_info_prints_versions_and_backends():
     [(True, True, "native"), (False, True, "triton"), (True, False, "native"), (False, False, "reference")],
 )
 def test_auto_on_cuda_follows_the_table_then_falls_back(monkeypatch, native, triton, expected):
-    monkeypatch.setattr(_backend, "native_has_kernel", lambda op, device_type: native)
-    monkeypatch.setattr(_backend, "triton_available", lambda op, device_type: triton)
-    monkeypatch.setitem(_backend.CUDA_AUTO, "sce_loss", "native")
-    assert _backend.auto_choice("sce_loss", "cuda") == expected
-    monkeypatch.setitem(_backend.CUDA_AUTO, "sce_loss", "triton")
+    monkeypatch.setattr(backend, "native_has_kernel", lambda op, device_type: native)
+    monkeypatch.setattr(backend, "triton_available", lambda op, device_type: triton)
+    monkeypatch.setitem(backend.CUDA_AUTO, "sce_loss", "native")
+    assert backend.auto_choice("sce_loss", "cuda") == expected
+    monkeypatch.setitem(backend.CUDA_AUTO, "sce_loss", "triton")
     flipped = {"native": "triton" if triton else "native", "triton": "triton", "reference": "reference"}
-    assert _backend.auto_choice("sce_loss", "cuda") == flipped[expected]
+    assert backend.auto_choice("sce_loss", "cuda") == flipped[expected]
 
 
 def test_cuda_auto_table_names_every_op_and_a_fast_backend():
     from udafast.info import OPS
 
-    assert set(_backend.CUDA_AUTO) == set(OPS)
-    assert set(_backend.CUDA_AUTO.values()) <= {"native", "triton"}
+    assert set(backend.CUDA_AUTO) == set(OPS)
+    assert set(backend.CUDA_AUTO.values()) <= {"native", "triton"}

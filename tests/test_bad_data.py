@@ -15,11 +15,12 @@ from PIL import Image
 
 from conftest import run_and_resume, tiny_run_config
 from udafast import train
+from udafast.config import merge
 from udafast.data import BadSampleError, build_dataset, check, io
-from udafast.engine.config import merge
+from udafast.engine.context import TrainingContext
 from udafast.engine.data import BatchStream, SkipLog, TrainView
 from udafast.engine.logging import RunLogger
-from udafast.engine.trainer import RunContext, Trainer
+from udafast.engine.trainer import Trainer
 from udafast.methods import method_class
 from udafast.models.checkpoint import load_checkpoint
 
@@ -266,13 +267,13 @@ def test_skipping_run_counts_and_never_trains_on_bad_samples(tmp_path, monkeypat
 def test_target_passes_leave_bad_frames_out(tmp_path):
     config = gta5_cityscapes_config(tmp_path, "cbst")
     logger = RunLogger(str(tmp_path / "ctx"), 1, progress=False, tensorboard=False)
-    ctx = RunContext(config, str(tmp_path / "ctx"), "cpu", logger, method_class("cbst"))
+    ctx = TrainingContext(config, str(tmp_path / "ctx"), "cpu", logger, method_class("cbst"))
     batches = list(ctx.target_frames(batch_size=2))
     assert [b["index"].tolist() for b in batches] == [[0], [2, 3]]
     assert ctx.skip_log.count == 1 and list(ctx.skip_log.files) == [ctx.target.images[1]]
     assert ctx.target_frame_size() == (H, W)
     config["data"]["skip_bad_samples"] = False
-    strict = RunContext(config, str(tmp_path / "ctx"), "cpu", logger, method_class("cbst"))
+    strict = TrainingContext(config, str(tmp_path / "ctx"), "cpu", logger, method_class("cbst"))
     with pytest.raises(BadSampleError, match=strict.target.images[1]):
         list(strict.target_frames(batch_size=2))
     logger.close()

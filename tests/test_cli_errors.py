@@ -6,21 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import yaml
 
-from conftest import tiny_config_file, tiny_run_config
+from conftest import tiny_run_config
 from udafast import train
 from udafast.engine.devices import check_device
 from udafast.engine.trainer import Trainer
 from udafast.methods import METHOD_NAMES, method_class
 from udafast.models import build_model, save_checkpoint
-
-
-@pytest.fixture
-def tiny_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_file(train={"iters": 2, "panels": 0})))
-    return str(path)
 
 
 def fails(argv, capsys=None):

@@ -3,10 +3,10 @@ import pytest
 
 from conftest import tiny_run_config
 from udafast.engine.runs import compare_backends
-from udafast.ops import _backend
+from udafast.ops import backend
 
 
-@pytest.mark.skipif(_backend.native_unavailable_reason("sce_loss", "cpu") is not None,
+@pytest.mark.skipif(backend.native_unavailable_reason("sce_loss", "cpu") is not None,
                     reason="the compiled extension is not built")
 def test_proda_losses_agree_across_backends(tmp_path):
     config = tiny_run_config("proda", train={"panels": 0})

@@ -1,15 +1,15 @@
 """Run configs: defaults, files with `extends`, presets, per-method sections and --set overrides;
-the whole-config check (udafast.engine.schema)."""
+the whole-config check (udafast.config_schema)."""
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from udafast.engine.config import (DEFAULTS, apply_overrides, config_names, merge, parse_override, preset_names,
+from udafast.config import (DEFAULTS, apply_overrides, config_names, merge, parse_override, preset_names,
                                    read_config)
+from udafast.config_schema import validate_config
 from udafast.engine.runs import resolve_config
-from udafast.engine.schema import validate_config
 from udafast.methods import METHOD_NAMES
 
 
@@ -161,7 +161,7 @@ def test_another_dataset_drops_the_options_of_the_one_below():
 
 
 @pytest.fixture
-def tiny_yaml(tmp_path):
+def tiny_yaml_path(tmp_path):
     from conftest import tiny_config_file
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_config_file(train={"iters": 1, "panels": 0})))
@@ -176,12 +176,12 @@ def tiny_yaml(tmp_path):
     ("all", {"methods": {"proda": {"proda": {"stage1_iter": 2}}}}, [],
      "unknown key proda.stage1_iter (did you mean proda.stage1_iters?)"),
 ])
-def test_cli_stops_at_a_typo_before_writing(tiny_yaml, tmp_path, method, extra, argv, message):
+def test_cli_stops_at_a_typo_before_writing(tiny_yaml_path, tmp_path, method, extra, argv, message):
     from udafast import train
-    tiny_yaml.write_text(yaml.safe_dump(merge(yaml.safe_load(tiny_yaml.read_text()), extra)))
+    tiny_yaml_path.write_text(yaml.safe_dump(merge(yaml.safe_load(tiny_yaml_path.read_text()), extra)))
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        train.main(["--method", method, "--config", str(tiny_yaml), "--out", str(out)] + argv)
+        train.main(["--method", method, "--config", str(tiny_yaml_path), "--out", str(out)] + argv)
     assert str(e.value).startswith("udafast.train: error: ") and message in str(e.value)
     assert not out.exists()
 

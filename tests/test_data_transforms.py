@@ -7,13 +7,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 from torch.utils.data import default_collate
 
+from conftest import gen
+from udafast.data import strong_view as S
 from udafast.data import transforms as T
 
 GEOMETRIC = ("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY")
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def block_sample(h=48, w=64, block=8, seed=0):
@@ -93,12 +91,12 @@ def test_normalize_modes():
 
 def test_strong_view_deterministic_by_seed():
     s = block_sample()
-    a = T.StrongView()(s, generator=gen(3))
-    b = T.StrongView()(s, generator=gen(3))
+    a = S.StrongView()(s, generator=gen(3))
+    b = S.StrongView()(s, generator=gen(3))
     assert torch.equal(a["image_strong"], b["image_strong"]) and torch.equal(a["label_strong"], b["label_strong"])
     for k in ("theta", "flip", "cutout"):
         assert torch.equal(a["strong_params"][k], b["strong_params"][k])
-    others = [T.StrongView()(s, generator=gen(seed))["image_strong"] for seed in range(4, 8)]
+    others = [S.StrongView()(s, generator=gen(seed))["image_strong"] for seed in range(4, 8)]
     assert any(not torch.equal(a["image_strong"], o) for o in others)
     assert torch.equal(a["image"], s["image"])  # the weak image stays
 
@@ -108,18 +106,18 @@ def test_strong_view_geometry_matches_label(seed):
     """Geometric ops only (always applied), no cutout: the strong image's channel 0 is still
     label / 32 wherever it is not blended, with the label from warp_like / StrongView."""
     s = block_sample()
-    view = T.StrongView(ops=GEOMETRIC, op_p=1.0, cutout_p=0.0)
+    view = S.StrongView(ops=GEOMETRIC, op_p=1.0, cutout_p=0.0)
     out = view(s, generator=gen(seed))
     params = out["strong_params"]
     assert not torch.equal(params["theta"], torch.eye(2, 3))
-    lab = T.warp_like(s["label"], params, "nearest")
+    lab = S.warp_like(s["label"], params, "nearest")
     assert torch.equal(lab, out["label_strong"])
-    soft = T.warp_like(s["label"].float(), params, "bilinear", fill=255.0)
+    soft = S.warp_like(s["label"].float(), params, "bilinear", fill=255.0)
     unblended = (soft == lab.float()) & (lab != 255) & interior(lab, 1)
     assert unblended.sum() > 0.2 * lab.numel()
     assert torch.allclose(out["image_strong"][0][unblended] * 32, lab[unblended].float(), atol=1e-3)
     # outside the source: grey 0.5 in the image, 255 in the label
-    _, mask = T.warp_like(s["label"], params, "nearest", return_mask=True)
+    _, mask = S.warp_like(s["label"], params, "nearest", return_mask=True)
     assert torch.equal(~mask, lab == 255)
 
 
@@ -127,21 +125,21 @@ def test_strong_view_geometry_matches_label(seed):
 def test_warp_like_any_resolution(seed):
     """A map at half resolution warps to (nearly) the half-resolution strong label."""
     s = block_sample(h=96, w=128, block=16)
-    out = T.StrongView(ops=GEOMETRIC, op_p=1.0)(s, generator=gen(seed))
+    out = S.StrongView(ops=GEOMETRIC, op_p=1.0)(s, generator=gen(seed))
     half = F.interpolate(s["label"][None, None].float(), size=(48, 64), mode="nearest-exact")[0, 0].long()
-    warped = T.warp_like(half, out["strong_params"], "nearest")
+    warped = S.warp_like(half, out["strong_params"], "nearest")
     ref = F.interpolate(out["label_strong"][None, None].float(), size=(48, 64), mode="nearest-exact")[0, 0].long()
     assert (warped == ref).float().mean() > 0.9
     # soft labels / features [C, h, w]
     onehot = F.one_hot(half.clamp(max=18), 19).permute(2, 0, 1).float()
-    soft = T.warp_like(onehot, out["strong_params"], "bilinear")
+    soft = S.warp_like(onehot, out["strong_params"], "bilinear")
     agree = (soft.argmax(0) == warped) | (warped == 255)
     assert agree.float().mean() > 0.9
 
 
 def test_flip_and_cutout_only():
     s = block_sample()
-    out = T.StrongView(ops=("Identity",), flip_p=1.0, cutout_p=1.0, label_cutout_ignore=True)(s, generator=gen(0))
+    out = S.StrongView(ops=("Identity",), flip_p=1.0, cutout_p=1.0, label_cutout_ignore=True)(s, generator=gen(0))
     p = out["strong_params"]
     assert torch.equal(p["theta"], torch.eye(2, 3)) and bool(p["flip"])
     x0, y0, x1, y1 = p["cutout"].tolist()
@@ -155,19 +153,19 @@ def test_flip_and_cutout_only():
     expected_lab[box] = 255
     assert torch.equal(out["label_strong"], expected_lab)
     # without the cutout fill, warp_like only flips
-    assert torch.equal(T.warp_like(s["label"], p, "nearest"), s["label"].flip(-1))
+    assert torch.equal(S.warp_like(s["label"], p, "nearest"), s["label"].flip(-1))
 
 
 def test_identity_view_is_exact():
     s = block_sample()
-    out, p = T.strong_augment(s["image"], gen(0), ops=("Identity",), flip_p=0.0, cutout_p=0.0)
+    out, p = S.strong_augment(s["image"], gen(0), ops=("Identity",), flip_p=0.0, cutout_p=0.0)
     assert torch.equal(out, s["image"])
 
 
-@pytest.mark.parametrize("op", T.RANDAUGMENT_OPS)
+@pytest.mark.parametrize("op", S.RANDAUGMENT_OPS)
 def test_each_op_runs(op):
     img = torch.rand(3, 20, 24, generator=gen(1))
-    out, p = T.strong_augment(img, gen(2), ops=(op,), op_p=1.0, flip_p=0.0, cutout_p=0.0)
+    out, p = S.strong_augment(img, gen(2), ops=(op,), op_p=1.0, flip_p=0.0, cutout_p=0.0)
     assert out.shape == img.shape and out.dtype == torch.float32
     assert out.min() >= 0 and out.max() <= 1
     assert p["ops"].startswith(op)
@@ -182,39 +180,39 @@ def test_each_op_runs(op):
 def test_equalize_matches_pillow():
     arr = np.random.default_rng(0).integers(40, 120, (16, 20, 3), dtype=np.uint8)
     img = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
-    ours = (T._equalize(img, 0.5) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    ours = (S._equalize(img, 0.5) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     assert np.array_equal(ours, np.asarray(ImageOps.equalize(Image.fromarray(arr))))
 
 
 def test_batched_params_and_collate():
     samples = [block_sample(seed=i) for i in range(3)]
     g = gen(0)
-    view = T.StrongView()
+    view = S.StrongView()
     outs = [view(s, generator=g) for s in samples]
     batch = default_collate(outs)
     p = batch["strong_params"]
     assert p["theta"].shape == (3, 2, 3) and p["flip"].shape == (3,) and p["cutout"].shape == (3, 4)
-    assert torch.equal(T.warp_like(batch["label"], p, "nearest"), batch["label_strong"])
+    assert torch.equal(S.warp_like(batch["label"], p, "nearest"), batch["label_strong"])
     feats = torch.rand(3, 5, 12, 16, generator=gen(1))
-    together = T.warp_like(feats, p, "bilinear")
+    together = S.warp_like(feats, p, "bilinear")
     for i in range(3):
         one = {k: v[i] for k, v in p.items()}
-        assert torch.equal(T.warp_like(feats[i], one, "bilinear"), together[i])
+        assert torch.equal(S.warp_like(feats[i], one, "bilinear"), together[i])
     # strong_augment on a batch: the same draws as one by one
     imgs = torch.stack([s["image"] for s in samples])
-    b_out, b_p = T.strong_augment(imgs, gen(5))
+    b_out, b_p = S.strong_augment(imgs, gen(5))
     g = gen(5)
     for i in range(3):
-        o, pi = T.strong_augment(imgs[i], g)
+        o, pi = S.strong_augment(imgs[i], g)
         assert torch.equal(o, b_out[i]) and torch.equal(pi["theta"], b_p["theta"][i])
 
 
 def test_bad_arguments():
     s = block_sample()
     with pytest.raises(ValueError, match="ops"):
-        T.StrongView(ops=("Invert",))
+        S.StrongView(ops=("Invert",))
     with pytest.raises(ValueError, match="mode"):
-        T.warp_like(s["label"], {"theta": torch.eye(2, 3), "flip": torch.tensor(False), "cutout": torch.zeros(4)},
+        S.warp_like(s["label"], {"theta": torch.eye(2, 3), "flip": torch.tensor(False), "cutout": torch.zeros(4)},
                     "bilinear")
     with pytest.raises(ValueError, match="size"):
         T.RandomCrop((0, 4))

@@ -161,13 +161,13 @@ def test_step_guard_checks_its_arguments():
 
 @pytest.mark.parametrize("device, expected", [("cuda", torch.nn.SyncBatchNorm), ("cpu", SyncBatchNorm)])
 def test_sync_bn_is_torchs_on_cuda_and_ours_elsewhere(monkeypatch, device, expected):
-    """`RunContext.build_model` converts BatchNorm after moving the network to its device, so that
+    """`TrainingContext.build_model` converts BatchNorm after moving the network to its device, so that
     a CUDA network gets torch.nn.SyncBatchNorm (NCCL) and a CPU one udafast's (gloo). No CUDA here:
     the move to cuda only marks the network, and the conversion reads the mark as its device."""
     import types
 
     from udafast.engine import distributed
-    from udafast.engine.trainer import RunContext
+    from udafast.engine.context import TrainingContext
     from udafast.methods import method_class
 
     moved = torch.nn.Module.to
@@ -185,10 +185,10 @@ def test_sync_bn_is_torchs_on_cuda_and_ours_elsewhere(monkeypatch, device, expec
     config = tiny_run_config("source_only", train={"sync_bn": True})
     ctx = types.SimpleNamespace(config=config, method_cls=method_class("source_only"), world=2,
                                 device=torch.device(device), log=print)
-    model = RunContext.build_model(ctx)
+    model = TrainingContext.build_model(ctx)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert norms and all(type(m) is expected for m in norms)
-    one_process = RunContext.build_model(types.SimpleNamespace(**dict(vars(ctx), world=1)))
+    one_process = TrainingContext.build_model(types.SimpleNamespace(**dict(vars(ctx), world=1)))
     assert not any(isinstance(m, (torch.nn.SyncBatchNorm, SyncBatchNorm)) for m in one_process.modules())
 
 

@@ -317,16 +317,16 @@ def test_rng_state_round_trips_with_the_gaussian_caches():
 
     import numpy as np
 
-    from udafast.engine.trainer import _get_rng, _set_rng
+    from udafast.engine.rng import get_rng_state, set_rng_state
 
     def draws():
         return (random.gauss(0, 1), random.random(), float(np.random.standard_normal()), float(np.random.rand()),
                 torch.rand(3).tolist())
 
     random.gauss(0, 1), np.random.standard_normal()  # each leaves the second value of its pair cached
-    saved = torch.load(_save_to_bytes(_get_rng()), weights_only=True)
+    saved = torch.load(_save_to_bytes(get_rng_state()), weights_only=True)
     expected = draws()
-    _set_rng(saved)
+    set_rng_state(saved)
     assert draws() == expected
 
 

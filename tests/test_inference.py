@@ -1,4 +1,4 @@
-"""Test-time augmentation (udafast.engine.inference): mirror and multi-scale averaging and
+"""Test-time augmentation (udafast.inference): mirror and multi-scale averaging and
 sliding-window inference against hand computations on a tiny network whose output depends on
 position, and the flags and config keys that reach it."""
 import json
@@ -15,7 +15,7 @@ from conftest import TinySeg, tiny_run_config
 from udafast import evaluate, predict as predict_cli
 from udafast.data.transforms import normalize
 from udafast.engine import evaluation
-from udafast.engine.inference import InferenceOptions, infer_probabilities, slide_windows
+from udafast.inference import InferenceOptions, infer_probabilities, slide_windows
 
 
 class PositionNet(nn.Module):

@@ -6,8 +6,8 @@ import torch
 
 from conftest import tiny_run_config
 from udafast.data import build_dataset
+from udafast.engine.context import TrainingContext
 from udafast.engine.data import TrainView, TruthLabels, collate
-from udafast.engine.trainer import RunContext
 from udafast.methods.label_quality import LabelQuality
 from udafast.methods.source_only import SourceOnly
 
@@ -98,7 +98,7 @@ class _Log:
 
 def _context(tmp_path, **data):
     config = tiny_run_config("source_only", data=dict({"target": {"options": {"length": 4}}}, **data))
-    return RunContext(config, str(tmp_path), "cpu", _Log(), type("WithTarget", (SourceOnly,), {"uses_target": True}))
+    return TrainingContext(config, str(tmp_path), "cpu", _Log(), type("WithTarget", (SourceOnly,), {"uses_target": True}))
 
 
 def test_the_embedded_target_carries_truth_by_default(tmp_path):

@@ -9,7 +9,7 @@ from benchmarks import memory
 
 @pytest.mark.parametrize("method", memory.METHODS)
 def test_full_size_config_is_the_gta5_config(method):
-    from udafast.engine.config import read_config
+    from udafast.config import read_config
     from udafast.engine.runs import resolve_config
     original = resolve_config(read_config(memory.CONFIGS.get(method, f"gta5_{method}")), method)
     config = memory.measurement_config(method, "bf16+ckpt", device="cuda", iters=5)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_and_resume, tiny_domain_batch, tiny_run_config
-from udafast.engine.trainer import Trainer, _apply_schedule
+from udafast.engine.trainer import Trainer, apply_schedule
 from udafast.methods.adaptsegnet import AdaptSegNet
 from udafast.methods.adversarial import OutputSpaceAdversary
 from udafast.methods.base import Stage, build_optimizer
@@ -269,7 +269,7 @@ def test_two_iterations_equal_the_authors_code():
         method.adversary.discriminators[level].double().load_state_dict(d.state_dict())
     model.train()
     for it, batch in enumerate(batches):
-        _apply_schedule(method.optimizers, it, 6)
+        apply_schedule(method.optimizers, it, 6)
         losses = method.step(batch, it, 6)
         for name, value in golden["losses"][it].items():
             assert losses[name].item() == pytest.approx(value, rel=1e-9, abs=1e-12), (it, name)
@@ -290,7 +290,7 @@ def test_shipped_configs_run_the_authors_schedule_and_frozen_bn_affines():
     """train_gta2cityscapes_multi.py: poly over NUM_STEPS 250000 for the network and the
     discriminators, stopped at NUM_STEPS_STOP 150000; deeplab_multi.py freezes every BatchNorm
     affine (the paper is silent on both, so the code is the default)."""
-    from udafast.engine.config import read_config
+    from udafast.config import read_config
     from udafast.engine.runs import resolve_config
     for name in ("gta5_adaptsegnet", "synthia_adaptsegnet"):
         config = resolve_config(read_config(name), "adaptsegnet")
@@ -302,7 +302,7 @@ def test_shipped_configs_run_the_authors_schedule_and_frozen_bn_affines():
 def test_poly_horizon_longer_than_the_run():
     opt = build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}],
                           {"name": "sgd", "lr": 1.0, "poly_iters": 250000})
-    _apply_schedule({"model": opt}, 149999, 150000)
+    apply_schedule({"model": opt}, 149999, 150000)
     assert opt.param_groups[0]["lr"] == pytest.approx((1 - 149999 / 250000) ** 0.9, rel=1e-12)
     with pytest.raises(ValueError, match="poly_iters"):
         build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], {"name": "sgd", "lr": 1.0, "poly_iters": 0})

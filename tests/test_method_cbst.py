@@ -11,10 +11,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from udafast.engine.config import DEFAULTS, merge
+from udafast.config import DEFAULTS, merge
+from udafast.engine.context import TrainingContext
 from udafast.engine.data import BatchStream, TrainView
-from udafast.engine.inference import InferenceOptions
-from udafast.engine.trainer import RunContext, Trainer
+from udafast.engine.trainer import Trainer
+from udafast.inference import InferenceOptions
 from udafast.methods.cbst import CBST, _RoundExtras, mine_classes, portion_schedule, source_fraction, subsample_mask
 
 C = 4
@@ -41,7 +42,7 @@ class PixelNet(nn.Module):
 
 
 class FakeContext:
-    """The parts of RunContext that CBST uses, over a hand-made target set of `n` images h x w."""
+    """The parts of the run context that CBST uses, over a hand-made target set of `n` images h x w."""
 
     def __init__(self, out_dir, n=5, h=8, w=12, n_source=40, batch_size=2, crop=(4, 8)):
         g = torch.Generator().manual_seed(2)
@@ -58,15 +59,15 @@ class FakeContext:
         self.rank, self.world = 0, 1
         self.skip_log = None  # bad samples raise
 
-    target_frames, target_frame_size, _target_frame = (RunContext.target_frames, RunContext.target_frame_size,
-                                                       RunContext._target_frame)
-    shared_array = RunContext.shared_array
-    all_reduce_ = RunContext.all_reduce_
+    target_frames, target_frame_size = TrainingContext.target_frames, TrainingContext.target_frame_size
+    _target_frame = TrainingContext._target_frame
+    shared_array = TrainingContext.shared_array
+    all_reduce_ = TrainingContext.all_reduce_
 
     def set_mixed_stream(self, indices, extras=None, seed=None):
         self.subsets.append(list(indices))
         self.extras = extras
-        return RunContext.set_mixed_stream(self, indices, extras, seed)
+        return TrainingContext.set_mixed_stream(self, indices, extras, seed)
 
     def log(self, text):
         self.messages.append(text)
@@ -494,7 +495,7 @@ def test_labelling_pass_runs_at_the_code_eval_scale_with_flips_in_both_passes(tm
 
 
 def test_labelling_pass_takes_several_scales_and_sliding_windows(tmp_path):
-    """label_scale as a list and label_slide reach both passes (udafast.engine.inference, tested there
+    """label_scale as a list and label_slide reach both passes (udafast.inference, tested there
     against hand computations): each frame at 0.5 and 1.0, each view in 4x4 windows every 4x4 pixels."""
     seen = []
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from test_method_cbst import FakeContext, PixelNet, config
-from udafast.engine.trainer import _apply_schedule
+from udafast.engine.trainer import apply_schedule
 from udafast.methods.cbst import CBST, mine_classes, subsample_mask
 from udafast.models.segmentation import SegmentationModel
 from udafast.ops import ClassThresholds, cbst_pseudo_labels, class_thresholds
@@ -175,7 +175,7 @@ def test_one_retraining_step_equals_crst_seg(tmp_path):
     method.start_stage(method.stages()[0], model)
     method.normalize = lambda x, model=None: x  # the recipe's images are the network's input
     model.train()  # as the trainer leaves it; CBST's step runs it in eval mode (freeze_bn)
-    _apply_schedule(method.optimizers, 0, 100)
+    apply_schedule(method.optimizers, 0, 100)
     groups = method.optimizers["model"].param_groups
     assert [g["lr"] for g in groups] == [5.0e-5, 5.0e-4]
     losses = method.step({"mixed": {"image": images, "label": labels}}, 0, 100)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from udafast.engine.config import DEFAULTS, merge
+from udafast.config import DEFAULTS, merge
 from udafast.engine.trainer import Trainer
 from udafast.methods.base import Stage
 from udafast.methods.contrastive import Contrastive, class_memory_loss, teacher_momentum

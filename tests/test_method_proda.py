@@ -9,11 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import tiny_run_config
+from udafast.config import merge
 from udafast.data.labels import IGNORE_INDEX
-from udafast.data.transforms import frame_to_view, strong_augment, warp_like
+from udafast.data.strong_view import strong_augment, warp_like
+from udafast.data.transforms import frame_to_view
+from udafast.engine.context import TrainingContext
 from udafast.engine.data import TrainView
-from udafast.engine.config import merge
-from udafast.engine.trainer import RunContext, Trainer
+from udafast.engine.trainer import Trainer
 from udafast.methods import method_class
 from udafast.methods.base import Stage
 from udafast.methods.proda import ProDA, distillation_labels, initial_prototypes
@@ -35,7 +37,7 @@ class _Log:
 def make_method(tmp_path, **sections):
     torch.manual_seed(0)
     config = tiny_config(**sections)
-    ctx = RunContext(config, str(tmp_path), "cpu", _Log(), ProDA)
+    ctx = TrainingContext(config, str(tmp_path), "cpu", _Log(), ProDA)
     return ProDA(config, ctx), ctx
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from udafast.engine.config import merge
+from udafast.config import merge
+from udafast.engine.context import TrainingContext
 from udafast.engine.runs import COMPARED, compare_methods, run_method, summarize
-from udafast.engine.trainer import RunContext, Trainer
+from udafast.engine.trainer import Trainer
 from udafast.methods.base import Stage
 from udafast.methods.proda import ProDA
 from udafast.methods.ssl_source import ProjectionHead, SSLSource, nt_xent, simclr_view
@@ -25,7 +26,7 @@ class _Log:
 def make_method(tmp_path, **sections):
     torch.manual_seed(0)
     config = tiny_run_config("ssl_source", **sections)
-    ctx = RunContext(config, str(tmp_path), "cpu", _Log(), SSLSource)
+    ctx = TrainingContext(config, str(tmp_path), "cpu", _Log(), SSLSource)
     return SSLSource(config, ctx), ctx
 
 
@@ -190,7 +191,7 @@ def test_bad_options_raise_naming_the_key(tmp_path, option, value):
 @pytest.mark.parametrize("value", ["@bogus", "@source_only", 3, ""])
 def test_bad_student_init_raises_naming_the_key(tmp_path, value):
     config = _proda_config(proda={"student_init": value})
-    ctx = RunContext(config, str(tmp_path), "cpu", _Log(), ProDA)
+    ctx = TrainingContext(config, str(tmp_path), "cpu", _Log(), ProDA)
     with pytest.raises(ValueError, match=r"^proda\.student_init: ") as info:
         ProDA(config, ctx)
     assert "\n" not in str(info.value)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from udafast.engine.trainer import RANDOM_INIT_WARNING, RunContext, Trainer
+from udafast.engine.context import TrainingContext
+from udafast.engine.trainer import RANDOM_INIT_WARNING, Trainer
 from udafast.models import build_model
 from udafast.models.pretrained import PRETRAINED, fetch_pretrained
 
@@ -160,7 +161,7 @@ def start_only(monkeypatch):
     """Trainer.run stops once the run's set-up begins (after the start-up messages)."""
     def stop(*args, **kwargs):
         raise RuntimeError("stopped at the set-up")
-    monkeypatch.setattr(RunContext, "__init__", stop)
+    monkeypatch.setattr(TrainingContext, "__init__", stop)
 
 
 @pytest.mark.parametrize("model, init, warned", [({"name": "deeplabv2_r101"}, None, True),

@@ -7,7 +7,7 @@ import yaml
 
 from benchmarks import proda_ablation
 from conftest import tiny_config_file
-from udafast.engine.config import merge
+from udafast.config import merge
 
 
 def test_rows_flags_are_the_papers_components():

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import proda_authors_recipes as R
-from udafast.data.transforms import warp_like
+from udafast.data.strong_view import warp_like
 from udafast.methods.base import Stage
 from udafast.methods.proda import ProDA
 from udafast.ops import class_feature_sums, kl_loss, prototype_rectify, prototype_softmax, sce_loss, update_prototypes

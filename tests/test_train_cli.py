@@ -6,16 +6,8 @@ import sys
 import pytest
 import yaml
 
-from conftest import tiny_config_file
 from udafast import train
 from udafast.engine.runs import format_results, summarize, write_results
-
-
-@pytest.fixture
-def tiny_yaml(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_config_file(train={"iters": 2, "panels": 0})))
-    return str(path)
 
 
 def test_help_lists_methods_and_presets():

@@ -71,7 +71,7 @@ def test_resume_missing_checkpoint_names_it(tmp_path):
 @pytest.mark.parametrize("name, labelled", [("oracle", True), ("source_only", None), ("adapting", False)])
 def test_target_labels_reach_only_the_oracle(tmp_path, name, labelled):
     from udafast.engine.logging import RunLogger
-    from udafast.engine.trainer import RunContext
+    from udafast.engine.context import TrainingContext
     from udafast.methods import method_class
     from udafast.methods.base import Method
 
@@ -80,7 +80,7 @@ def test_target_labels_reach_only_the_oracle(tmp_path, name, labelled):
 
     cls = Adapting if name == "adapting" else method_class(name)
     config = tiny_run_config("oracle" if name == "adapting" else name)
-    ctx = RunContext(config, str(tmp_path), "cpu", RunLogger(str(tmp_path), 1, progress=False, tensorboard=False), cls)
+    ctx = TrainingContext(config, str(tmp_path), "cpu", RunLogger(str(tmp_path), 1, progress=False, tensorboard=False), cls)
     if labelled is None:
         assert ctx.target is None and ctx.target_stream is None
     else:

@@ -21,7 +21,7 @@ other datasets: `DIR/{stem}.png`), which `cityscapesscripts`' evaluator scores t
 colourised panels (image | prediction | ground truth) as JPEGs in `DIR/panels/` (JPEG so that the
 official evaluator's `*.png` search of DIR never picks them up). `--flip`, `--scales` and `--slide`
 average the softmax over the image and its mirror, over scales of the input, and make it by sliding
-windows, as mmsegmentation's test-time augmentation (udafast.engine.inference).
+windows, as mmsegmentation's test-time augmentation (udafast.inference).
 """
 import argparse
 import os
@@ -107,7 +107,7 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
 
 def inference_options(args: argparse.Namespace):
     """The `InferenceOptions` of the flags of `add_inference_arguments`."""
-    from udafast.engine.inference import InferenceOptions
+    from udafast.inference import InferenceOptions
 
     return InferenceOptions.create(args.flip, args.scales, args.slide, args.stride,
                                    names=("--flip", "--scales", "--slide", "--stride"))

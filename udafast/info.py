@@ -5,7 +5,7 @@ import sys
 import torch
 
 import udafast
-from udafast.ops import _backend
+from udafast.ops import backend
 
 OPS = (
     "class_thresholds", "class_histogram_add_", "cbst_pseudo_labels", "topk_per_class",
@@ -29,7 +29,7 @@ def report():
         f"torch   {torch.__version__} (CUDA build: {torch.version.cuda or 'no'}, "
         f"CUDA available: {torch.cuda.is_available()}, threads: {torch.get_num_threads()})",
         f"triton  {_triton_version()}",
-        f"extension udafast._C: {'loaded' if _backend.extension_loaded() else _backend.EXTENSION_ERROR}",
+        f"extension udafast._C: {'loaded' if backend.extension_loaded() else backend.EXTENSION_ERROR}",
         "",
         f"{'op':<22} {'device':<7} {'auto':<10} {'native':<7} triton",
     ]
@@ -45,9 +45,9 @@ def report():
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for op in OPS:
         for device in devices:
-            native = status(_backend.native_unavailable_reason(op, device))
-            triton = status(_backend.triton_unavailable_reason(op, device))
-            auto = _backend.auto_choice(op, device)
+            native = status(backend.native_unavailable_reason(op, device))
+            triton = status(backend.triton_unavailable_reason(op, device))
+            auto = backend.auto_choice(op, device)
             lines.append(f"{op:<22} {device:<7} {auto:<10} {native:<7} {triton}")
     lines += [""] + [f"[{i}] {reason}" for i, reason in enumerate(reasons, 1)]
     return "\n".join(lines)

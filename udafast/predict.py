@@ -50,7 +50,7 @@ def collect_images(inputs):
 def predict_files(model, files, out, *, input_size=None, device=None, progress=None, inference=None,
                   on_error=None):
     """Write the label PNG and overlay of each image file into `out`; returns the label paths.
-    `inference`: test-time augmentation (`udafast.engine.inference.InferenceOptions`).
+    `inference`: test-time augmentation (`udafast.inference.InferenceOptions`).
     `on_error(path, reason)`: called for a file that cannot be read, which is then passed over
     (default: the error is raised)."""
     from udafast.data.io import BadSampleError, load_image

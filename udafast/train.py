@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from udafast.engine.config import config_names, preset_names, read_config
+from udafast.config import config_names, preset_names, read_config
 from udafast.methods import METHOD_NAMES
 from udafast.models.build import MODEL_NAMES
 

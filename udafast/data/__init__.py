@@ -14,5 +14,5 @@ from udafast.data.labels import (  # noqa: F401
     CITYSCAPES_ID_TO_TRAIN, CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, PALETTE, SYNTHIA_13, SYNTHIA_16,
     SYNTHIA_ID_TO_TRAIN, colorize,
 )
-from udafast.data import transforms  # noqa: F401
+from udafast.data import strong_view, transforms  # noqa: F401
 from udafast.data import synthetic  # noqa: F401  (registers the embedded benchmark "synthetic")

@@ -14,7 +14,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from udafast.data.datasets import SegmentationDataset, _REGISTRY, build_dataset, dataset_names
+from udafast.data.datasets import SegmentationDataset, build_dataset, dataset_factory, dataset_names
 from udafast.data.io import BadSampleError
 from udafast.data.labels import CLASS_NAMES, NUM_CLASSES
 
@@ -182,8 +182,7 @@ def main(argv=None):
     split = args.split or ("train" if args.name.lower() == "cityscapes" else "all")
     try:
         options = dict(args.option)
-        factory = _REGISTRY.get(args.name.lower())
-        if factory is not None and _accepts(factory, "strict"):
+        if _accepts(dataset_factory(args.name), "strict"):
             options.setdefault("strict", False)  # collect every missing label instead of stopping at one
         ds = build_dataset(args.name, args.root, split, **options)
     except (FileNotFoundError, ValueError) as exc:

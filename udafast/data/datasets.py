@@ -10,7 +10,7 @@ dataset's table (a value the table does not list is a corrupt or foreign file, n
 """
 import inspect
 import os
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -38,26 +38,34 @@ def register_dataset(name: str, factory: Optional[Callable] = None, *, overwrite
 
 
 def dataset_names() -> List[str]:
+    """The registered dataset names, sorted."""
     return sorted(_REGISTRY)
+
+
+def dataset_factory(name: str) -> Callable:
+    """The factory registered as `name` (any case); ValueError naming the known ones."""
+    if not isinstance(name, str) or name.lower() not in _REGISTRY:
+        raise ValueError(f"name: unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    return _REGISTRY[name.lower()]
 
 
 def dataset_options(name: str) -> Optional[Tuple[str, ...]]:
     """The options dataset `name` takes (its factory's keyword parameters beyond root, split and
     transform); None where the factory takes any (`**options`). ValueError for an unknown name."""
-    if not isinstance(name, str) or name.lower() not in _REGISTRY:
-        raise ValueError(f"name: unknown dataset {name!r}; known: {', '.join(dataset_names())}")
-    params = inspect.signature(_REGISTRY[name.lower()]).parameters.values()
+    params = inspect.signature(dataset_factory(name)).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
     return tuple(p.name for p in params if p.name not in ("root", "split", "transform")
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
-def build_dataset(name: str, root, split: str = "train", transform=None, **options) -> Dataset:
-    """The dataset registered as `name` (gta5, cityscapes, synthia, folder, ...) under `root`."""
-    if not isinstance(name, str) or name.lower() not in _REGISTRY:
-        raise ValueError(f"name: unknown dataset {name!r}; known: {', '.join(dataset_names())}")
-    return _REGISTRY[name.lower()](root, split, transform=transform, **options)
+def build_dataset(name: str, root: Optional[Union[str, os.PathLike]], split: str = "train",
+                  transform: Optional[Callable[[dict], dict]] = None, **options: Any) -> Dataset:
+    """The dataset registered as `name` (gta5, cityscapes, synthia, folder, ...) under `root`
+    (None for a dataset that reads no files, e.g. synthetic), its `split`, each sample passed
+    through `transform`; `options`: the dataset's own keyword options (`dataset_options(name)`).
+    ValueError naming the known datasets for an unknown `name`."""
+    return dataset_factory(name)(root, split, transform=transform, **options)
 
 
 def _require_dir(path, what="folder"):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from udafast.data import BadSampleError, build_dataset
 from udafast.data.labels import IGNORE_INDEX
-from udafast.data.transforms import Resize, _pair, _resize_image, _resize_label
+from udafast.data.transforms import Resize, resize_image, resize_label, size_pair
 
 __all__ = ["TrainView", "BatchStream", "MixedSet", "SkipLog", "TruthLabels", "build_split", "collate"]
 
@@ -81,14 +81,15 @@ class TrainView:
     multiples of it (the maps' stride, so that their crops are exact)."""
 
     def __init__(self, resize=None, scale_range=None, crop=None, flip=0.5, align=1):
-        self.resize = None if resize is None else Resize(resize if isinstance(resize, int) else _pair(resize, "resize"))
+        self.resize = None if resize is None else Resize(resize if isinstance(resize, int)
+                                                         else size_pair(resize, "resize"))
         if scale_range is not None:
             lo, hi = (float(s) for s in scale_range)
             if not 0 < lo <= hi:
                 raise ValueError(f"scale_range: expected 0 < low <= high, got {scale_range}")
             scale_range = (lo, hi)
         self.scale_range = scale_range
-        self.crop = None if crop is None else _pair(crop, "crop")
+        self.crop = None if crop is None else size_pair(crop, "crop")
         if not 0.0 <= float(flip) <= 1.0:
             raise ValueError(f"flip: expected a probability, got {flip}")
         self.flip = float(flip)
@@ -133,8 +134,8 @@ class TrainView:
             lo, hi = self.scale_range
             s = lo + (hi - lo) * _rand(generator)
             size = (max(1, round(image.shape[-2] * s)), max(1, round(image.shape[-1] * s)))
-            image = _resize_image(image, size)
-            labels = {k: _resize_label(v, size) for k, v in labels.items()}
+            image = resize_image(image, size)
+            labels = {k: resize_label(v, size) for k, v in labels.items()}
         scaled = tuple(image.shape[-2:])
         if self.crop is not None:
             center = sample.get("crop_center")

@@ -16,8 +16,10 @@ Every process trains on its own shard of each domain (`DistributedSampler` order
   `SyncBatchNorm` below elsewhere), so the running statistics are already equal and the mean leaves
   them as they are;
 - the adaptation state is updated from everyone's data in the same order on every process
-  (`ClassMemoryBank.push` and `update_prototypes` gather in rank order, `ClassThresholds.all_reduce`
-  sums counts, passes over the target set are sharded and reduced);
+  (the methods hand `all_gather` and `all_reduce_` below, through their run context, to
+  `ClassMemoryBank` and `update_prototypes`, which insert in rank order, and to
+  `ClassThresholds.all_reduce`, which sums counts; passes over the target set are sharded and
+  reduced);
 - rank 0 alone writes logs, checkpoints and metrics.
 
 Gradients are all-reduced at the optimiser's step rather than by wrapping networks in
@@ -32,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ["init_from_env", "shutdown", "is_distributed", "rank", "world_size", "barrier", "all_reduce_",
-           "broadcast_state", "average_buffers", "StepGuard", "NonFiniteError", "shard", "SyncBatchNorm",
+           "all_gather", "broadcast_state", "average_buffers", "StepGuard", "NonFiniteError", "shard", "SyncBatchNorm",
            "convert_sync_batchnorm", "parameter_device"]
 
 
@@ -92,6 +94,19 @@ def all_reduce_(tensor):
     else:
         dist.all_reduce(tensor)
     return tensor
+
+
+def all_gather(tensor):
+    """Every process's `tensor` (the same shape and dtype everywhere), in rank order ([tensor] in
+    one process). A CPU tensor under NCCL travels through the process's GPU, as in `all_reduce_`."""
+    if not is_distributed():
+        return [tensor]
+    through = tensor.contiguous()
+    if dist.get_backend() == "nccl" and not tensor.is_cuda:
+        through = through.to(torch.device("cuda", torch.cuda.current_device()))
+    gathered = [torch.empty_like(through) for _ in range(world_size())]
+    dist.all_gather(gathered, through)
+    return [t.to(tensor.device) for t in gathered]
 
 
 def shard(n):

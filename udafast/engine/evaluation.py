@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from udafast.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
 from udafast.data.transforms import normalize
-from udafast.engine.inference import InferenceOptions, infer_probabilities
+from udafast.inference import InferenceOptions, infer_probabilities
 
 __all__ = [
     "ConfusionMatrix", "iou_per_class", "mean_iou", "scores", "class_subsets", "upsample_logits",
@@ -170,7 +170,7 @@ def predict(model, image: torch.Tensor, *, input_size=None, normalization=None, 
     as it is), run through `model` (the caller puts it in eval mode; its output dict's "logits"),
     and the logits are upsampled with align_corners=True to `output_size` = (H, W). With
     `inference` options beyond one whole view (mirror, scales of that input, sliding windows),
-    the scores are the averaged softmax of `udafast.engine.inference.infer_probabilities` instead.
+    the scores are the averaged softmax of `udafast.inference.infer_probabilities` instead.
     """
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image: expected [3, H, W], got {tuple(image.shape)}")

@@ -9,13 +9,15 @@ import statistics
 import subprocess
 import time
 from collections.abc import Mapping
+from typing import Iterable, Optional, Tuple
 
-from udafast.engine.config import DATA_SPLITS, DEFAULTS, merge
-from udafast.engine.schema import validate_config
+from udafast.config import DATA_SPLITS, DEFAULTS, merge
+from udafast.config_schema import validate_config
 from udafast.methods import METHOD_NAMES, method_class
 
 __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summarize", "write_results",
-           "format_results", "compare_backends", "needs_ssl", "COMPARED", "SOURCE_INIT", "SSL_INIT"]
+           "format_results", "compare_backends", "needs_ssl", "mean_std", "git_commit", "COMPARED", "SOURCE_INIT",
+           "SSL_INIT"]
 
 #: the methods `--method all` compares, in table order
 COMPARED = ("source_only", "adabn", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "oracle")
@@ -31,7 +33,7 @@ SSL_INIT = "@ssl_source"
 def resolve_config(file_config, method, overrides=()):
     """The config of one `method`: DEFAULTS, then the file's common keys, then its
     `methods: {method: {...}}` section, then `overrides` (a list of key=value). ValueError naming
-    any unknown key, at any depth (udafast.engine.schema), in this config or in that of another
+    any unknown key, at any depth (udafast.config_schema), in this config or in that of another
     method the file has a `methods:` section for."""
     config = _resolve(file_config, method, overrides)
     validate_config(config)
@@ -67,7 +69,7 @@ def _split(config, split):
 def _override_layer(config, overrides):
     """`config` with `overrides` (key=value) applied in order; one that points a data split at
     another dataset drops the options of the one before (later ones may set its own)."""
-    from udafast.engine.config import apply_overrides
+    from udafast.config import apply_overrides
     for text in overrides or ():
         before, config = config, apply_overrides(config, [text])
         for split in DATA_SPLITS:
@@ -78,7 +80,7 @@ def _override_layer(config, overrides):
 
 
 def _merge_layer(config, update):
-    """`update` merged over `config` (udafast.engine.config.merge); a data split whose dataset
+    """`update` merged over `config` (udafast.config.merge); a data split whose dataset
     `update` changes keeps only the options `update` gives it (the synthetic default's `domain` is
     not an option of gta5)."""
     out = merge(config, update)
@@ -195,7 +197,9 @@ def compare_methods(file_config, out_dir, seeds, methods=COMPARED, overrides=(),
     return runs
 
 
-def _mean_std(values):
+def mean_std(values: Iterable[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
+    """(mean, sample standard deviation) of `values`, each rounded to 2 decimals, leaving out None
+    and NaN; 0.0 as the deviation of one value, (None, None) of none."""
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return None, None
@@ -208,29 +212,29 @@ def summarize(runs, preset=None):
     """The results file's dict from `compare_methods`' runs."""
     methods = {}
     for name, per_seed in runs.items():
-        mean, std = _mean_std([m["miou"] for m in per_seed])
+        mean, std = mean_std([m["miou"] for m in per_seed])
         entry = {"miou_mean": mean, "miou_std": std, "seeds": [m["seed"] for m in per_seed],
                  "miou_per_seed": [round(m["miou"], 2) for m in per_seed],
-                 "per_class_iou": {c: _mean_std([m["per_class_iou"].get(c) for m in per_seed])[0]
+                 "per_class_iou": {c: mean_std([m["per_class_iou"].get(c) for m in per_seed])[0]
                                    for c in per_seed[0]["per_class_iou"]},
                  "sec_per_iter": round(statistics.fmean(m["sec_per_iter"] for m in per_seed), 4),
                  "iters": per_seed[0]["iters"], "backend": per_seed[0]["backend"]}
         if len(per_seed[0].get("stages") or {}) > 1:
             entry["stages"] = {}
             for stage in per_seed[0]["stages"]:
-                s_mean, s_std = _mean_std([m["stages"][stage]["miou"] for m in per_seed])
+                s_mean, s_std = mean_std([m["stages"][stage]["miou"] for m in per_seed])
                 entry["stages"][stage] = {"miou_mean": s_mean, "miou_std": s_std}
         for key in sorted({k for m in per_seed for k in m if k.startswith("miou_before_")}):
-            entry[f"{key}_mean"], entry[f"{key}_std"] = _mean_std([m.get(key) for m in per_seed])
+            entry[f"{key}_mean"], entry[f"{key}_std"] = mean_std([m.get(key) for m in per_seed])
         quality = _label_quality(per_seed)
         if quality:
             entry["pseudo_labels"] = quality
         if any("pretrain_s" in m for m in per_seed):  # a pretraining run first (0 where reused)
             entry["pretrain_s"] = round(statistics.fmean(m.get("pretrain_s", 0.0) for m in per_seed), 1)
         if all("best" in m for m in per_seed):
-            entry["best_miou_mean"], entry["best_miou_std"] = _mean_std([m["best"]["miou"] for m in per_seed])
+            entry["best_miou_mean"], entry["best_miou_std"] = mean_std([m["best"]["miou"] for m in per_seed])
         methods[name] = entry
-    return {"methods": methods, "preset": preset, "commit": _commit()}
+    return {"methods": methods, "preset": preset, "commit": git_commit()}
 
 
 #: the class means of metrics.json's "pseudo_labels" that the results show
@@ -245,7 +249,7 @@ def _label_quality(per_seed):
             figures = {}
             for key in LABEL_FIGURES:
                 values = [m.get("pseudo_labels", {}).get(stage, {}).get(name, {}).get(key) for m in per_seed]
-                mean, _ = _mean_std([None if v is None else 100 * v for v in values])
+                mean, _ = mean_std([None if v is None else 100 * v for v in values])
                 figures[key] = mean
             out.setdefault(stage, {})[name] = figures
     return out
@@ -263,7 +267,8 @@ def _quality_cell(entry):
     return f"{' / '.join(cells)} ({name}, {stage})"
 
 
-def _commit():
+def git_commit() -> Optional[str]:
+    """The short hash of the checkout udafast runs from, for the results files (None outside git)."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,

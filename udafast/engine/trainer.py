@@ -2,6 +2,8 @@
 
     Trainer(config, out_dir).run() -> metrics dict (also written to out_dir/metrics.json)
 
+The method gets the run through a `TrainingContext` (udafast.engine.context).
+
 Per iteration: the learning-rate schedule, a batch per domain, `method.step`, the log; every
 `train.eval_every` iterations an evaluation on target val (keeping `checkpoints/best.pt`), every
 `train.ckpt_every` a checkpoint; after each stage of a multi-stage method its network is saved as
@@ -14,8 +16,8 @@ Checkpoints (udafast.engine.checkpoints): `last.pt` is always the newest complet
 `train.keep_checkpoints` before the newest stay. A checkpoint holds everything the run continues
 from: the network, the method's state (`Method.state_dict`: its modules, optimisers, generator
 and extra state), the batch streams' positions, every global RNG (Python, NumPy, torch CPU and
-CUDA), the trainer's counters and, when there is one, the AMP grad scaler; the learning rates are
-a function of the iteration. So with `deterministic: true` on the CPU a resumed run ends bitwise
+CUDA; udafast.engine.rng), the trainer's counters and, when there is one, the AMP grad scaler;
+the learning rates are a function of the iteration. So with `deterministic: true` on the CPU a resumed run ends bitwise
 equal to the run that was not interrupted, wherever that one was killed. Each checkpoint also
 carries what `python -m udafast.evaluate --checkpoint` needs to score it alone: the run's `data.val`
 (as `data_val`), `eval.input_size` and `eval.classes` (as `eval_input_size`, `eval_classes`).
@@ -35,31 +37,28 @@ import dataclasses
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 import yaml
 
-from udafast.data import BadSampleError
+from udafast.config import dump_config
+from udafast.config_schema import validate_config
 from udafast.data.labels import colorize
+from udafast.engine import checkpoints, rng
 from udafast.engine import distributed as dist
-from udafast.engine import checkpoints
-from udafast.engine.config import dump_config, merge
-from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
+from udafast.engine.context import TrainingContext
+from udafast.engine.data import SkipLog
 from udafast.engine.devices import check_device
 from udafast.engine.evaluation import evaluate_model, predict
-from udafast.engine.inference import InferenceOptions
 from udafast.engine.logging import RunLogger
-from udafast.engine.schema import validate_config
+from udafast.inference import InferenceOptions
 from udafast.methods import build_method, method_class
-from udafast.models import build_model
-from udafast.models.checkpoint import load_checkpoint, load_model_checkpoint, save_checkpoint
+from udafast.models.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["Trainer", "RunContext", "seed_everything", "NonFiniteLoss", "check_stage"]
+__all__ = ["Trainer", "NonFiniteLoss", "check_stage", "apply_schedule", "RANDOM_INIT_WARNING"]
 
 
 #: said at the start of a DeepLabV2-ResNet101 run that would train from random weights (the
@@ -83,221 +82,8 @@ def check_stage(config: dict, stage) -> None:
         raise ValueError(f"--stage: {config['method']} has the stages {names}, got {stage!r}")
 
 
-def seed_everything(seed):
-    seed = int(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _label_option(name, wanted):
-    """The dataset option that turns target labels on or off (target training sees no labels
-    unless the method is the oracle)."""
-    return {"synthetic": {"with_labels": wanted}, "cityscapes": {"labels": wanted}}.get(name, {})
-
-
-class RunContext:
-    """What a method may use of the run: the config, device, ops backend, run folder, datasets,
-    training views and streams, a model factory, the logger, and passes over the target set.
-
-    Under `data.skip_bad_samples`, `skip_log` (a SkipLog) records the bad samples passed over:
-    the training streams replace one by the next good sample of their order, the passes over the
-    target set leave it out (it has no pseudo-labels or soft labels, and no stream draws it). log.csv
-    counts them in "skipped_samples" (under several processes, rank 0's count; checkpoints and
-    metrics.json hold every process's). Evaluation never skips: a score over part of the val set
-    would pass for one over all of it."""
-
-    def __init__(self, config, out_dir, device, logger, method_cls):
-        self.config = config
-        self.out_dir = out_dir
-        self.device = torch.device(device)
-        self.backend = config["backend"]
-        self.seed = int(config["seed"])
-        # this process of the run's processes (torchrun); 0 of 1 otherwise
-        self.rank, self.world = dist.rank(), dist.world_size()
-        self.logger = logger
-        self.method_cls = method_cls
-        data = config["data"]
-        skip = data.get("skip_bad_samples", False)
-        if not isinstance(skip, bool):
-            raise ValueError(f"data.skip_bad_samples: expected true or false, got {skip!r}")
-        self.skip_log = SkipLog(self._note_skip) if skip else None
-        if skip:
-            logger.track("skipped_samples", lambda: self.skip_log.count)
-        self.source = build_split(data["source"])
-        self.target = None
-        #: whether target batches and frames carry "truth" (the true labels, to score pseudo-labels)
-        self.has_truth = False
-        if method_cls.uses_target:
-            target_spec = data["target"]
-            truth = data.get("target_truth", "auto")
-            if truth not in ("auto", True, False):
-                raise ValueError(f"data.target_truth: expected auto, true or false, got {truth!r}")
-            truth = truth is True or (truth == "auto" and target_spec["name"] == "synthetic")
-            wanted = method_cls.uses_target_labels or truth
-            self.target = build_split(target_spec, **_label_option(target_spec["name"], wanted))
-            if wanted and not getattr(self.target, "labelled", False):
-                what = "trains on target labels" if method_cls.uses_target_labels else "scores pseudo-labels " \
-                    "against target labels (data.target_truth: true)"
-                raise ValueError(f"data.target: the {method_cls.name} method {what}, but {self.target!r} has none")
-            if truth and not method_cls.uses_target_labels:
-                self.target = TruthLabels(self.target)
-                self.has_truth = True
-        self.val = build_split(data["val"])
-        stride = 8  # every network here has output stride 8
-        self.source_view = TrainView.from_config(data.get("source_view"))
-        self.target_view = TrainView.from_config(data.get("target_view"), align=stride)
-        batch_size = int(data["batch_size"])
-        workers = int(data.get("num_workers", 0))
-        self.source_stream = BatchStream(self.source, batch_size, self.source_view, seed=self.seed * 2 + 1,
-                                         num_workers=workers, rank=self.rank, world=self.world,
-                                         skip_log=self.skip_log)
-        self.target_stream = None
-        self.mixed_stream = None  # see set_mixed_stream
-        if self.target is not None:
-            self.target_stream = BatchStream(self.target, batch_size, self.target_view, seed=self.seed * 2 + 2,
-                                             num_workers=workers, rank=self.rank, world=self.world,
-                                             skip_log=self.skip_log)
-
-    def log(self, text):
-        self.logger.message(text)
-
-    def build_model(self, overrides=None, init=True):
-        """A fresh network from the config's `model` (merged with `overrides`) on the device; with
-        `init`, loaded with the weights of the config's `init` checkpoint when one is set, or of the
-        checkpoint `init` names (a path)."""
-        wanted = self.method_cls.model_overrides  # a dict, or a function of the model config giving one
-        wanted = wanted(self.config["model"]) if callable(wanted) else wanted
-        model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
-        model.backbone.activation_checkpointing = bool(self.config["train"].get("activation_checkpointing"))
-        path = init if isinstance(init, str) else self.config.get("init")
-        if init and path:
-            # the backbone must come whole from the init; heads the init has in another form (e.g.
-            # ProDA's feature head after a DeepLabV2 source network) start fresh
-            state, own = load_model_checkpoint(path)["model"], model.state_dict()  # the authors' models too
-            fits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
-            lost = [k for k in own if k.startswith("backbone.") and k not in fits]
-            if lost:
-                raise ValueError(f"init: {path} does not fit the model's backbone (e.g. {lost[:3]})")
-            model.load_state_dict(fits, strict=False)
-            fresh = sorted({k.split(".")[0] for k in own if k not in fits})
-            if fresh:
-                self.log(f"init: {path} has no weights of this shape for {', '.join(fresh)}; they start fresh")
-        model = model.to(self.device)
-        if self.world > 1 and self.config["train"].get("sync_bn"):
-            # after the move: the conversion picks torch.nn.SyncBatchNorm for CUDA parameters
-            model = dist.convert_sync_batchnorm(model)
-        return model
-
-    def set_source_subset(self, indices):
-        """Train on these source images only from now on (CBST's source portion)."""
-        subset = torch.utils.data.Subset(self.source, list(indices))
-        self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
-                                         seed=self.source_stream.seed, num_workers=self.source_stream.num_workers,
-                                         rank=self.rank, world=self.world, skip_log=self.skip_log)
-
-    def set_mixed_stream(self, source_indices, target_extras=None, seed=None):
-        """From now on the trainer draws one stream over the union of these source images (through
-        the source view) and the target set (through the target view and `target_extras`, as
-        `BatchStream.set_extras`), shuffled together: `method.step` gets {"mixed": batch}, where
-        batch["index"] < len(source_indices) marks a source image (its position in
-        `source_indices`), the others target frame index + len(source_indices). CBST's training set
-        (crst_seg.py: ConcatDataset of source subset and target, shuffled). `seed`: the stream's
-        (default the run's). None as `source_indices` removes the stream. -> the stream."""
-        if self.mixed_stream is not None:
-            self.mixed_stream.close()
-        if source_indices is None:
-            self.mixed_stream = None
-            return None
-        mixed = MixedSet([(torch.utils.data.Subset(self.source, list(source_indices)), self.source_view, None),
-                          (self.target, self.target_view, target_extras)])
-        self.mixed_stream = BatchStream(mixed, self.source_stream.batch_size, mixed.view,
-                                        seed=self.seed * 2 + 3 if seed is None else seed, extras=mixed.extras,
-                                        num_workers=self.source_stream.num_workers, rank=self.rank, world=self.world,
-                                        skip_log=self.skip_log)
-        return self.mixed_stream
-
-    def _note_skip(self, text):
-        """A skipped file's message: through the logger on rank 0, on stderr with the rank elsewhere."""
-        if self.rank == 0:
-            self.log(text)
-        else:
-            print(f"[rank {self.rank}] {text}", file=sys.stderr, flush=True)
-
-    def _target_frame(self, i, record=True):
-        """Target frame `i` in the frame of the target view's resize, or None for a bad frame
-        under `data.skip_bad_samples` (recorded in `skip_log` when `record`)."""
-        try:
-            return self.target_view.resized(self.target[i])
-        except BadSampleError as exc:
-            if self.skip_log is None:
-                raise
-            if record:
-                self.skip_log.record(exc.path, exc.reason)
-            return None
-
-    def target_frames(self, batch_size=None, limit=None, shard=False):
-        """The target training images in order, in the frame of the target view's resize (no
-        random augmentation): batches {"image" [B, 3, H, W] in [0, 1], "index", "name"}. With
-        `shard`, only this process's share (every world-th frame from its rank): the pass's results
-        are then combined with `all_reduce_` / written through `shared_array`. Under
-        `data.skip_bad_samples` bad frames are left out (and counted), so a batch may be short."""
-        batch_size = batch_size or self.target_stream.batch_size
-        n = len(self.target) if limit is None else min(limit, len(self.target))
-        frames = list(range(self.rank, n, self.world)) if shard else list(range(n))
-        for start in range(0, len(frames), batch_size):
-            samples = []
-            for i in frames[start:start + batch_size]:
-                s = self._target_frame(i)
-                if s is None:
-                    continue
-                s = {k: v for k, v in s.items() if k != "label"}  # (its "truth" stays, if any)
-                s["index"] = i
-                samples.append(s)
-            if samples:
-                yield collate(samples)
-
-    def target_frame_size(self):
-        """(H, W) of the target frames in the frame of the target view's resize: that of the first
-        frame that reads (under `data.skip_bad_samples` bad ones are passed over, not counted)."""
-        for i in range(len(self.target)):
-            frame = self._target_frame(i, record=False)
-            if frame is not None:
-                return tuple(frame["image"].shape[-2:])
-        raise ValueError(f"data.target: every frame of {self.target!r} is bad")
-
-    def all_reduce_(self, tensor):
-        """Sum `tensor` over the run's processes, in place (identity in one process)."""
-        return dist.all_reduce_(tensor)
-
-    @contextlib.contextmanager
-    def shared_array(self, path, dtype, shape):
-        """A .npy memmap of `shape` that every process writes its share of (rows of its sharded
-        frames): made by rank 0 as a temporary file beside `path`, renamed to `path` once every
-        process has written, removed if the block fails."""
-        import numpy as np
-        tmp = path[:-len(".npy")] + ".tmp.npy"
-        if self.rank == 0:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=tuple(shape)).flush()
-        dist.barrier()
-        array = np.lib.format.open_memmap(tmp, mode="r+")
-        try:
-            yield array
-            array.flush()
-            del array
-            dist.barrier()
-            if self.rank == 0:
-                os.replace(tmp, path)
-            dist.barrier()
-        except BaseException:
-            if self.rank == 0 and os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-
-
 class Trainer:
-    """One run: `config` (resolved, see udafast.engine.config), results under `out_dir`.
+    """One run: `config` (resolved, see udafast.config), results under `out_dir`.
     `stage`: run only that stage of a multi-stage method; `resume`: a checkpoint path to continue
     from, or True for the run folder's newest good one (see udafast.engine.checkpoints)."""
 
@@ -354,7 +140,7 @@ class Trainer:
         if config.get("deterministic"):
             torch.use_deterministic_algorithms(True, warn_only=True)
         # each process its own random stream (augmentation, dropout); the weights are rank 0's
-        seed_everything(int(config["seed"]) + 1_000_003 * self.rank)
+        rng.seed_process(config["seed"], self.rank)
         method_cls = method_class(config["method"])
 
         logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard, rank=self.rank)
@@ -363,7 +149,7 @@ class Trainer:
             logger.message(RANDOM_INIT_WARNING)
         ctx = None
         try:
-            ctx = RunContext(config, self.out_dir, device, logger, method_cls)
+            ctx = TrainingContext(config, self.out_dir, device, logger, method_cls)
             if self.world > 1:
                 logger.message(f"{self.world} processes ({torch.distributed.get_backend()}), "
                                f"{ctx.source_stream.batch_size} images per domain each")
@@ -527,7 +313,7 @@ class Trainer:
                                      scaler=self.scaler) for name, opt in method.optimizers.items()]
             for it in range(begin, stage.iters):
                 t0 = time.perf_counter()
-                lrs = _apply_schedule(method.optimizers, it, stage.iters)
+                lrs = apply_schedule(method.optimizers, it, stage.iters)
                 skipped_before, unscaled_before = sum(g.skipped for g in guards), sum(g.unscaled for g in guards)
                 # a skipped update must not leave the step's BatchNorm statistics behind either
                 kept = _buffers(synced, clone=True) if self.on_nonfinite == "skip" or self.scaler else None
@@ -579,16 +365,8 @@ class Trainer:
         return self._finish(method, ctx, result, state, stages, todo)
 
     def _restore_rng(self, method, ctx, ckpt):
-        """The checkpoint's random state; under several processes each takes back its own (when the
-        checkpoint was written by as many processes; else they get fresh, distinct seeds, said so)."""
-        per_rank = ckpt.get("rng_per_rank")
-        if self.world == 1:
-            _set_rng(ckpt["rng"])
-        elif per_rank is not None and len(per_rank) == self.world:
-            _set_rng(per_rank[self.rank])
-            method.generator.set_state(per_rank[self.rank]["method"])
-        else:
-            seed_everything(int(self.config["seed"]) + 1_000_003 * self.rank + 7 * int(ckpt["iter"]))
+        """The checkpoint's random state (udafast.engine.rng.restore_rng), or fresh seeds, said so."""
+        if not rng.restore_rng(ckpt, method.generator, self.config["seed"], self.rank, self.world):
             ctx.log(f"resume: the checkpoint was written by {ckpt.get('world_size', 1)} process(es), this run has "
                     f"{self.world}: data order continues, random streams are re-seeded")
 
@@ -599,7 +377,7 @@ class Trainer:
         for micro in range(self.accumulate):
             for guard in guards:
                 guard.micro_step = micro
-            if ctx.mixed_stream is not None:  # one stream over both domains (RunContext.set_mixed_stream)
+            if ctx.mixed_stream is not None:  # one stream over both domains (TrainingContext.set_mixed_stream)
                 batch = {"mixed": next(ctx.mixed_stream)}
             else:
                 batch = {"source": next(ctx.source_stream)}
@@ -655,13 +433,12 @@ class Trainer:
         if ctx.skip_log is not None:
             extra["skipped"] = self._skipped(ctx)
         if self.world > 1:
-            rng = dict(_get_rng(), method=method.generator.get_state())
-            extra["rng_per_rank"] = [None] * self.world
-            torch.distributed.all_gather_object(extra["rng_per_rank"], rng)
+            extra["rng_per_rank"] = rng.gather_rng_states(method.generator, self.world)
         if self.rank == 0:
             def write(path):
                 save_checkpoint(path, method.model, iter=state["global_iter"], stage=stage_index,
-                                stage_iter=stage_iter, method=method.state_dict(), streams=streams, rng=_get_rng(),
+                                stage_iter=stage_iter, method=method.state_dict(), streams=streams,
+                                rng=rng.get_rng_state(),
                                 eval_input_size=self.config["eval"].get("input_size"),
                                 eval_classes=int(self.config["eval"].get("classes", 19)),
                                 data_val=self.config["data"]["val"],
@@ -837,7 +614,10 @@ def _per_class(result):
     return {name: (None if math.isnan(v) else round(v, 3)) for name, v in result["iou"].items()}
 
 
-def _apply_schedule(optimizers, it, iters):
+def apply_schedule(optimizers: dict, it: int, iters: int) -> dict:
+    """Set each optimiser's learning rates for iteration `it` of `iters` (its `schedule`: poly decay
+    over `poly_iters` or the stage, or constant; see udafast.methods.base.build_optimizer)
+    -> {optimiser name: its first group's lr}."""
     lrs = {}
     for name, opt in optimizers.items():
         horizon = getattr(opt, "poly_iters", None) or iters
@@ -846,26 +626,3 @@ def _apply_schedule(optimizers, it, iters):
             g["lr"] = g["initial_lr"] * factor
         lrs[name] = opt.param_groups[0]["lr"]
     return lrs
-
-
-def _get_rng():
-    """Every global generator's whole state, in types `torch.load(weights_only=True)` reads (the
-    Gaussian caches of NumPy and Python included: a Box-Muller draw leaves its second value there)."""
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": keys.tolist(), "numpy_pos": int(pos),
-            "numpy_gauss": [int(has_gauss), float(cached)], "python": list(internal), "python_version": version,
-            "python_gauss": gauss_next,
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def _set_rng(state):
-    torch.set_rng_state(state["torch"])
-    # checkpoints written before the Gaussian caches were saved: empty caches
-    has_gauss, cached = state.get("numpy_gauss", (0, 0.0))
-    np.random.set_state(("MT19937", np.array(state["numpy"], dtype=np.uint32), state["numpy_pos"], has_gauss, cached))
-    random.setstate((state.get("python_version", 3), tuple(state["python"]), state.get("python_gauss")))
-    if state["cuda"] and torch.cuda.is_available():
-        # a machine with fewer GPUs than the one that saved: the devices it has
-        for device, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, device)

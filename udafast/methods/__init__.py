@@ -7,6 +7,11 @@ student may start from it (`proda.student_init: "@ssl_source"`).
 Each module reads like its paper's loss; see ../shared/SPEC.md part 2 and the docstrings.
 """
 import importlib
+from typing import TYPE_CHECKING, Type
+
+if TYPE_CHECKING:  # the modules are imported on first use
+    from udafast.methods.base import Method
+    from udafast.methods.context import RunContext
 
 __all__ = ["METHODS", "METHOD_NAMES", "method_class", "build_method"]
 
@@ -26,12 +31,14 @@ METHODS = {
 METHOD_NAMES = tuple(METHODS)
 
 
-def method_class(name):
+def method_class(name: str) -> "Type[Method]":
+    """The class of the method `name` (imported on first use); ValueError naming the known ones."""
     if name not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {name!r}")
     module, cls = METHODS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
 
-def build_method(config, ctx):
+def build_method(config: dict, ctx: "RunContext") -> "Method":
+    """The method `config["method"]`, built for the run `ctx`."""
     return method_class(config["method"])(config, ctx)

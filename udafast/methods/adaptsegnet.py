@@ -24,6 +24,7 @@ iterations against a transcription of the code (tests/fixtures/authors/adaptsegn
 """
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import Method, seg_loss
+from udafast.methods.context import RunContext
 
 __all__ = ["AdaptSegNet"]
 
@@ -79,7 +80,7 @@ class AdaptSegNet(Method):
             return {"freeze_bn_affine": True}
         return {}
 
-    def __init__(self, config, ctx):
+    def __init__(self, config: dict, ctx: RunContext):
         super().__init__(config, ctx)
         _check(self.options)
         self.levels = ("main", "aux") if self.options["multi_level"] else ("main",)

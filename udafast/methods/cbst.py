@@ -14,7 +14,7 @@ current network w:
    `--test-flipping`) the softmax of the mirrored image, mirrored back, is averaged in:
    p = (p(x) + flip(p(flip(x)))) / 2. conf = max_c p_c, pred = argmax_c p_c. Beyond the authors'
    code, `label_scale` may be a list (the softmax averaged over those scales and their mirrors) and
-   `label_slide: {crop, stride}` runs the network on sliding windows (udafast.engine.inference).
+   `label_slide: {crop, stride}` runs the network on sliding windows (udafast.inference).
 2. Class-balanced thresholds (crst_seg.py `kc_parameters`, SPEC 1.1). Per class c, the
    confidences of the pixels predicted c, keeping every `subsample`-th (4, DS_RATE) of each
    image's list in raster order, are ranked; k_c is the confidence at the top portion p_t of them
@@ -65,8 +65,9 @@ import torch
 import torch.nn as nn
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.engine.inference import InferenceOptions, infer_probabilities
+from udafast.inference import InferenceOptions, infer_probabilities
 from udafast.methods.base import Method, Stage, build_optimizer, seg_loss
+from udafast.methods.context import RunContext
 from udafast.ops import ClassThresholds, cbst_pseudo_labels
 
 __all__ = ["CBST", "portion_schedule", "source_fraction", "subsample_mask", "mine_classes", "label_probabilities",
@@ -144,7 +145,7 @@ def label_probabilities(model, images, normalize, inference: InferenceOptions) -
     images (in [0, 1]) resized by each of `inference.scales` (bilinear, as cv2.resize), through
     `model` (as it is: the caller sets eval mode), logits upsampled to H x W with
     align_corners=True, softmax; with `inference.flip`, averaged with the softmax of the mirrored
-    images mirrored back (`udafast.engine.inference.infer_probabilities`)."""
+    images mirrored back (`udafast.inference.infer_probabilities`)."""
     return infer_probabilities(model, images, tuple(images.shape[-2:]), inference, normalize=normalize)
 
 
@@ -213,13 +214,13 @@ class CBST(Method):
         "flip_average": True,      # cbst.sh --test-flipping: label passes average the image and its mirror
         # crst_seg.py EVAL_SCALE: label passes see the frame resized by this (a list: averaged over them)
         "label_scale": 0.9,
-        # label passes by sliding windows: crop [H, W] every stride [H, W] (udafast.engine.inference)
+        # label passes by sliding windows: crop [H, W] every stride [H, W] (udafast.inference)
         "label_slide": {"crop": None, "stride": None},
         "freeze_bn": True,         # crst_seg.py model.eval() while retraining; deeplab/model.py BN affine frozen
         "label_batch_size": None,  # images per forward while pseudo-labelling (None: data.batch_size)
     }
 
-    def __init__(self, config, ctx):
+    def __init__(self, config: dict, ctx: RunContext):
         super().__init__(config, ctx)
         o = self.options
         _check_int("rounds", o["rounds"], 1)
@@ -384,7 +385,7 @@ class CBST(Method):
             predicted += torch.bincount(pred.reshape(-1).cpu(), minlength=self.num_classes)[:self.num_classes]
             keep = subsample_mask(pred, self.num_classes, self.options["subsample"])
             hist.update(conf, torch.where(keep, pred, IGNORE_INDEX))
-        hist.all_reduce()
+        hist.all_reduce(self.ctx.all_reduce_)
         return hist.thresholds(portion).cpu(), self.ctx.all_reduce_(predicted)
 
     def _labels_pass(self, thresholds, path):

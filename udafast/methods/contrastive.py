@@ -67,6 +67,7 @@ import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
 from udafast.methods.base import EMATeacher, Method, build_optimizer, nearest_labels, upsample
+from udafast.methods.context import RunContext
 from udafast.models.heads import ClassSelectors, PredictionHead, ProjectionHead
 from udafast.ops import ClassMemoryBank
 
@@ -436,7 +437,7 @@ class Contrastive(Method):
         "code_unit_memory_weights": False,
     }
 
-    def __init__(self, config, ctx):
+    def __init__(self, config: dict, ctx: RunContext):
         super().__init__(config, ctx)
         self._check_options()
         self.num_classes = int(config["model"]["num_classes"])
@@ -503,7 +504,7 @@ class Contrastive(Method):
         self.student = nn.ModuleDict({"net": model, "heads": self.heads})
         self.teacher = _ParameterEMA(self.student)
         self.bank = ClassMemoryBank(self.num_classes, o["bank_size"], o["dim"], device=self.device,
-                                    backend=self.backend)
+                                    backend=self.backend, all_gather=getattr(self.ctx, "all_gather", None))
         # the script: ClassBalancing(labelled images / labelled batch, unlabelled images / unlabelled batch)
         source, target = getattr(self.ctx, "source", None), getattr(self.ctx, "target", None)
         batch = int(self.config.get("data", {}).get("batch_size", 1) or 1)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from udafast.methods.base import Method, seg_loss
 from udafast.methods.adversarial import SOURCE_LABEL, TARGET_LABEL
+from udafast.methods.context import RunContext
 from udafast.models.heads import DomainClassifier
 
 __all__ = ["DANN", "GradientReversal", "grad_reverse", "grl_lambda", "domain_loss"]
@@ -80,7 +81,7 @@ class DANN(Method):
         "hidden": 1024,        # the domain classifier's width
     }
 
-    def __init__(self, config, ctx):
+    def __init__(self, config: dict, ctx: RunContext):
         super().__init__(config, ctx)
         _check(self.options)
 

@@ -62,12 +62,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from udafast.config import merge
 from udafast.data.labels import IGNORE_INDEX
-from udafast.data.transforms import frame_to_view, strong_augment, warp_like
-from udafast.engine.config import merge
-from udafast.engine.inference import InferenceOptions, average, infer_probabilities, view_probabilities
+from udafast.data.strong_view import strong_augment, warp_like
+from udafast.data.transforms import frame_to_view
+from udafast.inference import InferenceOptions, average, infer_probabilities, view_probabilities
 from udafast.methods.adversarial import GANS, OutputSpaceAdversary, check_scale, scaled_size
 from udafast.methods.base import EMATeacher, Method, Stage, build_optimizer, nearest_labels, seg_loss, upsample
+from udafast.methods.context import RunContext
 from udafast.models.heads import ProDADiscriminator
 from udafast.ops import class_feature_sums, kl_loss, prototype_rectify, prototype_softmax, sce_loss, update_prototypes
 
@@ -184,7 +186,7 @@ class ProDA(Method):
         "distill_threshold": 0.95,
         "distill_flip": True,        # generate_pseudo_label.py --flip: labels from the image and its mirror
         # beyond the authors' code: the labels averaged over these scales of the frame (and their mirrors),
-        # and made by sliding windows crop [H, W] every stride [H, W] (udafast.engine.inference)
+        # and made by sliding windows crop [H, W] every stride [H, W] (udafast.inference)
         "distill_scales": [1.0], "distill_slide": {"crop": None, "stride": None},
         "distill_kl_weight": 1.0,
         "distill_source_ce": False,  # the authors' code also back-propagates source CE here
@@ -204,7 +206,7 @@ class ProDA(Method):
         "pass_batch_size": None,
     }
 
-    def __init__(self, config, ctx):
+    def __init__(self, config: dict, ctx: RunContext):
         super().__init__(config, ctx)
         o = self.options
         for key in ("warmup_iters", "stage1_iters", "stage2_iters", "stage3_iters", "pass_batch_size", "disc_ndf",
@@ -536,7 +538,7 @@ class ProDA(Method):
         # the prototypes follow the teacher's class means on what it saw (adaptation_modelv2.py: ema_out)
         sums, counts = class_feature_sums(seen_feats, seen_logits.argmax(1), self.num_classes, backend=self.backend)
         update_prototypes(self.prototypes, sums, counts, momentum=o["proto_momentum"],
-                          min_pixels=o["proto_min_pixels"])
+                          min_pixels=o["proto_min_pixels"], all_gather=self.ctx.all_gather)
         self.teacher.update(self.model, o["ema_momentum"])
         return logged
 

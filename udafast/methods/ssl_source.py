@@ -51,6 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from udafast.methods.base import Method, build_optimizer
+from udafast.methods.context import RunContext
 
 __all__ = ["SSLSource", "ProjectionHead", "nt_xent", "simclr_view"]
 
@@ -232,7 +233,7 @@ class SSLSource(Method):
         "code_sum_directions": False,  # *code:* objective.py's loss, twice the paper's mean
     }
 
-    def __init__(self, config, ctx):
+    def __init__(self, config: dict, ctx: RunContext):
         super().__init__(config, ctx)
         o = self.options
         t = o["temperature"]

@@ -1,13 +1,13 @@
 """`build_model(config)`: the networks by name, with their resolved config on `model.config`."""
 import os
 from collections.abc import Mapping
-from typing import Tuple
+from typing import Any, Tuple
 
 from udafast.models.authors import load_fitting_heads
 from udafast.models.daformer import build_mit_daformer
 from udafast.models.pretrained import PRETRAINED, fetch_pretrained, pretrained_layout
 from udafast.models.resnet import LAYOUTS, load_backbone_weights, read_weights
-from udafast.models.segmentation import ASPP_MODES, HEADS, DeepLabV2, SmallSegNet
+from udafast.models.segmentation import ASPP_MODES, HEADS, DeepLabV2, SegmentationModel, SmallSegNet
 
 __all__ = ["build_model", "model_keys", "MODEL_NAMES"]
 
@@ -42,7 +42,7 @@ def _choice(config, key, choices):
         raise ValueError(f"config[{key!r}]: expected one of {choices}, got {config[key]!r}")
 
 
-def build_model(config, *, load_pretrained=True):
+def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> SegmentationModel:
     """Build the network `config["name"]` ("deeplabv2_r101", "small" or "mit_b5_daformer").
 
     deeplabv2_r101 keys (defaults): num_classes (19); aspp ("four"; "two" = the AdaptSegNet code's

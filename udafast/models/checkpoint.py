@@ -14,14 +14,18 @@ import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
+from typing import Any, Dict, Union
 
 import torch
 
 from udafast.models.build import build_model
+from udafast.models.segmentation import SegmentationModel
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model_checkpoint", "model_from_checkpoint", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
+#: a checkpoint's path
+PathLike = Union[str, os.PathLike]
 _RESERVED = ("format_version", "config", "model", "iter")
 
 
@@ -31,7 +35,7 @@ def _unwrap(model):
     return getattr(model, "_orig_mod", model)
 
 
-def save_checkpoint(path, model, *, iter, **extra):
+def save_checkpoint(path: PathLike, model: torch.nn.Module, *, iter: int, **extra: Any) -> None:
     """Write the checkpoint of `model` (built by `build_model`) at iteration `iter` to `path`:
     a temporary file in the same folder, flushed and fsynced, then renamed over `path`, so a crash
     leaves either the old file or the new one. Missing parent folders are created."""
@@ -87,7 +91,7 @@ def _validate(ckpt, where):
         raise ValueError(f"{where}: checkpoint lacks its 'config' or 'model' dict")
 
 
-def load_checkpoint(path, map_location="cpu"):
+def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """Read a checkpoint written by `save_checkpoint` -> its dict. FileNotFoundError naming a
     missing `path`; ValueError naming it for a truncated, foreign or other-version file."""
     path = os.fspath(path)
@@ -152,7 +156,7 @@ def _is_text(head):
     return True
 
 
-def load_model_checkpoint(path, map_location="cpu"):
+def load_model_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """`load_checkpoint`, or, for a file that is not a udafast checkpoint, one of the authors'
     released models (ProDA `.pkl`, AdaptSegNet, CRST; udafast.models.authors) as a checkpoint dict
     with the config of the network it was trained in and "authors" set to its format. For the
@@ -171,7 +175,8 @@ def load_model_checkpoint(path, map_location="cpu"):
     return read_authors_checkpoint(path, state)
 
 
-def model_from_checkpoint(path_or_dict, map_location="cpu"):
+def model_from_checkpoint(path_or_dict: Union[PathLike, Mapping[str, Any]],
+                          map_location: Any = "cpu") -> SegmentationModel:
     """The model of a checkpoint (a path or the dict from `load_checkpoint`), rebuilt from its
     config and loaded with its weights; the pretrained backbone file is not read again. A path may
     also be one of the authors' released models (see `load_model_checkpoint`). The model is moved

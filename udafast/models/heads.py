@@ -31,7 +31,7 @@ class Discriminator(nn.Module):
     64, 128, 256, 512, 1 channels (times `ndf / 64`), LeakyReLU(0.2) between. Input: the softmax
     of the (upsampled) logits [B, num_classes, H, W]; output [B, 1, ~H/32, ~W/32] logits."""
 
-    def __init__(self, num_classes=19, ndf=64):
+    def __init__(self, num_classes: int = 19, ndf: int = 64):
         super().__init__()
         _positive_int(num_classes, "num_classes")
         _positive_int(ndf, "ndf")
@@ -41,7 +41,7 @@ class Discriminator(nn.Module):
         self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 4, stride=2, padding=1)
         self.classifier = nn.Conv2d(ndf * 8, 1, 4, stride=2, padding=1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             x = F.leaky_relu(conv(x), 0.2)
         return self.classifier(x)
@@ -53,7 +53,7 @@ class ProDADiscriminator(nn.Module):
     the first three and LeakyReLU(0.2) after the fourth, then a 1x1 conv to one channel; output
     [B, 1, ~H/16, ~W/16] logits."""
 
-    def __init__(self, num_classes=19, ndf=64):
+    def __init__(self, num_classes: int = 19, ndf: int = 64):
         super().__init__()
         _positive_int(num_classes, "num_classes")
         _positive_int(ndf, "ndf")
@@ -63,7 +63,7 @@ class ProDADiscriminator(nn.Module):
         self.conv4 = nn.Conv2d(ndf * 4, ndf * 8, 3, stride=2, padding=1)
         self.classifier = nn.Conv2d(ndf * 8, 1, 1)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv in (self.conv1, self.conv2, self.conv3):
             x = F.relu(conv(x))
         return self.classifier(F.leaky_relu(self.conv4(x), 0.2))
@@ -74,35 +74,35 @@ class DomainClassifier(nn.Module):
     (in 2048 for ResNet-101's stride-8 features); output [B, 1, H, W] logits. The gradient reversal
     belongs to the method, applied to the features before this."""
 
-    def __init__(self, in_channels=2048, hidden=1024):
+    def __init__(self, in_channels: int = 2048, hidden: int = 1024):
         super().__init__()
         _positive_int(in_channels, "in_channels")
         _positive_int(hidden, "hidden")
         self.layers = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.ReLU(inplace=True),
                                     nn.Conv2d(hidden, hidden, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden, 1, 1))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
 
 
 class ProjectionHead(nn.Module):
     """The contrastive method's projection: in -> dim -> BatchNorm -> ReLU -> dim, per pixel."""
 
-    def __init__(self, in_channels=2048, dim=256):
+    def __init__(self, in_channels: int = 2048, dim: int = 256):
         super().__init__()
         self.in_channels = _positive_int(in_channels, "in_channels")
         _positive_int(dim, "dim")
         self.layers = nn.Sequential(nn.Conv2d(in_channels, dim, 1), nn.BatchNorm2d(dim), nn.ReLU(inplace=True),
                                     nn.Conv2d(dim, dim, 1))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _per_pixel(self.layers, x, self.in_channels)
 
 
 class PredictionHead(ProjectionHead):
     """The contrastive method's prediction head: dim -> dim -> BatchNorm -> ReLU -> dim, per pixel."""
 
-    def __init__(self, dim=256):
+    def __init__(self, dim: int = 256):
         super().__init__(dim, dim)
 
 
@@ -114,7 +114,8 @@ class ClassSelectors(nn.Module):
     matmul per class present); a class with a single row in training mode is normalised with its
     running statistics, which batch statistics of one sample cannot give."""
 
-    def __init__(self, num_classes=19, dim=256, hidden=256, momentum=0.1, eps=1e-5):
+    def __init__(self, num_classes: int = 19, dim: int = 256, hidden: int = 256, momentum: float = 0.1,
+                 eps: float = 1e-5):
         super().__init__()
         self.num_classes = _positive_int(num_classes, "num_classes")
         self.dim = _positive_int(dim, "dim")
@@ -132,7 +133,7 @@ class ClassSelectors(nn.Module):
         self.register_buffer("running_mean", torch.zeros(num_classes, hidden))
         self.register_buffer("running_var", torch.ones(num_classes, hidden))
 
-    def forward(self, z, labels):
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z: expected [N, {self.dim}], got {tuple(z.shape)}")
         if labels.dim() != 1 or labels.shape[0] != z.shape[0] or labels.dtype not in (torch.int32, torch.int64):

@@ -6,6 +6,8 @@ small CPU network with the same outputs.
 feature head: ProDA's head and "small"), and with `return_backbone=True` also `"backbone"`, the
 stride-8 layer4 features (2048-d for ResNet-101) that DANN and the contrastive heads work on.
 """
+from typing import Any, Dict, List, Optional
+
 import torch
 import torch.nn as nn
 
@@ -24,17 +26,23 @@ class SegmentationModel(nn.Module):
     """Common to the networks: `self.backbone` trains at the base learning rate, everything else
     (the heads) at ten times it."""
 
-    normalization = "imagenet"
-    feature_dim = None
+    #: the input normalisation the network expects (see udafast.data.transforms.normalize)
+    normalization: str = "imagenet"
+    #: the depth of the "features" output (None: the network has no feature head)
+    feature_dim: Optional[int] = None
+    #: the resolved config it was built from (set by udafast.models.build_model)
+    config: Dict[str, Any]
 
-    def backbone_parameters(self):
+    def backbone_parameters(self) -> List[nn.Parameter]:
+        """The backbone's trainable parameters."""
         return [p for p in self.backbone.parameters() if p.requires_grad]
 
-    def head_parameters(self):
+    def head_parameters(self) -> List[nn.Parameter]:
+        """Every trainable parameter outside the backbone."""
         inside = {id(p) for p in self.backbone.parameters()}
         return [p for p in self.parameters() if p.requires_grad and id(p) not in inside]
 
-    def param_groups(self, lr):
+    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
         """Optimiser groups: the backbone at `lr`, the heads at 10 x `lr` (parameters with
         requires_grad False, e.g. frozen BatchNorm affines, are left out)."""
         if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
@@ -48,7 +56,7 @@ class ASPPClassifier(nn.Module):
     `mode="two"` sums only the first two, as the AdaptSegNet code does (an early return inside its
     loop); the other two convs stay so the authors' state dicts load and the flag can flip."""
 
-    def __init__(self, in_channels, num_classes, mode="four"):
+    def __init__(self, in_channels: int, num_classes: int, mode: str = "four"):
         super().__init__()
         if mode not in ASPP_MODES:
             raise ValueError(f"aspp: expected one of {ASPP_MODES}, got {mode!r}")
@@ -60,7 +68,7 @@ class ASPPClassifier(nn.Module):
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         used = self.conv2d_list if self.mode == "four" else self.conv2d_list[:2]
         out = used[0](x)
         for conv in used[1:]:
@@ -89,7 +97,7 @@ class ProDAFeatureHead(nn.Module):
     dilated 6, 12, 18, 24 (each conv -> GroupNorm(32) -> ReLU, `out_channels` wide), concatenated,
     squeeze-and-excitation, then 3x3 conv -> GroupNorm: the features."""
 
-    def __init__(self, in_channels, out_channels=256):
+    def __init__(self, in_channels: int, out_channels: int = 256):
         super().__init__()
         self.conv2d_list = nn.ModuleList([_conv_gn_relu(in_channels, out_channels, 1)] + [
             _conv_gn_relu(in_channels, out_channels, 3, d) for d in ASPP_DILATIONS])
@@ -101,7 +109,7 @@ class ProDAFeatureHead(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bottleneck(torch.cat([branch(x) for branch in self.conv2d_list], 1))
 
 
@@ -112,8 +120,9 @@ class DeepLabV2(SegmentationModel):
     the features live where the logits are made. `freeze_bn_affine` freezes the backbone's
     BatchNorm weights and biases (the authors' code) while batch statistics are still used."""
 
-    def __init__(self, num_classes=19, aspp="four", head="deeplabv2", head_dropout=0.1, layout="torchvision",
-                 freeze_bn_affine=False, feature_dim=256, aux_head=True, bn_clr=False):
+    def __init__(self, num_classes: int = 19, aspp: str = "four", head: str = "deeplabv2", head_dropout: float = 0.1,
+                 layout: str = "torchvision", freeze_bn_affine: bool = False, feature_dim: int = 256,
+                 aux_head: bool = True, bn_clr: bool = False):
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"head: expected one of {HEADS}, got {head!r}")
@@ -139,7 +148,7 @@ class DeepLabV2(SegmentationModel):
                     m.weight.requires_grad_(False)
                     m.bias.requires_grad_(False)
 
-    def forward(self, images, return_backbone=False):
+    def forward(self, images: torch.Tensor, return_backbone: bool = False) -> Dict[str, torch.Tensor]:
         c3, c4 = self.backbone(images)
         if self.backbone_norm is not None:
             c4 = self.backbone_norm(c4)
@@ -184,7 +193,7 @@ class SmallSegNet(SegmentationModel):
     widths `width`..`8 width` (the "backbone" output is 8 width deep), a 1x1 aux classifier on the
     layer3 stand-in, a 1x1 conv + BatchNorm feature head (`feature_dim`) and a 1x1 classifier."""
 
-    def __init__(self, num_classes=19, width=16, feature_dim=256):
+    def __init__(self, num_classes: int = 19, width: int = 16, feature_dim: int = 256):
         super().__init__()
         self.feature_dim = feature_dim
         self.backbone = _SmallBackbone(width)
@@ -193,7 +202,7 @@ class SmallSegNet(SegmentationModel):
         self.feature_head = nn.Sequential(nn.Conv2d(c4, feature_dim, 1, bias=False), nn.BatchNorm2d(feature_dim))
         self.classifier = nn.Conv2d(feature_dim, num_classes, 1, bias=False)
 
-    def forward(self, images, return_backbone=False):
+    def forward(self, images: torch.Tensor, return_backbone: bool = False) -> Dict[str, torch.Tensor]:
         c3, c4 = self.backbone(images)
         features = self.feature_head(c4)
         out = {"logits": self.classifier(features), "aux": self.aux_classifier(c3), "features": features}

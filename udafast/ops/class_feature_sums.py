@@ -1,14 +1,22 @@
 """SPEC 1.3: per image and class, the sum of its pixels' features and their count (ProDA's
 prototype updates and initial prototypes)."""
-from udafast.ops import _validate as check
+from typing import Optional, Tuple
+
+import torch
+
+from udafast.ops import check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 
 
-def class_feature_sums(features, labels, num_classes, *, ignore_index=255, backend="auto", validate=None):
-    """Per image and class, the sum of its pixels' features and their count:
-    (sums [B, C, D] in the features' dtype, counts int64 [B, C])."""
+def class_feature_sums(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, ignore_index: int = 255,
+                       backend: str = "auto", validate: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per image and class, the sum of its pixels' features and their count.
+
+    `features` [B, D, H, W]: float; `labels` [B, H, W]: integer (`ignore_index`: left out).
+
+    Returns (sums [B, C, D] in the features' dtype, counts int64 [B, C])."""
     check.ndim("features", features, 4, "[B, D, H, W]")
     check.float_dtype("features", features)
     check.ndim("labels", labels, 3, "[B, H, W]")

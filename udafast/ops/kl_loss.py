@@ -1,17 +1,24 @@
 """SPEC 1.4: KL(target || softmax(logits)) over valid pixels, fused."""
+from typing import Optional
+
 import torch
 
-from udafast.ops import _validate as check
+from udafast.ops import check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 from udafast.ops.sce_loss import check_logits
 
 
-def kl_loss(logits, target_probs, *, valid_mask=None, backend="auto"):
+def kl_loss(logits: torch.Tensor, target_probs: torch.Tensor, *, valid_mask: Optional[torch.Tensor] = None,
+            backend: str = "auto") -> torch.Tensor:
     """sum over valid pixels and classes of t (log t - log_softmax(logits)), divided by n * C.
 
-    `target_probs` is a constant and need not sum to 1; 0 when no pixel is valid."""
+    `logits` [B, C, H, W]; `target_probs` t, the same shape, a constant that need not sum to 1;
+    `valid_mask` bool [B, H, W] (None: every pixel valid); n: the number of valid pixels.
+
+    Returns a 0-d float32 tensor (float64 for float64 logits; 0 when no pixel is valid),
+    differentiable in `logits`."""
     check_logits(logits)
     check.ndim("target_probs", target_probs, 4, "[B, C, H, W]")
     check.float_dtype("target_probs", target_probs, reduced=True)

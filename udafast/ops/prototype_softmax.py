@@ -1,14 +1,17 @@
 """SPEC 1.3: ProDA's prototype distance softmax, rectified pseudo-labels and the prototypes' update
 (the per-class feature sums it takes are udafast.ops.class_feature_sums)."""
+from typing import Optional
+
 import torch
 
-from udafast.ops import _validate as check
+from udafast.ops import check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
+from udafast.ops.sync import AllGather
 
 
-def _check_features_prototypes(features, prototypes):
+def _check_features_prototypes(features: torch.Tensor, prototypes: torch.Tensor) -> None:
     check.ndim("features", features, 4, "[B, D, H, W]")
     check.ndim("prototypes", prototypes, 2, "[C, D]")
     check.float_dtype("features", features, reduced=True)
@@ -20,10 +23,13 @@ def _check_features_prototypes(features, prototypes):
         )
 
 
-def prototype_softmax(features, prototypes, tau=1.0, *, log=False, backend="auto"):
-    """softmax_c(-||f - p_c||_2 / tau) per pixel (log-softmax with log=True): [B, C, H, W].
+def prototype_softmax(features: torch.Tensor, prototypes: torch.Tensor, tau: float = 1.0, *, log: bool = False,
+                      backend: str = "auto") -> torch.Tensor:
+    """softmax_c(-||f - p_c||_2 / tau) per pixel f (log-softmax with `log=True`).
 
-    Differentiable in `features`; `prototypes` is a constant."""
+    `features` [B, D, H, W], differentiable; `prototypes` [C, D], a constant; `tau` > 0.
+
+    Returns [B, C, H, W] in `features`' dtype."""
     _check_features_prototypes(features, prototypes)
     tau = check.tau(tau)
     if not isinstance(log, bool):
@@ -38,8 +44,14 @@ def prototype_softmax(features, prototypes, tau=1.0, *, log=False, backend="auto
     return out.to(dtype)
 
 
-def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="auto"):
-    """argmax_c(prototype_softmax_c * soft_labels_c), first maximum winning: int64 [B, H, W]."""
+def prototype_rectify(features: torch.Tensor, prototypes: torch.Tensor, soft_labels: torch.Tensor, tau: float = 1.0,
+                      *, backend: str = "auto") -> torch.Tensor:
+    """argmax_c(prototype_softmax_c * soft_labels_c), first maximum winning.
+
+    `features` [B, D, H, W], `prototypes` [C, D] and `tau` as in `prototype_softmax`;
+    `soft_labels` [B, C, H, W]: the warm-up model's softmax (a constant).
+
+    Returns int64 [B, H, W]."""
     _check_features_prototypes(features, prototypes)
     check.ndim("soft_labels", soft_labels, 4, "[B, C, H, W]")
     b, _, h, w = features.shape
@@ -56,22 +68,25 @@ def prototype_rectify(features, prototypes, soft_labels, tau=1.0, *, backend="au
 
 
 @torch.no_grad()
-def update_prototypes(prototypes, sums, counts, *, momentum=0.9999, min_pixels=10):
+def update_prototypes(prototypes: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, *,
+                      momentum: float = 0.9999, min_pixels: int = 10,
+                      all_gather: Optional[AllGather] = None) -> torch.Tensor:
     """ProDA's prototype update (SPEC 1.3), in place: for each image in order and each class with
     at least `min_pixels` pixels in it, eta_c <- momentum * eta_c + (1 - momentum) * mean.
 
-    Under torch.distributed every process's `sums` and `counts` (the same B everywhere) are
-    gathered and applied in (rank, image) order, so all processes keep the same prototypes."""
+    `prototypes` [C, D]; `sums` [B, C, D] and `counts` [B, C] as `class_feature_sums` gives them.
+    `all_gather`: under several processes, the caller's gather (e.g. the run context's
+    `all_gather`, see udafast.ops.sync): every process's `sums` and `counts` (the same B
+    everywhere) are applied in (rank, image) order, so all processes keep the same prototypes;
+    None: one process.
+
+    Returns `prototypes`."""
     check.ndim("prototypes", prototypes, 2, "[C, D]")
     check.ndim("sums", sums, 3, "[B, C, D]")
     check.same_shape("sums", sums, "[B, C, D]", (sums.shape[0],) + tuple(prototypes.shape))
     check.same_shape("counts", counts, "[B, C]", sums.shape[:2])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        gathered = [torch.empty_like(sums) for _ in range(world)], [torch.empty_like(counts) for _ in range(world)]
-        torch.distributed.all_gather(gathered[0], sums.contiguous())
-        torch.distributed.all_gather(gathered[1], counts.contiguous())
-        sums, counts = torch.cat(gathered[0]), torch.cat(gathered[1])
+    if all_gather is not None:
+        sums, counts = torch.cat(all_gather(sums)), torch.cat(all_gather(counts))
     for image_sums, image_counts in zip(sums, counts):
         present = image_counts >= min_pixels
         means = image_sums[present] / image_counts[present].unsqueeze(1).to(image_sums.dtype)

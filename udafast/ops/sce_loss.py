@@ -1,17 +1,26 @@
 """SPEC 1.4: symmetric cross-entropy (CE + reverse CE) with ProDA's regulariser, fused."""
-from udafast.ops import _validate as check
+from typing import Optional
+
+import torch
+
+from udafast.ops import check
 from udafast.ops import reference
-from udafast.ops._backend import resolve
-from udafast.ops._dispatch import launch
+from udafast.ops.backend import resolve
+from udafast.ops.dispatch import launch
 
 
-def check_logits(logits):
+def check_logits(logits: torch.Tensor) -> None:
+    """`logits` must be a float [B, C, H, W] tensor (ValueError otherwise); kl_loss checks alike."""
     check.ndim("logits", logits, 4, "[B, C, H, W]")
     check.float_dtype("logits", logits, reduced=True)
 
 
-def sce_loss(logits, target, *, alpha=0.1, beta=1.0, reg_weight=0.0, ignore_index=255, backend="auto", validate=None):
+def sce_loss(logits: torch.Tensor, target: torch.Tensor, *, alpha: float = 0.1, beta: float = 1.0,
+             reg_weight: float = 0.0, ignore_index: int = 255, backend: str = "auto",
+             validate: Optional[bool] = None) -> torch.Tensor:
     """alpha * CE + beta * RCE over non-ignored pixels + reg_weight * REG over all pixels.
+
+    `logits` [B, C, H, W]; `target` int [B, H, W] (`ignore_index`: left out of CE and RCE).
 
     Returns a 0-d float32 tensor (float64 for float64 logits), differentiable in `logits`."""
     check_logits(logits)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Union
 
-from udafast.engine.config import DATA_SPLITS, DEFAULTS
+from udafast.config import DATA_SPLITS, DEFAULTS
 
 __all__ = ["validate_config"]
 

@@ -2,7 +2,7 @@
 
 Precedence, lowest first: `DEFAULTS`, the method's own defaults (its section), the config file or
 preset, then `--set` overrides (dotted keys, values parsed as YAML). An unknown key, at any depth,
-is an error (udafast.engine.schema checks every resolved config) so that a typo never silently
+is an error (udafast.config_schema checks every resolved config) so that a typo never silently
 trains with a default.
 """
 import copy
@@ -14,7 +14,7 @@ import yaml
 __all__ = ["DEFAULTS", "DATA_SPLITS", "PRESETS_DIR", "CONFIGS_DIR", "preset_names", "config_names", "read_config",
            "resolve_config_path", "merge", "apply_overrides", "parse_override", "dump_config"]
 
-_HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
 #: the authors' settings for the real benchmarks (GTA5/SYNTHIA -> Cityscapes)
 CONFIGS_DIR = os.path.join(_HERE, "configs")
 #: settings for the embedded benchmark, chosen for CPU runs
@@ -65,7 +65,7 @@ DEFAULTS = {
               "activation_checkpointing": False},
     # input_size (width, height) of the network at evaluation; None = the images' own size. flip,
     # scales, slide: the softmax averaged over the image and its mirror, over these factors of the
-    # input size, and made by sliding windows crop [H, W] every stride [H, W] (udafast.engine.inference)
+    # input size, and made by sliding windows crop [H, W] every stride [H, W] (udafast.inference)
     "eval": {"input_size": None, "classes": 19, "max_images": None, "flip": False, "scales": [1.0],
              "slide": {"crop": None, "stride": None}},
 }

@@ -8,7 +8,7 @@ REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def set_validation(enabled):
+def set_validation(enabled: bool) -> None:
     """Turn the value checks (one pass over the data; a host sync on CUDA) on or off globally."""
     global _validate_values
     if not isinstance(enabled, bool):
@@ -16,7 +16,8 @@ def set_validation(enabled):
     _validate_values = enabled
 
 
-def get_validation():
+def get_validation() -> bool:
+    """Whether the value checks are on globally (`set_validation`)."""
     return _validate_values
 
 
