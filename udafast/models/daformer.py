@@ -8,7 +8,9 @@ img_norm_cfg). The module names are the authors' (`backbone.*`, `decode_head.*`)
 checkpoints map by dropping their `model.` prefix (udafast.models.authors).
 """
 import os
+from typing import Any, Dict, List, Sequence
 
+import torch
 import torch.nn as nn
 
 from udafast.models.daformer_head import DAFormerHead
@@ -22,13 +24,14 @@ __all__ = ["MiTDAFormer", "build_mit_daformer"]
 class MiTDAFormer(SegmentationModel):
     """MiT (default mit_b5) + DAFormerHead (`feature_dim` channels, Dropout2d(`head_dropout`))."""
 
-    def __init__(self, num_classes=19, feature_dim=256, head_dropout=0.1, drop_path_rate=0.1, **mit):
+    def __init__(self, num_classes: int = 19, feature_dim: int = 256, head_dropout: float = 0.1,
+                 drop_path_rate: float = 0.1, **mit: Sequence[int]):
         super().__init__()
         self.feature_dim = feature_dim
         self.backbone = MixVisionTransformer(**{**MIT_B5, **mit}, drop_path_rate=drop_path_rate)
         self.decode_head = DAFormerHead(self.backbone.out_channels, num_classes, feature_dim, head_dropout)
 
-    def forward(self, images, return_backbone=False):
+    def forward(self, images: torch.Tensor, return_backbone: bool = False) -> Dict[str, Any]:
         levels = self.backbone(images)
         logits, features = self.decode_head(levels)
         out = {"logits": logits, "features": features}
@@ -37,7 +40,7 @@ class MiTDAFormer(SegmentationModel):
             out["levels"] = levels
         return out
 
-    def param_groups(self, lr):
+    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
         """As SegmentationModel's (backbone at `lr`, heads at 10 x `lr`), with the backbone's
         LayerNorm parameters in a group of their own without weight decay: DAFormer's
         paramwise_cfg (custom_keys head lr_mult 10, norm decay_mult 0; its first match wins,

@@ -12,6 +12,8 @@ tests/fixtures/authors/daformer_keys.json lists them. Initialisation as mmcv's: 
 normal (fan_out, ReLU) without bias, BatchNorm 1 and 0, `conv_seg` normal std 0.01 with zero
 bias, the embeddings torch's Linear default.
 """
+from typing import Sequence, Tuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -74,7 +76,7 @@ class DAFormerHead(nn.Module):
     """`forward(levels)` -> (logits [B, num_classes, h0, w0], fused features [B, channels, h0, w0])
     at the size of the first level."""
 
-    def __init__(self, in_channels, num_classes, channels=256, dropout=0.1):
+    def __init__(self, in_channels: Sequence[int], num_classes: int, channels: int = 256, dropout: float = 0.1):
         super().__init__()
         self.embed_layers = nn.ModuleDict({str(i): Embedding(c, channels) for i, c in enumerate(in_channels)})
         self.fuse_layer = SeparableASPP(len(in_channels) * channels, channels)
@@ -83,7 +85,7 @@ class DAFormerHead(nn.Module):
         nn.init.normal_(self.conv_seg.weight, 0.0, 0.01)
         nn.init.zeros_(self.conv_seg.bias)
 
-    def forward(self, levels):
+    def forward(self, levels: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         size = levels[0].shape[2:]
         embedded = []
         for i, x in enumerate(levels):

@@ -14,6 +14,7 @@ blocks and stage norms, torch's 1e-5 in the patch embeddings and the attention's
 as there. Stochastic depth grows linearly from 0 to `drop_path_rate` over all blocks.
 """
 import math
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
         keep = 1.0 - self.p
@@ -128,8 +129,9 @@ class MixVisionTransformer(nn.Module):
     #: recompute each block's activations in the backward pass (udafast.models.recompute)
     activation_checkpointing = False
 
-    def __init__(self, embed_dims=MIT_B5["embed_dims"], num_heads=MIT_B5["num_heads"], depths=MIT_B5["depths"],
-                 sr_ratios=MIT_B5["sr_ratios"], mlp_ratio=4.0, drop_path_rate=0.1, in_channels=3):
+    def __init__(self, embed_dims: Sequence[int] = MIT_B5["embed_dims"], num_heads: Sequence[int] = MIT_B5["num_heads"],
+                 depths: Sequence[int] = MIT_B5["depths"], sr_ratios: Sequence[int] = MIT_B5["sr_ratios"],
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, in_channels: int = 3):
         super().__init__()
         if not len(embed_dims) == len(num_heads) == len(depths) == len(sr_ratios) == 4:
             raise ValueError("embed_dims, num_heads, depths and sr_ratios: expected four stages each")
@@ -147,7 +149,7 @@ class MixVisionTransformer(nn.Module):
             first += depths[i]
         self.apply(_init_weights)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         outs = []
         on = self.activation_checkpointing
         for i in range(1, 5):

@@ -5,7 +5,10 @@ activations in the backward pass (torch.utils.checkpoint, non-reentrant, random 
 trading about a third more compute for the stage's activation memory. The recomputation runs the
 stage's BatchNorm layers in training mode a second time; their running statistics and batch
 counters are put back afterwards, so a batch counts once, as without checkpointing."""
+from typing import Any
+
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["stage"]
@@ -35,7 +38,7 @@ class _NoContext:
         return False
 
 
-def stage(module, x, enabled, *args):
+def stage(module: nn.Module, x: torch.Tensor, enabled: bool, *args: Any) -> torch.Tensor:
     """`module(x, *args)`, checkpointed when `enabled` and autograd is recording."""
     if not (enabled and torch.is_grad_enabled()):
         return module(x, *args)
