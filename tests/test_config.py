@@ -117,7 +117,7 @@ def test_shipped_configs_resolve_for_every_method(name):
     ({}, ["train.iters.x=5"], "unknown key train.iters.x (train.iters takes a value, not keys)"),
     ({}, ["train.iter=5", "eval.max_image=2"], "unknown keys train.iter (did you mean train.iters?), eval.max_image "
                                                "(did you mean eval.max_images?); known in train: "),
-    ({"model": {"name": "resnet"}}, [], "model.name: expected one of deeplabv2_r101, small, got 'resnet'"),
+    ({"model": {"name": "resnet"}}, [], "model.name: expected one of deeplabv2_r101, small, mit_b5_daformer, got 'resnet'"),
     ({}, ["data.val.name=citiscapes"], "data.val.name: unknown dataset 'citiscapes'; known: cityscapes, folder,"),
     ({"train": None}, [], "train: expected a mapping of activation_checkpointing, amp,"),
 ])

@@ -20,6 +20,7 @@ import time
 
 from udafast.config import config_names, preset_names, read_config
 from udafast.methods import METHOD_NAMES
+from udafast.models.build import MODEL_NAMES
 
 DEFAULT_PRESET = "synthetic"
 
@@ -58,7 +59,7 @@ def build_parser():
     p.add_argument("--source-root", help="source dataset folder")
     p.add_argument("--target", help="target dataset name (cityscapes, synthetic, folder)")
     p.add_argument("--target-root", help="target dataset folder")
-    p.add_argument("--model", choices=("small", "deeplabv2_r101"), help="network")
+    p.add_argument("--model", choices=MODEL_NAMES, help="network")
     p.add_argument("--iters", type=_positive_int, metavar="N",
                    help="N training iterations for every stage of the run, over the config's per-stage settings: "
                         "ProDA's warmup/stage1/2/3, CBST's rounds and the pretraining runs trained first "

@@ -1,6 +1,6 @@
 """The authors' released checkpoints, read into udafast's networks, heads included.
 
-Three formats, told apart by their keys (each the `state_dict()` of the authors' model class; key
+Four formats, told apart by their keys (each the `state_dict()` of the authors' model class; key
 names and shapes in tests/fixtures/authors/<format>_keys.json, dumped from those classes):
 
 - "proda": microsoft/ProDA `.pkl` files, `torch.save({"ResNet101": {"model_state": ...}, ...})`
@@ -19,7 +19,14 @@ names and shapes in tests/fixtures/authors/<format>_keys.json, dumped from those
   dict): `layer5.*` the four-branch ASPP classifier on layer4. No aux classifier. Inputs: RGB,
   ImageNet mean/std (deeplab/datasets.py, crst_seg.py IMG_MEAN/IMG_STD).
 
-All three are the DeepLab layout (stride in the bottleneck's first 1x1 conv, ceil-mode max-pool).
+- "daformer": lhoyer/DAFormer's and lhoyer/MIC's MiT-B5 checkpoints (mmcv's `{"state_dict": ...}`;
+  tests/fixtures/authors/daformer_keys.json): a UDA run's state dict holds the segmentor three
+  times, `model.` (the student, what their tools/test.py evaluates and what is read here),
+  `ema_model.` (the teacher) and `imnet_model.` (the frozen ImageNet network), each as
+  `backbone.*` (MiT) and `decode_head.*` (DAFormerHead): udafast's "mit_b5_daformer" has those
+  names. A segmentor's own state dict (no prefix) reads too. Inputs: ImageNet mean/std.
+
+The first three are the DeepLab layout (stride in the bottleneck's first 1x1 conv, ceil-mode max-pool).
 A `module.` prefix (DataParallel) is stripped. A file whose keys do not fit is a one-line
 ValueError naming the file and the keys.
 """
@@ -34,9 +41,12 @@ from udafast.models.resnet import first_names, key_problems
 __all__ = ["AUTHORS_FORMATS", "AUTHORS_NORMALIZATION", "load_fitting_heads", "read_state_file", "detect_format", "convert_state", "read_authors_checkpoint",
            "strip_prefixes"]
 
-AUTHORS_FORMATS = ("proda", "adaptsegnet", "crst")
-AUTHORS_NORMALIZATION = _NORMALIZATION = {"proda": "unit", "adaptsegnet": "caffe", "crst": "imagenet"}
+AUTHORS_FORMATS = ("proda", "adaptsegnet", "crst", "daformer")
+AUTHORS_NORMALIZATION = _NORMALIZATION = {"proda": "unit", "adaptsegnet": "caffe", "crst": "imagenet",
+                                          "daformer": "imagenet"}
 _BACKBONE = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
+# DAFormer's UDA checkpoints: the copies of the segmentor besides the student `model.`, not read
+_OTHER_COPIES = {"daformer": ("ema_model.", "imnet_model.")}
 
 
 def _numpy_globals():
@@ -87,7 +97,10 @@ def read_state_file(path, prefixes=("module.", "Scale.")):
 
 
 def detect_format(state):
-    """"proda", "adaptsegnet", "crst" from the head keys of a prefix-stripped state dict, else None."""
+    """"proda", "adaptsegnet", "crst", "daformer" from the head keys of a prefix-stripped state
+    dict, else None."""
+    if "model.decode_head.conv_seg.weight" in state or "decode_head.conv_seg.weight" in state:
+        return "daformer"
     if "layer5.head.1.weight" in state:
         return "proda"
     if "layer6.conv2d_list.0.weight" in state:
@@ -100,6 +113,9 @@ def detect_format(state):
 
 def _rename(key, fmt):
     """The udafast name of an authors' key (None: not a key of that format)."""
+    if fmt == "daformer":
+        key = key[len("model."):] if key.startswith("model.") else key
+        return key if key.startswith(("backbone.", "decode_head.")) else None
     if key.startswith(_BACKBONE):
         return "backbone." + key
     if fmt == "proda":
@@ -143,6 +159,10 @@ def load_fitting_heads(model, heads):
 
 def model_config(state, fmt):
     """The udafast model config of the network the authors' weights were trained in."""
+    if fmt == "daformer":
+        w = state.get("model.decode_head.conv_seg.weight", state.get("decode_head.conv_seg.weight"))
+        return {"name": "mit_b5_daformer", "num_classes": int(w.shape[0]), "feature_dim": int(w.shape[1]),
+                "normalization": _NORMALIZATION[fmt]}
     config = {"name": "deeplabv2_r101", "weights_format": "deeplab", "normalization": _NORMALIZATION[fmt]}
     if fmt == "proda":
         w = state["layer5.head.1.weight"]
@@ -167,6 +187,8 @@ def convert_state(state, fmt, model, where):
     back = {}
     converted, unexpected, mismatched = {}, [], []
     for k, v in state.items():
+        if k.startswith(_OTHER_COPIES.get(fmt, ())):
+            continue
         name = _rename(k, fmt)
         if name is None or name not in own:
             unexpected.append(k)
@@ -184,6 +206,8 @@ def convert_state(state, fmt, model, where):
 
 def _authors_name(name, fmt):
     """udafast name -> the authors' key, for error messages."""
+    if fmt == "daformer":
+        return "model." + name
     if name.startswith("backbone."):
         return name[len("backbone."):]
     table = {"proda": (("feature_head.", "layer5."), ("classifier.weight", "layer5.head.1.weight"),

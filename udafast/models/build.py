@@ -4,13 +4,14 @@ from collections.abc import Mapping
 from typing import Any, Tuple
 
 from udafast.models.authors import load_fitting_heads
+from udafast.models.daformer import build_mit_daformer
 from udafast.models.pretrained import PRETRAINED, fetch_pretrained, pretrained_layout
 from udafast.models.resnet import LAYOUTS, load_backbone_weights, read_weights
 from udafast.models.segmentation import ASPP_MODES, HEADS, DeepLabV2, SegmentationModel, SmallSegNet
 
 __all__ = ["build_model", "model_keys", "MODEL_NAMES"]
 
-MODEL_NAMES = ("deeplabv2_r101", "small")
+MODEL_NAMES = ("deeplabv2_r101", "small", "mit_b5_daformer")
 NORMALIZATIONS = ("imagenet", "caffe", "unit")
 
 _DEFAULTS = {
@@ -18,6 +19,8 @@ _DEFAULTS = {
                        "freeze_bn_affine": False, "pretrained": None, "weights_format": "auto",
                        "normalization": None, "aux_head": True, "bn_clr": False},
     "small": {"num_classes": 19, "width": 16, "feature_dim": 256, "normalization": "imagenet"},
+    "mit_b5_daformer": {"num_classes": 19, "feature_dim": 256, "head_dropout": 0.1, "drop_path_rate": 0.1,
+                        "pretrained": None, "normalization": "imagenet"},
 }
 
 
@@ -40,7 +43,7 @@ def _choice(config, key, choices):
 
 
 def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> SegmentationModel:
-    """Build the network `config["name"]` ("deeplabv2_r101" or "small").
+    """Build the network `config["name"]` ("deeplabv2_r101", "small" or "mit_b5_daformer").
 
     deeplabv2_r101 keys (defaults): num_classes (19); aspp ("four"; "two" = the AdaptSegNet code's
     two-branch sum); head ("deeplabv2": DeepLabV2's ASPP classifier on layer4; "proda": ProDA's
@@ -57,6 +60,10 @@ def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> S
     `model.pretrained_heads`); heads of another shape (e.g. the DeepLab init's 21-class classifier)
     start fresh, as the authors' training scripts do; its input normalisation is the authors'.
     small keys: num_classes (19), width (16), feature_dim (256), normalization ("imagenet").
+    mit_b5_daformer (DAFormer's SegFormer MiT-B5 + context-aware fusion head, udafast.models.daformer)
+    keys: num_classes (19), feature_dim (256, the decoder's width), head_dropout (0.1),
+    drop_path_rate (0.1), pretrained (None; a path to SegFormer's ImageNet `mit_b5.pth`, read by its
+    own key names, udafast.models.mit_weights), normalization ("imagenet").
 
     `model.config` holds every key resolved (the detected weights format included), so a model
     rebuilt from it with `load_pretrained=False` (as `model_from_checkpoint` does) has the same
@@ -78,6 +85,8 @@ def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> S
     if name == "small":
         _positive_int(resolved, "width")
         model = SmallSegNet(resolved["num_classes"], resolved["width"], resolved["feature_dim"])
+    elif name == "mit_b5_daformer":
+        model = build_mit_daformer(resolved, load_pretrained)
     else:
         _choice(resolved, "aspp", ASPP_MODES)
         _choice(resolved, "head", HEADS)

@@ -1,11 +1,14 @@
-"""Activation checkpointing of backbone stages: `stage(module, x, enabled)`.
+"""Activation checkpointing of backbone stages: `stage(module, x, enabled, *args)`.
 
 With `enabled` (and gradients being recorded), a stage keeps only its input and recomputes its
 activations in the backward pass (torch.utils.checkpoint, non-reentrant, random state preserved),
 trading about a third more compute for the stage's activation memory. The recomputation runs the
 stage's BatchNorm layers in training mode a second time; their running statistics and batch
 counters are put back afterwards, so a batch counts once, as without checkpointing."""
+from typing import Any
+
 import torch
+import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["stage"]
@@ -35,8 +38,8 @@ class _NoContext:
         return False
 
 
-def stage(module, x, enabled):
-    """`module(x)`, checkpointed when `enabled` and autograd is recording."""
+def stage(module: nn.Module, x: torch.Tensor, enabled: bool, *args: Any) -> torch.Tensor:
+    """`module(x, *args)`, checkpointed when `enabled` and autograd is recording."""
     if not (enabled and torch.is_grad_enabled()):
-        return module(x)
-    return checkpoint(module, x, use_reentrant=False, context_fn=lambda: (_NoContext(), _KeepBuffers(module)))
+        return module(x, *args)
+    return checkpoint(module, x, *args, use_reentrant=False, context_fn=lambda: (_NoContext(), _KeepBuffers(module)))
