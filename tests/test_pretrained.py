@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_run_config
 from udafast.engine.context import TrainingContext
-from udafast.engine.trainer import RANDOM_INIT_WARNING, Trainer
+from udafast.engine.trainer import RANDOM_INIT_WARNINGS, Trainer
 from udafast.models import build_model
 from udafast.models.pretrained import PRETRAINED, fetch_pretrained
 
@@ -167,15 +167,23 @@ def start_only(monkeypatch):
 @pytest.mark.parametrize("model, init, warned", [({"name": "deeplabv2_r101"}, None, True),
                                                  ({"name": "deeplabv2_r101", "pretrained": "imagenet"}, None, False),
                                                  ({"name": "deeplabv2_r101"}, "source.pt", False),
+                                                 ({"name": "mit_b5_daformer"}, None, True),
+                                                 ({"name": "mit_b5_daformer"}, "source.pt", False),
                                                  ({}, None, False)])  # the small CPU model: no pretrained weights
-def test_a_deeplab_run_from_random_weights_warns_once(tmp_path, start_only, capsys, model, init, warned):
+def test_a_run_from_random_weights_warns_once(tmp_path, start_only, capsys, model, init, warned):
     config = tiny_run_config("source_only", init=init)
-    if model:  # the network in place of the small one (whose keys DeepLabV2 does not take)
+    if model:  # the network in place of the small one (whose keys the others do not take)
         config["model"] = {"num_classes": 19, **model}
     with pytest.raises(RuntimeError, match="stopped at the set-up"):
         Trainer(config, tmp_path, progress=False, tensorboard=False).run()
-    assert capsys.readouterr().err.count(RANDOM_INIT_WARNING) == (1 if warned else 0)
-    assert "model.pretrained: imagenet" in RANDOM_INIT_WARNING and "init: a checkpoint" in RANDOM_INIT_WARNING
+    err = capsys.readouterr().err
+    warnings = [w for w in RANDOM_INIT_WARNINGS.values() if w in err]
+    assert warnings == ([RANDOM_INIT_WARNINGS[model["name"]]] if warned else [])
+    if warned:
+        assert err.count(warnings[0]) == 1
+    assert "model.pretrained: imagenet" in RANDOM_INIT_WARNINGS["deeplabv2_r101"]
+    assert "mit_b5.pth" in RANDOM_INIT_WARNINGS["mit_b5_daformer"]
+    assert all("init: a checkpoint" in w for w in RANDOM_INIT_WARNINGS.values())
 
 
 def test_metrics_record_the_start_weights(tmp_path):

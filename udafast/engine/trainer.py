@@ -58,15 +58,24 @@ from udafast.inference import InferenceOptions
 from udafast.methods import build_method, method_class
 from udafast.models.checkpoint import load_checkpoint, save_checkpoint
 
-__all__ = ["Trainer", "NonFiniteLoss", "check_stage", "apply_schedule", "RANDOM_INIT_WARNING"]
+__all__ = ["Trainer", "NonFiniteLoss", "check_stage", "apply_schedule", "RANDOM_INIT_WARNINGS"]
 
 
 #: said at the start of a DeepLabV2-ResNet101 run that would train from random weights (the
 #: authors' code always starts from ImageNet weights; without them mIoU ends far lower)
-RANDOM_INIT_WARNING = (
-    "WARNING: neither model.pretrained nor init is set: DeepLabV2-ResNet101 starts from RANDOM weights and will "
-    "score far below the papers; set model.pretrained: imagenet (torchvision's ImageNet ResNet-101, ProDA's start) "
-    "or imagenet_caffe (the Caffe DeepLab init of AdaptSegNet and CRST), or a weights file, or init: a checkpoint")
+#: the start-up warning of a network that would train from random weights, by model name (the
+#: small CPU network has no pretrained weights to miss)
+RANDOM_INIT_WARNINGS = {
+    "deeplabv2_r101": (
+        "WARNING: neither model.pretrained nor init is set: DeepLabV2-ResNet101 starts from RANDOM weights and "
+        "will score far below the papers; set model.pretrained: imagenet (torchvision's ImageNet ResNet-101, "
+        "ProDA's start) or imagenet_caffe (the Caffe DeepLab init of AdaptSegNet and CRST), or a weights file, or "
+        "init: a checkpoint"),
+    "mit_b5_daformer": (
+        "WARNING: neither model.pretrained nor init is set: MiT-B5 starts from RANDOM weights and will score far "
+        "below the papers; set model.pretrained to SegFormer's ImageNet-1k mit_b5.pth (DAFormer's start), or "
+        "init: a checkpoint"),
+}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -145,8 +154,8 @@ class Trainer:
 
         logger = RunLogger(self.out_dir, 1, progress=self.progress, tensorboard=self.tensorboard, rank=self.rank)
         self.random_init = not config["model"].get("pretrained") and not config.get("init")
-        if self.random_init and config["model"].get("name") == "deeplabv2_r101":
-            logger.message(RANDOM_INIT_WARNING)
+        if self.random_init and config["model"].get("name") in RANDOM_INIT_WARNINGS:
+            logger.message(RANDOM_INIT_WARNINGS[config["model"]["name"]])
         ctx = None
         try:
             ctx = TrainingContext(config, self.out_dir, device, logger, method_cls)

@@ -21,7 +21,7 @@ from udafast.data.labels import IGNORE_INDEX
 from udafast.methods.context import RunContext
 from udafast.methods.label_quality import LabelQuality
 
-__all__ = ["Method", "Stage", "seg_loss", "upsample", "nearest_labels", "EMATeacher", "ParameterEMATeacher",
+__all__ = ["Method", "Stage", "is_number", "is_count", "seg_loss", "upsample", "nearest_labels", "EMATeacher", "ParameterEMATeacher",
            "build_optimizer"]
 
 
@@ -134,6 +134,17 @@ class ParameterEMATeacher(EMATeacher):
             t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
 
+
+def is_number(value: object) -> bool:
+    """An int or float option value (a bool is neither)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def is_count(value: object, low: int) -> bool:
+    """An int option value (not a bool) of at least `low`."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= low
+
+
 class Method:
     """Base of the methods; see the module docstring. Subclasses set `name`, `defaults` (their
     config section's keys and values), and implement `step` (and, with stages, `stages` /
@@ -171,6 +182,10 @@ class Method:
         # per process under torchrun (augmentation draws differ across shards; rank 0 = one process's)
         rank = getattr(ctx, "rank", 0)
         self.generator = torch.Generator(device="cpu").manual_seed(int(config.get("seed", 0)) + 7919 + 1_000_003 * rank)
+
+    def option_error(self, key: str, expected: str) -> ValueError:
+        """The one-line error for option `key` of this method's config section."""
+        return ValueError(f"{self.name}.{key}: expected {expected}, got {self.options[key]!r}")
 
     # -- stages ---------------------------------------------------------------------------------
     @classmethod

@@ -66,7 +66,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.methods.base import Method, ParameterEMATeacher, build_optimizer, nearest_labels, upsample
+from udafast.methods.base import (Method, ParameterEMATeacher, build_optimizer, is_count, is_number, nearest_labels,
+                                  upsample)
 from udafast.methods.context import RunContext
 from udafast.methods.mixing import class_mask, color_jitter, gaussian_blur, uniform
 from udafast.models.heads import ClassSelectors, PredictionHead, ProjectionHead
@@ -361,37 +362,27 @@ class Contrastive(Method):
 
     def _check_options(self):
         o = self.options
-
-        def fail(key, expected):
-            raise ValueError(f"{self.name}.{key}: expected {expected}, got {o[key]!r}")
-
-        def number(key):
-            return not isinstance(o[key], bool) and isinstance(o[key], (int, float))
-
-        def count(key, low):
-            return not isinstance(o[key], bool) and isinstance(o[key], int) and o[key] >= low
-
         for key in ("weight", "entropy_weight", "confidence_power"):
-            if not (number(key) and o[key] >= 0):
-                fail(key, "a number >= 0")
-        if not (number("momentum") and 0 <= o["momentum"] <= 1):
-            fail("momentum", "a number in [0, 1]")
+            if not (is_number(o[key]) and o[key] >= 0):
+                raise self.option_error(key, "a number >= 0")
+        if not (is_number(o["momentum"]) and 0 <= o["momentum"] <= 1):
+            raise self.option_error("momentum", "a number in [0, 1]")
         for key in ("dim", "bank_size", "per_class", "target_views"):
-            if not count(key, 1):
-                fail(key, "a positive integer")
+            if not is_count(o[key], 1):
+                raise self.option_error(key, "a positive integer")
         for key in ("ramp_up", "bank_start", "loss_start", "bn_update_iters"):
-            if not count(key, 0):
-                fail(key, "an integer >= 0")
-        if not (number("bank_threshold") and 0 <= o["bank_threshold"] < 1):
-            fail("bank_threshold", "a number in [0, 1)")
-        if o["target_batch"] is not None and not count("target_batch", 1):
-            fail("target_batch", "None or a positive integer")
-        if o["max_pixels_per_class"] is not None and not count("max_pixels_per_class", 2):
-            fail("max_pixels_per_class", "None or an integer >= 2")
+            if not is_count(o[key], 0):
+                raise self.option_error(key, "an integer >= 0")
+        if not (is_number(o["bank_threshold"]) and 0 <= o["bank_threshold"] < 1):
+            raise self.option_error("bank_threshold", "a number in [0, 1)")
+        if o["target_batch"] is not None and not is_count(o["target_batch"], 1):
+            raise self.option_error("target_batch", "None or a positive integer")
+        if o["max_pixels_per_class"] is not None and not is_count(o["max_pixels_per_class"], 2):
+            raise self.option_error("max_pixels_per_class", "None or an integer >= 2")
         for key in ("class_balance", "final_bn_update", "code_ascending_selection", "code_unit_memory_weights",
                     "code_reload_best"):
             if not isinstance(o[key], bool):
-                fail(key, "true or false")
+                raise self.option_error(key, "true or false")
         if o["code_reload_best"] and not int(self.config.get("train", {}).get("eval_every") or 0):
             raise ValueError(f"{self.name}.code_reload_best: reloads the best-on-val network, which needs "
                              f"train.eval_every > 0 (validation within training)")

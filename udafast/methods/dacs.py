@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.methods.base import Method, ParameterEMATeacher, seg_loss, upsample
+from udafast.methods.base import Method, ParameterEMATeacher, is_count, is_number, seg_loss, upsample
 from udafast.methods.mixing import class_mask, color_jitter, gaussian_blur, uniform
 
 __all__ = ["DACS", "teacher_alpha", "mix_classes", "pseudo_weight", "one_mix", "blur_kernel_size", "BLUR_SIGMA"]
@@ -122,25 +122,19 @@ class DACS(Method):
 
     def _check_options(self):
         o = self.options
-
-        def fail(key, expected):
-            raise ValueError(f"{self.name}.{key}: expected {expected}, got {o[key]!r}")
-
-        def number(key):
-            return not isinstance(o[key], bool) and isinstance(o[key], (int, float))
-        if not (number("alpha") and 0 <= o["alpha"] <= 1):
-            fail("alpha", "a number in [0, 1]")
-        if not (number("threshold") and 0 <= o["threshold"] <= 1):
-            fail("threshold", "a number in [0, 1]")
+        if not (is_number(o["alpha"]) and 0 <= o["alpha"] <= 1):
+            raise self.option_error("alpha", "a number in [0, 1]")
+        if not (is_number(o["threshold"]) and 0 <= o["threshold"] <= 1):
+            raise self.option_error("threshold", "a number in [0, 1]")
         for key in ("weight", "jitter_strength"):
-            if not (number(key) and o[key] >= 0):
-                fail(key, "a number >= 0")
+            if not (is_number(o[key]) and o[key] >= 0):
+                raise self.option_error(key, "a number >= 0")
         for key in ("ignore_top", "ignore_bottom"):
-            if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 0:
-                fail(key, "an integer >= 0")
+            if not is_count(o[key], 0):
+                raise self.option_error(key, "an integer >= 0")
         for key in ("jitter", "blur", "lhoyer_batch_classes", "lhoyer_ema_offset", "lhoyer_source_mean_all"):
             if not isinstance(o[key], bool):
-                fail(key, "true or false")
+                raise self.option_error(key, "true or false")
 
     def start_stage(self, stage, model, resume=False):
         super().start_stage(stage, model, resume)
