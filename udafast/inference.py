@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["InferenceOptions", "infer_probabilities", "view_probabilities", "average", "slide_windows",
-           "scaled_size"]
+           "scaled_size", "upsample"]
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,9 @@ def _pair(value, name):
     return int(value[0]), int(value[1])
 
 
-def _resize(logits: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear with align_corners=True (SPEC part 3); unchanged at its own size."""
+def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Logits to `size` (H, W), bilinear with align_corners=True as the authors' code does (SPEC
+    part 3); unchanged at their own size. The methods' losses and label passes use it too."""
     if tuple(logits.shape[-2:]) == tuple(size):
         return logits
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
@@ -121,7 +122,7 @@ def _logits(model, x, options):
     windows = slide_windows(x.shape[-2:], options.crop, options.stride)
     total = count = None
     for y1, y2, x1, x2 in windows:
-        part = _resize(model(x[..., y1:y2, x1:x2])["logits"], (y2 - y1, x2 - x1))
+        part = upsample(model(x[..., y1:y2, x1:x2])["logits"], (y2 - y1, x2 - x1))
         if total is None:
             total = part.new_zeros(part.shape[:2] + x.shape[-2:])
             count = part.new_zeros((1, 1) + x.shape[-2:])
@@ -136,9 +137,9 @@ def view_probabilities(logits: torch.Tensor, size, *, mirrored: bool = False,
     the mirror. The logits are resized and then softmaxed (mmseg, CBST's crst_seg.py), or with
     `resize_probabilities` softmaxed and then resized (ProDA's generate_pseudo_label.py)."""
     if resize_probabilities:
-        probs = _resize(F.softmax(logits.float(), dim=1), size)
+        probs = upsample(F.softmax(logits.float(), dim=1), size)
     else:
-        probs = F.softmax(_resize(logits, size).float(), dim=1)
+        probs = F.softmax(upsample(logits, size).float(), dim=1)
     return probs.flip(-1) if mirrored else probs
 
 

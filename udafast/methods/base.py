@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from udafast.config import merge
 from udafast.data.labels import IGNORE_INDEX
+from udafast.inference import upsample
 from udafast.methods.context import RunContext
 from udafast.methods.label_quality import LabelQuality
 
@@ -34,13 +35,6 @@ class Stage:
     name: str
     iters: int
     next_from: str = "last"
-
-
-def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Logits to `size` (H, W), bilinear with align_corners=True as the authors' code does."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def nearest_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
