@@ -128,8 +128,10 @@ class _Pointer:
 
 
 def _basic_index(tensor, index):
-    """tensor[index] through dispatched ops, for ints, slices, None and Ellipsis."""
+    """tensor[index] through dispatched ops, for ints, slices, None, Ellipsis and one index tensor."""
     import torch
+    if isinstance(index, torch.Tensor):  # one index tensor: a gather, as aten.index
+        return torch.ops.aten.index(tensor, [index])
     index = index if isinstance(index, tuple) else (index,)
     if not all(i is None or i is Ellipsis or (isinstance(i, (int, slice)) and not isinstance(i, bool))
                for i in index):
@@ -163,6 +165,10 @@ def _device_guard_mode():
                 if "support for cuda" not in str(error):
                     raise
                 name = getattr(func, "__name__", "")
+                if name == "__setitem__" and isinstance(args[1], torch.Tensor):
+                    value = args[2] if isinstance(args[2], torch.Tensor) else torch.tensor(args[2])
+                    torch.ops.aten.index_put_(args[0], [args[1]], value)
+                    return None
                 if name in ("__getitem__", "__setitem__"):
                     view = _basic_index(args[0], args[1])
                     if view is None:
