@@ -52,7 +52,7 @@ DEFAULTS = {
         "target_truth": "auto",
     },
     "optimizer": {"name": "sgd", "lr": 2.5e-4, "momentum": 0.9, "weight_decay": 5e-4, "betas": [0.9, 0.999],
-                  "schedule": "poly", "power": 0.9, "poly_iters": None},
+                  "schedule": "poly", "power": 0.9, "poly_iters": None, "warmup_iters": 0, "warmup_ratio": 1.0e-6},
     # stage_iters: when set, every stage of the run runs that many iterations, over the method's own
     # per-stage settings (ProDA's proda.<stage>_iters, CBST's rounds) and those of pretraining runs
     # trained first (`pretrain`, ssl_source); --iters N sets it and iters to N (quick checks)

@@ -13,7 +13,10 @@ import torch
 from udafast.config import merge
 from udafast.data import BadSampleError
 from udafast.engine import distributed as dist
-from udafast.engine.data import BatchStream, MixedSet, SkipLog, TrainView, TruthLabels, build_split, collate
+from udafast.data.labels import CLASS_NAMES
+from udafast.data.rare_class import class_stats, rcs_class_probabilities, samples_with_class
+from udafast.engine.data import (BatchStream, MixedSet, RareClassStream, SkipLog, TrainView, TruthLabels, build_split,
+                                 collate)
 from udafast.engine.logging import RunLogger
 from udafast.methods.base import Method
 from udafast.models import build_model
@@ -129,6 +132,26 @@ class TrainingContext:
         self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
                                          seed=self.source_stream.seed, num_workers=self.source_stream.num_workers,
                                          rank=self.rank, world=self.world, skip_log=self.skip_log)
+
+    def set_rare_class_sampling(self, temperature: float, min_pixels: int,
+                                min_crop_ratio: float) -> Tuple[List[int], torch.Tensor]:
+        """Draw the source batches by rare-class sampling from now on (udafast.data.rare_class):
+        the classes' probabilities at `temperature`, images with more than `min_pixels` pixels of
+        the class, views re-drawn while they hold no more than `min_pixels * min_crop_ratio`.
+        -> (classes, probabilities). ValueError when a class has no such image (as DAFormer asserts)."""
+        stats = class_stats(self.source, self.log)
+        classes, probs = rcs_class_probabilities(stats, temperature)
+        with_class = samples_with_class(stats, classes, min_pixels)
+        empty = [c for c in classes if not with_class[c]]
+        if empty:
+            names = ", ".join(CLASS_NAMES[c] if c < len(CLASS_NAMES) else str(c) for c in empty)
+            raise ValueError(f"no source image has more than {min_pixels} pixels of {names}")
+        old = self.source_stream
+        old.close()
+        self.source_stream = RareClassStream(self.source, old.batch_size, self.source_view, classes, probs, with_class,
+                                             min_pixels * min_crop_ratio, seed=old.seed, num_workers=old.num_workers,
+                                             rank=self.rank, world=self.world, skip_log=self.skip_log)
+        return classes, probs
 
     def set_mixed_stream(self, source_indices: Optional[Sequence[int]], target_extras: Any = None,
                          seed: Optional[int] = None) -> Optional[BatchStream]:

@@ -27,7 +27,7 @@ from udafast.data import BadSampleError, build_dataset
 from udafast.data.labels import IGNORE_INDEX
 from udafast.data.transforms import Resize, resize_image, resize_label, size_pair
 
-__all__ = ["TrainView", "BatchStream", "MixedSet", "SkipLog", "TruthLabels", "build_split", "collate"]
+__all__ = ["TrainView", "BatchStream", "RareClassStream", "MixedSet", "SkipLog", "TruthLabels", "build_split", "collate"]
 
 
 def build_split(spec, transform=None, **override):
@@ -336,6 +336,8 @@ def collate(samples):
     for key in _LABEL_KEYS + ("frame", "geometry"):
         if samples and all(key in s for s in samples):
             out[key] = torch.stack([s[key] for s in samples])
+    if samples and all("rare_class" in s for s in samples):
+        out["rare_class"] = torch.tensor([s["rare_class"] for s in samples], dtype=torch.int64)
     if samples and "maps" in samples[0]:
         out["maps"] = {k: torch.stack([s["maps"][k] for s in samples]) for k in samples[0]["maps"]}
     if any("skipped" in s for s in samples):
@@ -440,3 +442,72 @@ class BatchStream:
             self.skip_log.record(path, reason)
         self.position += 1
         return batch
+
+
+class _RareClassViews(Dataset):
+    """Indexed by (position, seed): a rare-class sample (lhoyer/DAFormer `mmseg/datasets/
+    uda_dataset.py` `get_rare_class_sample`): from a generator of `seed`, a class by `probs`, one of
+    its images uniformly, and its view; while the view holds no more than `min_crop_pixels` pixels
+    of the class, up to `crop_tries` new views of the same image. A bad image is, with `skip_bad`,
+    replaced by a new draw and listed in "skipped"."""
+
+    def __init__(self, dataset, view, classes, probs, with_class, min_crop_pixels, crop_tries=10, skip_bad=False):
+        self.dataset, self.view = dataset, view
+        self.classes, self.probs, self.with_class = list(classes), probs, with_class
+        self.min_crop_pixels, self.crop_tries, self.skip_bad = min_crop_pixels, crop_tries, skip_bad
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        _, seed = key
+        generator = torch.Generator().manual_seed(seed)
+        skipped = []
+        for _ in range(100):
+            c = self.classes[int(torch.multinomial(self.probs, 1, generator=generator))]
+            images = self.with_class[c]
+            index = images[_randint(generator, len(images))]
+            try:
+                sample = self.dataset[index]
+                break
+            except BadSampleError as exc:
+                if not self.skip_bad:
+                    return {"error": exc}
+                skipped.append((exc.path, exc.reason))
+        else:
+            return {"error": ValueError(f"data: 100 rare-class draws in a row hit bad samples, e.g. "
+                                        f"{skipped[0][0]}: {skipped[0][1]}")}
+        out = self.view(sample, generator)
+        for _ in range(self.crop_tries):
+            if int((out["label"] == c).sum()) > self.min_crop_pixels:
+                break
+            out = self.view(sample, generator)
+        out["index"] = index
+        out["rare_class"] = c
+        if self.skip_bad:
+            out["skipped"] = skipped
+        return out
+
+
+class RareClassStream(BatchStream):
+    """A source stream of rare-class samples (udafast.data.rare_class; DAFormer's RCS): every
+    sample drawn with replacement from a generator seeded by (seed, epoch, position, rank), so the
+    stream is reproducible with any number of workers and resumes from (epoch, position) as a
+    `BatchStream` does. An "epoch" is as many batches as the dataset's plain stream has. Batches
+    carry "rare_class", the class each sample was drawn for. `classes`, `probs`: the classes and
+    their probabilities; `with_class`: {class: dataset indices holding more than `min_pixels` of it};
+    `min_crop_pixels`: the pixels of the class a view must hold (min_pixels * min_crop_ratio)."""
+
+    def __init__(self, dataset, batch_size, view, classes, probs, with_class, min_crop_pixels, **kwargs):
+        super().__init__(dataset, batch_size, view, **kwargs)
+        self.classes, self.probs = list(classes), torch.as_tensor(probs, dtype=torch.float64)
+        self.with_class, self.min_crop_pixels = with_class, min_crop_pixels
+
+    def _epoch_iter(self):
+        keys = self._keys(self.epoch, self.position)
+        views = _RareClassViews(self.dataset, self.view, self.classes, self.probs, self.with_class,
+                                self.min_crop_pixels, skip_bad=self.skip_log is not None)
+        if self.num_workers == 0:
+            return (collate([views[k] for k in batch]) for batch in keys)
+        return iter(DataLoader(views, batch_sampler=list(keys), collate_fn=collate, num_workers=self.num_workers,
+                               persistent_workers=False))

@@ -625,12 +625,16 @@ def _per_class(result):
 
 def apply_schedule(optimizers: dict, it: int, iters: int) -> dict:
     """Set each optimiser's learning rates for iteration `it` of `iters` (its `schedule`: poly decay
-    over `poly_iters` or the stage, or constant; see udafast.methods.base.build_optimizer)
+    over `poly_iters` or the stage, or constant, after a linear warm-up when it has one; see
+    udafast.methods.base.build_optimizer)
     -> {optimiser name: its first group's lr}."""
     lrs = {}
     for name, opt in optimizers.items():
         horizon = getattr(opt, "poly_iters", None) or iters
         factor = max(0.0, 1.0 - it / horizon) ** opt.power if opt.schedule == "poly" else 1.0
+        warmup = getattr(opt, "warmup_iters", 0)
+        if it < warmup:
+            factor *= 1.0 - (1.0 - it / warmup) * (1.0 - opt.warmup_ratio)
         for g in opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
         lrs[name] = opt.param_groups[0]["lr"]

@@ -1,6 +1,7 @@
 """The methods, by name: `METHODS[name]` is the class, `build_method(config, ctx)` an instance.
 
-source_only and oracle bound the comparison; dann, adaptsegnet, cbst, contrastive, proda and dacs adapt;
+source_only and oracle bound the comparison; dann, adaptsegnet, cbst, contrastive, proda, dacs, daformer and
+mic adapt;
 adabn (target BatchNorm statistics, no training) is a control for how much of a gap is statistics;
 ssl_source (SimCLR on the source images) is a pretraining, not a compared method: ProDA's stage-2
 student may start from it (`proda.student_init: "@ssl_source"`).
@@ -25,6 +26,8 @@ METHODS = {
     "contrastive": "udafast.methods.contrastive:Contrastive",
     "proda": "udafast.methods.proda:ProDA",
     "dacs": "udafast.methods.dacs:DACS",
+    "daformer": "udafast.methods.daformer:DAFormer",
+    "mic": "udafast.methods.mic:MIC",
     "adabn": "udafast.methods.adabn:AdaBN",
     # not compared: the self-supervised source pretraining ProDA's stage 2 may start from
     "ssl_source": "udafast.methods.ssl_source:SSLSource",

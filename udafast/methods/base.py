@@ -53,8 +53,8 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGN
 
 
 def build_optimizer(groups: List[Dict[str, Any]], spec: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """An optimiser over param `groups` from an `optimizer:` config entry (sgd or adam; lr, momentum,
-    weight_decay, betas, schedule, power, poly_iters). Each group keeps its starting lr as
+    """An optimiser over param `groups` from an `optimizer:` config entry (sgd, adam or adamw; lr,
+    momentum, weight_decay, betas, schedule, power, poly_iters, warmup_iters, warmup_ratio). Each group keeps its starting lr as
     `initial_lr` for the schedule."""
     name = spec.get("name", "sgd")
     for g in groups:
@@ -63,11 +63,12 @@ def build_optimizer(groups: List[Dict[str, Any]], spec: Mapping[str, Any]) -> to
     if name == "sgd":
         opt = torch.optim.SGD(groups, lr=spec["lr"], momentum=spec.get("momentum", 0.9),
                               weight_decay=spec.get("weight_decay", 0.0))
-    elif name == "adam":
-        opt = torch.optim.Adam(groups, lr=spec["lr"], betas=tuple(spec.get("betas", (0.9, 0.999))),
-                               weight_decay=spec.get("weight_decay", 0.0))
+    elif name in ("adam", "adamw"):
+        kind = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        opt = kind(groups, lr=spec["lr"], betas=tuple(spec.get("betas", (0.9, 0.999))),
+                   weight_decay=spec.get("weight_decay", 0.0))
     else:
-        raise ValueError(f"optimizer.name: expected 'sgd' or 'adam', got {name!r}")
+        raise ValueError(f"optimizer.name: expected 'sgd', 'adam' or 'adamw', got {name!r}")
     opt.schedule = spec.get("schedule", "poly")
     opt.power = float(spec.get("power", 0.9))
     if opt.schedule not in ("poly", "constant"):
@@ -78,6 +79,14 @@ def build_optimizer(groups: List[Dict[str, Any]], spec: Mapping[str, Any]) -> to
     if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon <= 0):
         raise ValueError(f"optimizer.poly_iters: expected null or a positive integer, got {horizon!r}")
     opt.poly_iters = horizon
+    # mmcv's linear warm-up (DAFormer's poly10warm): over the first warmup_iters iterations the
+    # scheduled lr times 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
+    warmup, ratio = spec.get("warmup_iters", 0), spec.get("warmup_ratio", 1e-6)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"optimizer.warmup_iters: expected an integer >= 0, got {warmup!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+        raise ValueError(f"optimizer.warmup_ratio: expected a number in [0, 1], got {ratio!r}")
+    opt.warmup_iters, opt.warmup_ratio = warmup, float(ratio)
     return opt
 
 

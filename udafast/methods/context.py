@@ -56,6 +56,12 @@ class RunContext(Protocol):
         """A fresh network from the config's `model` (merged with `overrides`) on the device; with
         `init`, loaded with the config's `init` checkpoint, or the checkpoint `init` names (a path)."""
 
+    def set_rare_class_sampling(self, temperature: float, min_pixels: int,
+                                min_crop_ratio: float) -> Tuple[List[int], torch.Tensor]:
+        """Draw the source batches by DAFormer's rare-class sampling from now on (batches carry
+        "rare_class"). -> (classes, their probabilities); ValueError when a class has no image with
+        more than `min_pixels` of it."""
+
     def set_mixed_stream(self, source_indices: Optional[Sequence[int]], target_extras: Any = None,
                          seed: Optional[int] = None) -> Optional[Stream]:
         """From now on one stream over these source images and the target set, shuffled together

@@ -158,7 +158,16 @@ class DACS(Method):
 
         x_m, y_m, w_m = self.mixed_batch(x_s, y_s, x_t, pseudo, weight_t)
         fraction = float((max_probs >= o["threshold"]).sum()) / max_probs.numel()
-        return self._train_step(x_s, y_s, x_m, y_m, w_m, it, fraction)
+        terms = self.source_losses(x_s, y_s)
+        terms["mix"] = (self.mix_loss(x_m, y_m, w_m), o["weight"])
+        terms.update(self.target_losses(x_t, pseudo, weight_t))
+        loss = sum(weight * value for value, weight in terms.values())
+        opt = self.optimizers["model"]
+        opt.zero_grad(set_to_none=True)
+        self.backward(loss)
+        opt.step()
+        self.teacher.update(self.model, teacher_alpha(it + 1 if o["lhoyer_ema_offset"] else it, o["alpha"]))
+        return {**{name: value.detach() for name, (value, _) in terms.items()}, "pseudo_weight": fraction}
 
     def mixed_batch(self, x_s, y_s, x_t, pseudo, weight_t):
         """ClassMix of the source batch onto the target batch (images [B, 3, H, W] in [0, 1], labels,
@@ -183,20 +192,29 @@ class DACS(Method):
             weights.append(one_mix(mask, torch.ones_like(weight_t[i]), weight_t[i]))
         return torch.cat(images), torch.stack(labels), torch.stack(weights)
 
-    def _train_step(self, x_s, y_s, x_m, y_m, w_m, it, fraction):
-        o = self.options
+    # -- the loss terms: {name: (unweighted value, weight)}; subclasses add theirs ---------------
+    def source_losses(self, x_s: torch.Tensor, y_s: torch.Tensor) -> dict:
+        """{"seg": the source cross-entropy}."""
         logits_s = upsample(self.model(self.normalize(x_s))["logits"], y_s.shape[-2:])
-        if o["lhoyer_source_mean_all"]:
-            l_src = F.cross_entropy(logits_s, y_s, ignore_index=IGNORE_INDEX, reduction="none").mean()
-        else:
-            l_src = seg_loss(logits_s, y_s)
-        logits_m = upsample(self.model(self.normalize(x_m))["logits"], y_m.shape[-2:])
-        ce = F.cross_entropy(logits_m, y_m, ignore_index=IGNORE_INDEX, reduction="none")
-        l_mix = (ce * w_m.to(ce.dtype)).mean()
-        loss = l_src + o["weight"] * l_mix
-        opt = self.optimizers["model"]
-        opt.zero_grad(set_to_none=True)
-        self.backward(loss)
-        opt.step()
-        self.teacher.update(self.model, teacher_alpha(it + 1 if o["lhoyer_ema_offset"] else it, o["alpha"]))
-        return {"seg": l_src.detach(), "mix": l_mix.detach(), "pseudo_weight": fraction}
+        return {"seg": (self.source_ce(logits_s, y_s), 1.0)}
+
+    def source_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The source cross-entropy over the labelled pixels (`lhoyer_source_mean_all`: over all)."""
+        if self.options["lhoyer_source_mean_all"]:
+            return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none").mean()
+        return seg_loss(logits, labels)
+
+    def mix_loss(self, x_m: torch.Tensor, y_m: torch.Tensor, w_m: torch.Tensor) -> torch.Tensor:
+        """`CrossEntropyLoss2dPixelWiseWeighted`: the mean over every pixel of CE times its weight."""
+        return self.weighted_ce(self.model(self.normalize(x_m))["logits"], y_m, w_m)
+
+    @staticmethod
+    def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """mean(CE(upsampled logits, labels) * weights) over every pixel (ignored ones as 0)."""
+        logits = upsample(logits, labels.shape[-2:])
+        ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return (ce * weights.to(ce.dtype)).mean()
+
+    def target_losses(self, x_t: torch.Tensor, pseudo: torch.Tensor, weight_t: torch.Tensor) -> dict:
+        """Further terms on the target batch (MIC's masked image); none in DACS."""
+        return {}
