@@ -40,6 +40,8 @@ def block_mask(batch: int, size: Sequence[int], block_size: int, ratio: float, g
     per cell of a (round(H / block_size), round(W / block_size)) grid, resized to `size` (H, W) by
     nearest neighbour."""
     H, W = size
+    if round(H / block_size) < 1 or round(W / block_size) < 1:
+        raise ValueError(f"block_mask: blocks of {block_size} leave no cell on an image of {H}x{W}")
     grid = torch.rand((batch, 1, round(H / block_size), round(W / block_size)), generator=generator)
     kept = (grid > ratio).float()
     return F.interpolate(kept, size=(H, W), mode="nearest").to(device)
