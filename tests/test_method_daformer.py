@@ -300,3 +300,25 @@ def test_a_class_without_images_is_an_error_naming_the_option(tmp_path):
     config = tiny_run_config("daformer", train={"iters": 1, "panels": 0}, daformer={"rcs_min_pixels": 3000})
     with pytest.raises(ValueError, match=r"daformer\.rcs_min_pixels: no source image has more than 3000 pixels"):
         Trainer(config, tmp_path / "run", tensorboard=False, progress=False).run()
+
+
+@pytest.mark.parametrize("name", ["gta5_daformer", "synthia_daformer", "gta5_daformer_dlv2", "synthia_daformer_dlv2",
+                                  "gta5_mic", "synthia_mic", "gta5_mic_dlv2", "synthia_mic_dlv2"])
+def test_shipped_configs_carry_the_authors_settings(name):
+    """DAFormer's config (AdamW 6e-5, warm-up 1500, poly 1.0, 40k iterations, batch 2 of 512x512
+    crops, every DAFormer option) on MiT-B5 or the DeepLabV2 stand-in; MIC's id 81 masking."""
+    from udafast.config import read_config
+    from udafast.engine.runs import resolve_config
+    method = name.split("_")[1]
+    config = resolve_config(read_config(name), method)
+    assert config["method"] == method
+    assert config["model"]["name"] == ("deeplabv2_r101" if name.endswith("dlv2") else "mit_b5_daformer")
+    assert config["optimizer"] == {**config["optimizer"], "name": "adamw", "lr": 6.0e-5, "weight_decay": 0.01,
+                                   "schedule": "poly", "power": 1.0, "warmup_iters": 1500, "warmup_ratio": 1.0e-6}
+    assert config["train"]["iters"] == 40000 and config["data"]["batch_size"] == 2
+    assert config["data"]["source_view"]["crop"] == [512, 512] == config["data"]["target_view"]["crop"]
+    section = dict(config[method])
+    if method == "mic":
+        assert (section.pop("mask_block_size"), section.pop("mask_ratio"), section.pop("mask_mode")) == (32, 0.7, "separatetrgaug")
+        assert section.pop("mask_weight") == 1.0
+    assert section == daformer.DAFormer.defaults

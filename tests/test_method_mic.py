@@ -1,12 +1,14 @@
 """MIC (udafast/methods/mic.py): the block mask, the masked target view, the step's masked term,
 a Trainer run with exact resume and option checks. The authors' mask figures are in
 test_method_daformer_golden.py."""
+import json
 import math
 import os
 import sys
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import assert_bitwise_equal, run_and_resume, tiny_run_config  # noqa: E402
@@ -78,3 +80,33 @@ def test_trainer_run_resumes_exactly(tmp_path):
     for name in ("teacher", "imnet"):
         assert_bitwise_equal(full["method"]["modules"][name], resumed["method"]["modules"][name], name)
     assert_bitwise_equal(full["method"]["generator"], resumed["method"]["generator"], "generator")
+
+
+@pytest.mark.slow
+def test_cli_trains_mic_on_mit_b5_from_gta5_and_cityscapes_trees(tmp_path):
+    """The issue's command, `python -m udafast.train --method mic --config gta5_mic`, on GTA5 and
+    Cityscapes trees in their official layouts: one iteration of the full MiT-B5 at 128x128, batch 1."""
+    from test_bad_data import GOOD_IDS, ids, make_tree, rgb, save
+
+    from udafast import train
+    gta, cs = tmp_path / "gta5", tmp_path / "cityscapes"
+    make_tree(gta, "gta5", n=3, bad=())
+    make_tree(cs, "cityscapes", n=2, bad=())
+    stem = "lindau_000000_000019"
+    save(str(cs / "leftImg8bit" / "val" / "lindau" / f"{stem}_leftImg8bit.png"), rgb(10))
+    save(str(cs / "gtFine" / "val" / "lindau" / f"{stem}_gtFine_labelIds.png"), ids(10, GOOD_IDS), "L")
+    view = "{resize: [128, 192], scale_range: null, crop: [128, 128], flip: 0.5}"
+    argv = ["--method", "mic", "--config", "gta5_mic", "--source-root", str(gta), "--target-root", str(cs),
+            "--iters", "1", "--batch-size", "1", "--device", "cpu", "--out", str(tmp_path / "out"),
+            "--set", "threads=2", "--set", "train.panels=0", "--set", "data.num_workers=0",
+            "--set", f"data.source_view={view}", "--set", f"data.target_view={view}",
+            "--set", "eval.input_size=[96, 64]", "--set", "mic.rcs_min_pixels=0",
+            "--set", "mic.ignore_top=4", "--set", "mic.ignore_bottom=30"]
+    train.main(argv)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    config = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())
+    assert metrics["method"] == "mic" and config["model"]["name"] == "mit_b5_daformer" and math.isfinite(metrics["miou"])
+    assert config["mic"]["mask_mode"] == "separatetrgaug" and config["optimizer"]["name"] == "adamw"
+    rows = (tmp_path / "out" / "log.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    assert {"loss_seg", "loss_fd", "loss_mix", "loss_masked"} <= set(header)
