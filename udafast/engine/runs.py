@@ -20,7 +20,8 @@ __all__ = ["resolve_config", "run_method", "run_seeds", "compare_methods", "summ
            "SSL_INIT"]
 
 #: the methods `--method all` compares, in table order
-COMPARED = ("source_only", "adabn", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "dacs", "oracle")
+COMPARED = ("source_only", "adabn", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "dacs", "daformer", "mic",
+            "oracle")
 #: bounds and controls rather than adaptation methods (grey in the chart)
 CONTROLS = ("source_only", "adabn", "oracle")
 #: an `init` value naming another method's run of the same comparison and seed
