@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_distributed.py: `torchrun --nproc-per-node 2 tests/distributed_run.py OUT`.
 
 Each process checks the distributed forms of the ops against what one process computes from
-everyone's data, then trains CBST, the contrastive method and ProDA for a few iterations, and
+everyone's data, then trains CBST, the contrastive method, ProDA, DAFormer and MIC for a few iterations, and
 writes what it ends with (weights, adaptation state, checks) to OUT/<name>_rank<r>.pt for the
 test to compare across processes.
 """
@@ -15,6 +15,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import tiny_run_config  # noqa: E402
 
+from udafast.engine.data import RareClassStream  # noqa: E402
 from udafast.engine.distributed import all_gather, all_reduce_, convert_sync_batchnorm, init_from_env  # noqa: E402
 from udafast.engine.trainer import Trainer  # noqa: E402
 from udafast.ops import ClassMemoryBank, ClassThresholds, update_prototypes  # noqa: E402
@@ -24,6 +25,10 @@ METHODS = {
     "contrastive": {"contrastive": {"bank_start": 0, "loss_start": 1, "bank_threshold": 0.0, "dim": 16},
                     "train": {"iters": 3, "sync_bn": True}},
     "proda": {"train": {"stage_iters": 2}},   # its warm-up, then stage 1 (prototypes, teacher)
+    # rare-class sampling (each process its own draws), the feature distance, the EMA teacher
+    "daformer": {"daformer": {"rcs_min_pixels": 0, "ignore_top": 2, "ignore_bottom": 4}, "train": {"iters": 3}},
+    "mic": {"mic": {"rcs_min_pixels": 0, "ignore_top": 2, "ignore_bottom": 4, "mask_block_size": 8},
+            "train": {"iters": 3}},
 }
 STAGES = {"proda": ("warmup", "stage1")}
 
@@ -126,8 +131,11 @@ def main(out):
         state.pop("generator")  # each process's own random stream, by design
         stream = trainer.method.ctx.source_stream
         first_batch = next(stream._keys(0, 0))  # (position in the process's order, view seed)
+        # a rare-class stream draws every sample from its view seed; a plain one reads its order
+        drawn = [seed if isinstance(stream, RareClassStream) else stream._order(0)[position]
+                 for position, seed in first_batch]
         torch.save({"model": trainer.method.model.state_dict(), "method": state, "metrics": metrics,
-                    "first_source_batch": [stream._order(0)[position] for position, _ in first_batch]},
+                    "first_source_batch": drawn, "rare_class": isinstance(stream, RareClassStream)},
                    os.path.join(out, f"{method}_rank{rank}.pt"))
     dist.destroy_process_group()
 

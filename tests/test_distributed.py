@@ -55,7 +55,7 @@ def test_distributed_ops_equal_one_process_on_everyones_data(two_process_run):
         assert flags and all(flags.values()), flags
 
 
-@pytest.mark.parametrize("method", ["cbst", "contrastive", "proda"])
+@pytest.mark.parametrize("method", ["cbst", "contrastive", "proda", "daformer", "mic"])
 def test_every_process_ends_with_the_same_weights_and_state(two_process_run, method):
     a, b = load(two_process_run, method, 0), load(two_process_run, method, 1)
     assert a["first_source_batch"] != b["first_source_batch"]  # they trained on different images
@@ -73,16 +73,21 @@ def test_every_process_ends_with_the_same_weights_and_state(two_process_run, met
         assert int(a["method"]["modules"]["bank"]["counts"].sum()) > 0
     if method == "proda":
         assert float(extra["prototypes"].abs().sum()) > 0 and "teacher" in a["method"]["modules"]
+    if method in ("daformer", "mic"):
+        assert a["rare_class"] and {"teacher", "imnet"} <= set(a["method"]["modules"])
     assert a["metrics"]["processes"] == 2 and a["metrics"]["miou"] == b["metrics"]["miou"]
 
 
-def test_torchrun_cli_resumes_bitwise(tmp_path):
+@pytest.mark.parametrize("method", ["dann", "mic"])
+def test_torchrun_cli_resumes_bitwise(tmp_path, method):
+    """mic: the EMA teacher, the frozen reference and each process's rare-class draws resume too."""
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config_file(train={"iters": 4, "panels": 0})))
-    common = ["-m", "udafast.train", "--config", config, "--method", "dann", "--deterministic", "--ckpt-every", "2"]
+    mic = {"rcs_min_pixels": 0, "ignore_top": 2, "ignore_bottom": 4, "mask_block_size": 8}
+    config.write_text(yaml.safe_dump(tiny_config_file(train={"iters": 4, "panels": 0}, mic=mic)))
+    common = ["-m", "udafast.train", "--config", config, "--method", method, "--deterministic", "--ckpt-every", "2"]
     full = torchrun(*common, "--out", tmp_path / "full")
-    assert "dann: target val mIoU" in full.stdout  # printed once, by rank 0
-    assert full.stdout.count("dann: target val mIoU") == 1
+    assert f"{method}: target val mIoU" in full.stdout  # printed once, by rank 0
+    assert full.stdout.count(f"{method}: target val mIoU") == 1
     torchrun(*common, "--out", tmp_path / "resumed", "--resume", tmp_path / "full" / "checkpoints" / "iter_2.pt")
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
