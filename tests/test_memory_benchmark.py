@@ -160,3 +160,19 @@ def test_cuda_results_file(tmp_path):
     assert [(r["method"], r["variant"]) for r in data["results"]] == [
         ("dann", "fp32"), ("dann", "bf16+ckpt"), ("proda", "fp32"), ("proda", "bf16+ckpt")]
     assert data["device"]["name"] == "NVIDIA H100 80GB HBM3" and "device" not in data["results"][0]
+
+
+def test_quick_cpu_run_of_the_mean_teacher_line(tmp_path):
+    """dacs, daformer and mic measured under their GTA5 configs (MiT-B5's replaced by the small
+    network at toy sizes), in bf16 with activation checkpointing."""
+    out = tmp_path / "results"
+    code = memory.main(["--quick", "--device", "cpu", "--methods", "dacs,daformer,mic", "--variants", "bf16+ckpt",
+                        "--iters", "2", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    [path] = out.glob("memory-cpu-*-quick.json")
+    rows = {r["method"]: r for r in json.loads(path.read_text())["results"]}
+    assert set(rows) == {"dacs", "daformer", "mic"}
+    for r in rows.values():
+        assert r["status"] == "ok", r
+        assert r["steps"] == 2 and r["batch_size"] == 2 and r["source_input"] == "64x64" and r["model"] == "small"
+    assert rows["daformer"]["config"] == "gta5_daformer" and rows["mic"]["config"] == "gta5_mic"
