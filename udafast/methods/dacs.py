@@ -44,6 +44,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from udafast.data.labels import IGNORE_INDEX
 from udafast.methods.base import Method, ParameterEMATeacher, is_count, is_number, seg_loss, upsample
@@ -148,15 +149,18 @@ class DACS(Method):
         y_s = batch["source"]["label"].to(self.device)
         x_t = batch["target"]["image"].to(self.device)
 
-        # the teacher's pseudo-labels and their weight
+        # the teacher's pseudo-labels and their weight (profiler labels: benchmarks/profile_step.py)
         with torch.no_grad():
-            logits = upsample(self.teacher.model(self.normalize(x_t))["logits"], x_t.shape[-2:])
-            max_probs, pseudo = F.softmax(logits.float(), dim=1).max(1)
+            with record_function("udafast::teacher_forward"):
+                logits = upsample(self.teacher.model(self.normalize(x_t))["logits"], x_t.shape[-2:])
+            with record_function("udafast::pseudo_labels"):
+                max_probs, pseudo = F.softmax(logits.float(), dim=1).max(1)
+                weight_t = pseudo_weight(max_probs, o["threshold"], o["ignore_top"], o["ignore_bottom"])
         truth = batch["target"].get("truth")
         self.record_labels("teacher", pseudo, None if truth is None else truth.to(self.device))
-        weight_t = pseudo_weight(max_probs, o["threshold"], o["ignore_top"], o["ignore_bottom"])
 
-        x_m, y_m, w_m = self.mixed_batch(x_s, y_s, x_t, pseudo, weight_t)
+        with record_function("udafast::class_mix"):
+            x_m, y_m, w_m = self.mixed_batch(x_s, y_s, x_t, pseudo, weight_t)
         fraction = float((max_probs >= o["threshold"]).sum()) / max_probs.numel()
         terms = self.source_losses(x_s, y_s)
         terms["mix"] = (self.mix_loss(x_m, y_m, w_m), o["weight"])

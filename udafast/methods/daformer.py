@@ -35,6 +35,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from udafast.data.labels import IGNORE_INDEX
 from udafast.methods.base import is_count, is_number, upsample
@@ -159,10 +160,11 @@ class DAFormer(DACS):
         x = self.normalize(x_s)
         out = self.model(x, return_backbone=True)
         logits = upsample(out["logits"], y_s.shape[-2:])
-        with torch.no_grad():
+        with torch.no_grad(), record_function("udafast::reference_forward"):
             self.reference.eval()
             reference = self.reference(x, return_backbone=True)["backbone"]
         num_classes = out["logits"].shape[1]
-        fd = feature_distance(out["backbone"], reference.to(out["backbone"].dtype), y_s, o["fd_classes"],
-                              o["fd_scale_min_ratio"], num_classes)
+        with record_function("udafast::feature_distance"):
+            fd = feature_distance(out["backbone"], reference.to(out["backbone"].dtype), y_s, o["fd_classes"],
+                                  o["fd_scale_min_ratio"], num_classes)
         return {"seg": (self.source_ce(logits, y_s), 1.0), "fd": (fd, o["fd_lambda"])}

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from udafast.methods.base import is_count, is_number
 from udafast.methods.dacs import BLUR_SIGMA, BLUR_THRESHOLD, JITTER_THRESHOLD, blur_kernel_size
@@ -89,5 +90,7 @@ class MIC(DAFormer):
         return self.normalize(x) * mask.to(x.dtype)
 
     def target_losses(self, x_t, pseudo, weight_t):
-        logits = self.model(self.masked_images(x_t))["logits"]
+        with record_function("udafast::masked_view"):
+            masked = self.masked_images(x_t)
+        logits = self.model(masked)["logits"]
         return {"masked": (self.weighted_ce(logits, pseudo, weight_t), self.options["mask_weight"])}
