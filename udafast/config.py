@@ -59,10 +59,11 @@ DEFAULTS = {
     # grad_accum: micro-batches per update; amp: null, "bf16" (autocast) or "fp16" (autocast and a
     # grad scaler); on_nonfinite: "stop" or
     # "skip"; sync_bn: BatchNorm over the batches of every process (torchrun); activation_checkpointing:
-    # recompute the backbone's activations in the backward instead of keeping them
+    # recompute the backbone's activations in the backward instead of keeping them; channels_last: the
+    # networks' weights and inputs in the channels-last memory format (faster convolutions)
     "train": {"iters": 1000, "stage_iters": None, "eval_every": 0, "ckpt_every": 0, "keep_checkpoints": 2,
               "panels": 4, "grad_accum": 1, "amp": None, "on_nonfinite": "stop", "sync_bn": False,
-              "activation_checkpointing": False},
+              "activation_checkpointing": False, "channels_last": False},
     # input_size (width, height) of the network at evaluation; None = the images' own size. flip,
     # scales, slide: the softmax averaged over the image and its mirror, over these factors of the
     # input size, and made by sliding windows crop [H, W] every stride [H, W] (udafast.inference)

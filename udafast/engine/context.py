@@ -107,6 +107,11 @@ class TrainingContext:
         wanted = wanted(self.config["model"]) if callable(wanted) else wanted
         model = build_model(merge(self.config["model"], merge(wanted, overrides or {})))
         model.backbone.activation_checkpointing = bool(self.config["train"].get("activation_checkpointing"))
+        channels_last = self.config["train"].get("channels_last", False)
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"train.channels_last: expected true or false, got {channels_last!r}")
+        if channels_last:
+            model.use_channels_last()
         path = init if isinstance(init, str) else self.config.get("init")
         if init and path:
             # the backbone must come whole from the init; heads the init has in another form (e.g.

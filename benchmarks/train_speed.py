@@ -1,0 +1,101 @@
+"""Seconds per training iteration of every compared method on the embedded benchmark, with and
+without a training-path option, in one process: ``python -m benchmarks.train_speed``.
+
+Each method trains `--iters` iterations of its `synthetic` preset settings (random weights: no
+source-only init, so no method waits for another; the data, network, batch and method options are
+the preset's), once per setting, the settings alternating over `--repeats` rounds; the figure is the
+median over rounds of each run's median step time (`method.step`: forward, backward, optimiser and
+the method's own passes; the set-up passes of CBST's rounds and the evaluation are not steps). The
+baseline (`train.channels_last: false`, the option as it was) is re-run beside the option each
+round. Results: benchmarks/results/train-speed-<device-slug>.md and .json.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+SETTINGS = {"baseline": {"channels_last": False}, "channels_last": {"channels_last": True}}
+#: the compared methods whose steps are timed (adabn trains nothing; its passes are BatchNorm's)
+METHODS = ("source_only", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "dacs", "daformer", "mic", "oracle")
+
+
+def step_times(method: str, train: dict, iters: int, threads: int) -> list:
+    """The wall time of each `method.step` of a short run of `method` under the preset with `train`."""
+    from udafast.config import merge, read_config
+    from udafast.engine.runs import resolve_config
+    from udafast.engine.trainer import Trainer
+    from udafast.methods import method_class
+    config = resolve_config(read_config("synthetic"), method)
+    config = merge(config, {"init": None, "threads": threads, "eval": {"max_images": 1},
+                            "train": {"iters": iters, "stage_iters": iters, "panels": 0, "eval_every": 0,
+                                      "ckpt_every": 0, **train}})
+    if method == "proda":
+        config["proda"]["student_init"] = None
+    cls = method_class(method)
+    original, times = cls.step, []
+
+    def step(self, batch, it, total):
+        start = time.perf_counter()
+        out = original(self, batch, it, total)
+        times.append(time.perf_counter() - start)
+        return out
+
+    cls.step = step
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            Trainer(config, os.path.join(folder, "run"), progress=False, tensorboard=False).run()
+    finally:
+        cls.step = original
+    return times[2:] or times  # the first steps warm the allocator and oneDNN's kernel cache
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--iters", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"--methods: expected some of {', '.join(METHODS)}, got {', '.join(unknown)}")
+    runs = {m: {s: [] for s in SETTINGS} for m in methods}
+    for _ in range(args.repeats):
+        for m in methods:
+            for name, train in SETTINGS.items():
+                runs[m][name].append(statistics.median(step_times(m, train, args.iters, args.threads)))
+    rows = {m: {s: statistics.median(v) for s, v in per.items()} for m, per in runs.items()}
+    cpu = platform.processor() or platform.machine()
+    env = {"cpu": cpu, "threads": args.threads, "torch": torch.__version__, "iters": args.iters,
+           "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "argv": argv if argv is not None else sys.argv[1:]}
+    lines = [f"# Training step time on the embedded benchmark ({cpu}, {args.threads} threads, torch {torch.__version__})",
+             "", f"{env['date']}; `python -m benchmarks.train_speed {' '.join(env['argv'])}`: median over {args.repeats} "
+             f"alternating rounds of each run's median step ({args.iters} iterations, the first two left out).", "",
+             "| method | baseline s/step | channels_last s/step | speed-up |", "|---|---|---|---|"]
+    for m, r in rows.items():
+        lines.append(f"| {m} | {r['baseline']:.4f} | {r['channels_last']:.4f} | {r['baseline'] / r['channels_last']:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    slug = "".join(c if c.isalnum() else "-" for c in f"cpu-{cpu}-{args.threads}t".lower()).strip("-")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"train-speed-{slug}.json").write_text(json.dumps({"env": env, "rows": rows, "runs": runs}, indent=2))
+    (out / f"train-speed-{slug}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
