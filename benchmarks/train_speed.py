@@ -1,13 +1,13 @@
-"""Seconds per training iteration of every compared method on the embedded benchmark, with and
-without a training-path option, in one process: ``python -m benchmarks.train_speed``.
+"""Seconds per training iteration of every compared method on the embedded benchmark, before and
+after the training-path changes, in one process: ``python -m benchmarks.train_speed``.
 
 Each method trains `--iters` iterations of its `synthetic` preset settings (random weights: no
 source-only init, so no method waits for another; the data, network, batch and method options are
 the preset's), once per setting, the settings alternating over `--repeats` rounds; the figure is the
 median over rounds of each run's median step time (`method.step`: forward, backward, optimiser and
 the method's own passes; the set-up passes of CBST's rounds and the evaluation are not steps). The
-baseline (`train.channels_last: false`, the option as it was) is re-run beside the option each
-round. Results: benchmarks/results/train-speed-<device-slug>.md and .json.
+settings (SETTINGS: the training path before issue 15's changes and after them) alternate in one
+process, so every round re-runs the baseline beside the changes. Results: benchmarks/results/train-speed-<device-slug>.md and .json.
 """
 import argparse
 import json
@@ -24,19 +24,28 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-SETTINGS = {"baseline": {"channels_last": False}, "channels_last": {"channels_last": True}}
+#: name -> (train section, upsample by matrix products): the training path before issue 15's
+#: changes, with the logits' upsampling by matrix products, and with channels-last networks too
+SETTINGS = {"before": ({"channels_last": False}, False), "upsample": ({"channels_last": False}, True),
+            "after": ({"channels_last": True}, True)}
 #: the compared methods whose steps are timed (adabn trains nothing; its passes are BatchNorm's)
 METHODS = ("source_only", "dann", "adaptsegnet", "cbst", "contrastive", "proda", "dacs", "daformer", "mic", "oracle")
 
 
-def step_times(method: str, train: dict, iters: int, threads: int) -> list:
-    """The wall time of each `method.step` of a short run of `method` under the preset with `train`."""
+def step_times(method: str, setting: tuple, iters: int, threads: int) -> list:
+    """The wall time of each `method.step` of a short run of `method` under the preset with
+    `setting` (see SETTINGS)."""
+    from udafast import inference
     from udafast.config import merge, read_config
     from udafast.engine.runs import resolve_config
     from udafast.engine.trainer import Trainer
     from udafast.methods import method_class
+    train, inference.UPSAMPLE_BY_MATMUL = setting
     config = resolve_config(read_config("synthetic"), method)
+    # 64 images a domain: the passes over the target set (CBST's, ProDA's) are not what is timed
+    scenes = {"options": {"length": 64}}
     config = merge(config, {"init": None, "threads": threads, "eval": {"max_images": 1},
+                            "data": {"source": scenes, "target": scenes},
                             "train": {"iters": iters, "stage_iters": iters, "panels": 0, "eval_every": 0,
                                       "ckpt_every": 0, **train}})
     if method == "proda":
@@ -55,7 +64,7 @@ def step_times(method: str, train: dict, iters: int, threads: int) -> list:
         with tempfile.TemporaryDirectory() as folder:
             Trainer(config, os.path.join(folder, "run"), progress=False, tensorboard=False).run()
     finally:
-        cls.step = original
+        cls.step, inference.UPSAMPLE_BY_MATMUL = original, True
     return times[2:] or times  # the first steps warm the allocator and oneDNN's kernel cache
 
 
@@ -74,8 +83,8 @@ def main(argv=None) -> int:
     runs = {m: {s: [] for s in SETTINGS} for m in methods}
     for _ in range(args.repeats):
         for m in methods:
-            for name, train in SETTINGS.items():
-                runs[m][name].append(statistics.median(step_times(m, train, args.iters, args.threads)))
+            for name, setting in SETTINGS.items():
+                runs[m][name].append(statistics.median(step_times(m, setting, args.iters, args.threads)))
     rows = {m: {s: statistics.median(v) for s, v in per.items()} for m, per in runs.items()}
     cpu = platform.processor() or platform.machine()
     env = {"cpu": cpu, "threads": args.threads, "torch": torch.__version__, "iters": args.iters,
@@ -84,9 +93,14 @@ def main(argv=None) -> int:
     lines = [f"# Training step time on the embedded benchmark ({cpu}, {args.threads} threads, torch {torch.__version__})",
              "", f"{env['date']}; `python -m benchmarks.train_speed {' '.join(env['argv'])}`: median over {args.repeats} "
              f"alternating rounds of each run's median step ({args.iters} iterations, the first two left out).", "",
-             "| method | baseline s/step | channels_last s/step | speed-up |", "|---|---|---|---|"]
+             "before: F.interpolate's bilinear upsampling of the logits, contiguous networks (the path as it "
+             "was); upsample: `udafast.inference.upsample` by two matrix products where a gradient flows back; "
+             "after: and `train.channels_last` (the preset's).", "",
+             "| method | before s/step | upsample s/step | after s/step | speed-up after / before |",
+             "|---|---|---|---|---|"]
     for m, r in rows.items():
-        lines.append(f"| {m} | {r['baseline']:.4f} | {r['channels_last']:.4f} | {r['baseline'] / r['channels_last']:.2f}x |")
+        lines.append(f"| {m} | {r['before']:.4f} | {r['upsample']:.4f} | {r['after']:.4f} | "
+                     f"{r['before'] / r['after']:.2f}x |")
     text = "\n".join(lines) + "\n"
     slug = "".join(c if c.isalnum() else "-" for c in f"cpu-{cpu}-{args.threads}t".lower()).strip("-")
     out = Path(args.out)

@@ -15,7 +15,7 @@ from conftest import TinySeg, tiny_run_config
 from udafast import evaluate, predict as predict_cli
 from udafast.data.transforms import normalize
 from udafast.engine import evaluation
-from udafast.inference import InferenceOptions, infer_probabilities, slide_windows
+from udafast.inference import InferenceOptions, infer_probabilities, slide_windows, upsample
 
 
 class PositionNet(nn.Module):
@@ -307,3 +307,22 @@ def test_trainer_validation_uses_the_eval_options(tmp_path, monkeypatch, one_thr
     bad = tiny_run_config(eval={"flip": "yes"})
     with pytest.raises(ValueError, match=r"^eval\.flip: expected true or false, got 'yes'$"):
         trainer.Trainer(bad, tmp_path / "bad", progress=False, tensorboard=False).run()
+
+
+@pytest.mark.parametrize("size_in,size_out", [((16, 32), (128, 256)), ((7, 5), (33, 70)), ((1, 9), (4, 4)),
+                                              ((12, 12), (5, 7)), ((3, 1), (3, 8))])
+def test_upsample_with_gradient_equals_interpolate(size_in, size_out):
+    """The matrix-product form (taken when a gradient flows) gives F.interpolate's values and
+    gradients to float rounding, up- and downsampling, with a side of 1."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, *size_in, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 3, *size_out, generator=g, dtype=torch.float64)
+    ours = upsample(x, size_out)
+    (ours * y).sum().backward()
+    grad, x.grad = x.grad.clone(), None
+    ref = F.interpolate(x, size=size_out, mode="bilinear", align_corners=True)
+    (ref * y).sum().backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert torch.equal(upsample(x, size_out), F.interpolate(x, size=size_out, mode="bilinear", align_corners=True))

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from udafast.data.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SYNTHIA_13, SYNTHIA_16
 from udafast.data.transforms import normalize
 from udafast.inference import InferenceOptions, infer_probabilities
+from udafast.inference import upsample as upsample_logits  # the public name of evaluation's upsampling
 
 __all__ = [
     "ConfusionMatrix", "iou_per_class", "mean_iou", "scores", "class_subsets", "upsample_logits",
@@ -132,12 +133,6 @@ def label_ids_to_train_ids(label_ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(label_ids).astype(np.int64)
     lut = lookup_table(CITYSCAPES_ID_TO_TRAIN, 256)
     return np.where((ids >= 0) & (ids < 256), lut[np.clip(ids, 0, 255)], 255).astype(np.int64)
-
-
-def upsample_logits(logits: torch.Tensor, size) -> torch.Tensor:
-    """Logits [B, C, h, w] -> [B, C, H, W] for `size` = (H, W): bilinear with align_corners=True,
-    as all the authors' evaluation code does (SPEC part 3)."""
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def _parse_input_size(input_size):

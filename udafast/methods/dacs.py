@@ -67,8 +67,9 @@ def mix_classes(labels: torch.Tensor, generator: torch.Generator, batch_classes:
     drawn without replacement (trainUDA.py: `np.random.choice(n, int((n + n % 2) / 2), False)`).
     `batch_classes`: from the classes of the whole batch (DAFormer's `get_class_masks`)."""
     picked = []
+    whole = torch.unique(labels) if batch_classes else None  # once: the same classes for every image
     for lab in labels:
-        classes = torch.unique(labels if batch_classes else lab)
+        classes = whole if batch_classes else torch.unique(lab)
         n = classes.numel()
         pick = torch.randperm(n, generator=generator)[: (n + n % 2) // 2]
         picked.append(classes[pick.to(classes.device)])
