@@ -91,7 +91,7 @@ def test_shipped_configs_resolve_for_every_method(name):
 
 @pytest.mark.parametrize("file_config, overrides, message", [
     ({}, ["train.iter=5"], "config: unknown key train.iter (did you mean train.iters?); known in train: "
-                           "activation_checkpointing, amp, ckpt_every, eval_every, grad_accum, iters, "),
+                           "activation_checkpointing, amp, channels_last, ckpt_every, eval_every, grad_accum, iters, "),
     ({}, ["data.batchsize=2"], "unknown key data.batchsize (did you mean data.batch_size?); known in data: batch_size,"),
     ({"train": {"iterations": 5}}, [], "unknown key train.iterations (did you mean train.iters?)"),
     ({"trian": {}}, [], "unknown key trian (did you mean train?); known at the top level: adabn, adaptsegnet,"),
@@ -112,7 +112,8 @@ def test_shipped_configs_resolve_for_every_method(name):
     ({"cbst": {"round": 2}}, [], "unknown key cbst.round (did you mean cbst.rounds?)"),
     ({}, ["adaptsegnet.discriminator.betass=[0.9, 0.99]"],
      "unknown key adaptsegnet.discriminator.betass (did you mean adaptsegnet.discriminator.betas?); known in "
-     "adaptsegnet.discriminator: betas, lr, momentum, name, poly_iters, power, schedule, weight_decay"),
+     "adaptsegnet.discriminator: betas, lr, momentum, name, poly_iters, power, schedule, warmup_iters, "
+     "warmup_ratio, weight_decay"),
     ({}, ["oracle.weight=1"], "unknown key oracle.weight; oracle takes no keys"),
     ({}, ["train.iters.x=5"], "unknown key train.iters.x (train.iters takes a value, not keys)"),
     ({}, ["train.iter=5", "eval.max_image=2"], "unknown keys train.iter (did you mean train.iters?), eval.max_image "
