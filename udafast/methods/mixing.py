@@ -97,6 +97,9 @@ def gaussian_blur(data: torch.Tensor, kernel, sigma: tuple) -> torch.Tensor:
     C = data.shape[1]
     ky = _gaussian_1d(kh, sigma[0], data.dtype, data.device)
     kx = _gaussian_1d(kw, sigma[1], data.dtype, data.device)
-    out = F.pad(data, (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
-    out = F.conv2d(out, ky.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
-    return F.conv2d(out, kx.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    # in the images' precision under autocast too: an augmentation, not the network (and a
+    # depth-wise float16 convolution can take minutes on a CPU without float16 kernels)
+    with torch.autocast(data.device.type, enabled=False):
+        out = F.pad(data, (kw // 2, kw // 2, kh // 2, kh // 2), mode="reflect")
+        out = F.conv2d(out, ky.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+        return F.conv2d(out, kx.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
