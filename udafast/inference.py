@@ -20,8 +20,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["InferenceOptions", "infer_probabilities", "view_probabilities", "average", "slide_windows",
-           "scaled_size", "upsample"]
+__all__ = ["InferenceOptions", "infer_probabilities", "bilinear_weights", "view_probabilities", "average",
+           "slide_windows", "scaled_size", "upsample"]
 
 
 @dataclass(frozen=True)

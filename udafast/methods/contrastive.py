@@ -66,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from udafast.data.labels import IGNORE_INDEX
+from udafast.inference import bilinear_weights
 from udafast.methods.base import (Method, ParameterEMATeacher, build_optimizer, is_count, is_number, nearest_labels,
                                   upsample)
 from udafast.methods.context import RunContext
@@ -285,19 +286,6 @@ def augment_samples(images, labels, probs, do_classmix, weak, generator, ignore_
 
 
 # -- the method -----------------------------------------------------------------------------------
-def _bilinear_rows(n_in, n_out, keep, dtype, device):
-    """The rows of the [n_out, n_in] bilinear (align_corners=True) interpolation matrix at the
-    output positions `keep`."""
-    pos = keep.to(torch.float64) * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
-    low = pos.floor().long().clamp(max=n_in - 1)
-    high = (low + 1).clamp(max=n_in - 1)
-    frac = pos - low
-    m = torch.zeros(len(keep), n_in, dtype=torch.float64)
-    m[torch.arange(len(keep)), low] += 1 - frac
-    m[torch.arange(len(keep)), high] += frac
-    return m.to(device, dtype)
-
-
 def _upsample_at(logits, size, down):
     """`upsample(logits, size)` then nearest-downsampled to `down`, computed at the kept positions
     only: `interpolate(mode="nearest")` keeps output row floor(i * H / h) of each size."""
@@ -306,8 +294,8 @@ def _upsample_at(logits, size, down):
         return _downsample_float(logits, down)
     rows = torch.floor(torch.arange(h, dtype=torch.float64) * (H / h)).long().clamp(max=H - 1)
     cols = torch.floor(torch.arange(w, dtype=torch.float64) * (W / w)).long().clamp(max=W - 1)
-    ry = _bilinear_rows(logits.shape[-2], H, rows, logits.dtype, logits.device)
-    rx = _bilinear_rows(logits.shape[-1], W, cols, logits.dtype, logits.device)
+    ry = bilinear_weights(logits.shape[-2], H, logits.dtype, logits.device)[rows.to(logits.device)]
+    rx = bilinear_weights(logits.shape[-1], W, logits.dtype, logits.device)[cols.to(logits.device)]
     return torch.einsum("yi,bcij,xj->bcyx", ry, logits, rx)
 
 
