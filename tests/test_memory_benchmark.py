@@ -13,7 +13,7 @@ def test_full_size_config_is_the_gta5_config(method):
     from udafast.engine.runs import resolve_config
     original = resolve_config(read_config(memory.CONFIGS.get(method, f"gta5_{method}")), method)
     config = memory.measurement_config(method, "bf16+ckpt", device="cuda", iters=5)
-    assert config["model"]["name"] == "deeplabv2_r101" and config["model"]["pretrained"] is None
+    assert config["model"]["name"] == original["model"]["name"] and config["model"]["pretrained"] is None
     assert config["init"] is None  # CBST's "@source_only" would train a source network first
     data, old = config["data"], original["data"]
     assert data["batch_size"] == old["batch_size"] and data["num_workers"] == 0
@@ -30,8 +30,9 @@ def test_full_size_config_is_the_gta5_config(method):
     assert config["train"]["activation_checkpointing"] is True and config["train"]["panels"] == 0
     assert config["eval"] == dict(original["eval"], max_images=1)
     assert config["optimizer"] == original["optimizer"]
-    assert config.get(method) == (original.get(method) if method != "contrastive"
-                                  else dict(original["contrastive"], bank_start=0, loss_start=0))
+    changed = {"contrastive": {"bank_start": 0, "loss_start": 0}, "daformer": {"rcs_min_pixels": 0},
+               "mic": {"rcs_min_pixels": 0}}.get(method, {})
+    assert config.get(method) == (dict(original[method], **changed) if changed else original.get(method))
 
 
 def test_proda_config_sizes():

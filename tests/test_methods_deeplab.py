@@ -9,7 +9,10 @@ from udafast.methods import METHOD_NAMES
 # the heads the methods add to the network sit on its 2048-deep stride-8 features; the small
 # network of the embedded benchmark never exercises those widths
 SECTIONS = {"dann": {"dann": {"hidden": 64}}, "adaptsegnet": {"adaptsegnet": {"ndf": 8}},
-            "proda": {"proda": {"disc_ndf": 8}}, "contrastive": {"contrastive": {"bank_start": 0, "loss_start": 0}}}
+            "proda": {"proda": {"disc_ndf": 8}}, "contrastive": {"contrastive": {"bank_start": 0, "loss_start": 0}},
+            # tiny scenes: no image holds 3000 pixels of a class; the crop's rows scaled to 32
+            "daformer": {"daformer": {"rcs_min_pixels": 0, "ignore_top": 1, "ignore_bottom": 8}},
+            "mic": {"mic": {"rcs_min_pixels": 0, "ignore_top": 1, "ignore_bottom": 8, "mask_block_size": 8}}}
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)

@@ -138,7 +138,7 @@ def run_method(config, out_dir, *, stage=None, resume=None, progress=None, sourc
             t0 = time.perf_counter()
             done = run_method(pre, ssl_run, progress=progress, source_run=source_run, source_config=source_config,
                               log=log)
-            pretrain_s = round(time.perf_counter() - t0, 1)
+            pretrain_s = round(time.perf_counter() - t0, 3)
             log(f"ssl_source pretraining: {done['iters']} iterations in {pretrain_s:.0f} s "
                 f"({done['sec_per_iter']:.3f} s/iter), counted in {config['method']}'s time")
         config[config["method"]] = merge(config.get(config["method"]) or {},
@@ -231,7 +231,7 @@ def summarize(runs, preset=None):
         if quality:
             entry["pseudo_labels"] = quality
         if any("pretrain_s" in m for m in per_seed):  # a pretraining run first (0 where reused)
-            entry["pretrain_s"] = round(statistics.fmean(m.get("pretrain_s", 0.0) for m in per_seed), 1)
+            entry["pretrain_s"] = round(statistics.fmean(m.get("pretrain_s", 0.0) for m in per_seed), 3)
         if all("best" in m for m in per_seed):
             entry["best_miou_mean"], entry["best_miou_std"] = mean_std([m["best"]["miou"] for m in per_seed])
         methods[name] = entry
