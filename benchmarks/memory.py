@@ -197,11 +197,11 @@ class StepMeter:
                     self.step_reserved = max(self.step_reserved or 0, torch.cuda.max_memory_reserved(self.device))
                 return out
             return measured
-        return _patched(cls, "step", wrap)
+        return patched(cls, "step", wrap)
 
 
 @contextlib.contextmanager
-def _patched(cls, name, wrap):
+def patched(cls, name, wrap):
     """`cls.<name>` replaced by `wrap(cls.<name>)` for the block."""
     own = name in cls.__dict__
     original = getattr(cls, name)
@@ -240,7 +240,7 @@ def _steady_state(cls, method):
             original(self, *args, **kwargs)
             hook(self)
         return start_stage
-    return _patched(cls, "start_stage", wrap)
+    return patched(cls, "start_stage", wrap)
 
 
 def _pregenerate(config):

@@ -39,32 +39,30 @@ def profile_method(method: str, *, device: str, warmup: int, threads: int, quick
     from udafast.methods import method_class
     config = memory.measurement_config(method, "fp32", device=device, iters=warmup + 1, quick=quick, threads=threads)
     config["eval"]["max_images"] = 1
-    cls = method_class(method)
-    original, seen, out = cls.step, {"n": 0}, {}
+    seen, out = {"n": 0}, {}
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
 
-    def step(self, batch, it, iters):
-        seen["n"] += 1
-        if seen["n"] <= warmup:
-            return original(self, batch, it, iters)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            result = original(self, batch, it, iters)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            out["step_s"] = time.perf_counter() - start
-        events = prof.key_averages()
-        out["labels"] = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in LABELS}
-        ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total, reverse=True)
-        out["top_ops"] = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in ops[:8]]
-        return result
+    def wrap(original):
+        def step(self, batch, it, iters):
+            seen["n"] += 1
+            if seen["n"] <= warmup:
+                return original(self, batch, it, iters)
+            with profile(activities=activities) as prof:
+                start = time.perf_counter()
+                result = original(self, batch, it, iters)
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                out["step_s"] = time.perf_counter() - start
+            events = prof.key_averages()
+            out["labels"] = {e.key: e.cpu_time_total / 1e6 for e in events if e.key in LABELS}
+            ops = sorted((e for e in events if e.key.startswith("aten::")), key=lambda e: e.self_cpu_time_total,
+                         reverse=True)
+            out["top_ops"] = [(e.key, e.self_cpu_time_total / 1e6, e.count) for e in ops[:8]]
+            return result
+        return step
 
-    cls.step = step
-    try:
-        with tempfile.TemporaryDirectory() as folder:
-            Trainer(config, os.path.join(folder, "run"), progress=False, tensorboard=False).run()
-    finally:
-        cls.step = original
+    with memory.patched(method_class(method), "step", wrap), tempfile.TemporaryDirectory() as folder:
+        Trainer(config, os.path.join(folder, "run"), progress=False, tensorboard=False).run()
     out.update(model=config["model"]["name"], batch=config["data"]["batch_size"],
                crop=config["data"]["source_view"].get("crop"), config=memory.CONFIGS.get(method, f"gta5_{method}"))
     return out

@@ -24,6 +24,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from benchmarks import memory  # noqa: E402
+
 #: name -> (train section, upsample by matrix products): the training path before issue 15's
 #: changes, with the logits' upsampling by matrix products, and with channels-last networks too
 SETTINGS = {"before": ({"channels_last": False}, False), "upsample": ({"channels_last": False}, True),
@@ -50,21 +52,21 @@ def step_times(method: str, setting: tuple, iters: int, threads: int) -> list:
                                       "ckpt_every": 0, **train}})
     if method == "proda":
         config["proda"]["student_init"] = None
-    cls = method_class(method)
-    original, times = cls.step, []
+    times = []
 
-    def step(self, batch, it, total):
-        start = time.perf_counter()
-        out = original(self, batch, it, total)
-        times.append(time.perf_counter() - start)
-        return out
+    def wrap(original):
+        def step(self, batch, it, total):
+            start = time.perf_counter()
+            out = original(self, batch, it, total)
+            times.append(time.perf_counter() - start)
+            return out
+        return step
 
-    cls.step = step
     try:
-        with tempfile.TemporaryDirectory() as folder:
+        with memory.patched(method_class(method), "step", wrap), tempfile.TemporaryDirectory() as folder:
             Trainer(config, os.path.join(folder, "run"), progress=False, tensorboard=False).run()
     finally:
-        cls.step, inference.UPSAMPLE_BY_MATMUL = original, True
+        inference.UPSAMPLE_BY_MATMUL = True
     return times[2:] or times  # the first steps warm the allocator and oneDNN's kernel cache
 
 

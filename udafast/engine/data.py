@@ -241,6 +241,21 @@ class SkipLog:
         return {"count": sum(int(s["count"]) for s in states), "files": files}
 
 
+def _first_readable(dataset, candidates, skip_bad, exhausted):
+    """(index, tag, sample, skipped) of the first (index, tag) of `candidates` whose sample reads,
+    with the (path, reason) of the bad ones before it; without `skip_bad` a bad sample gives
+    {"error": its BadSampleError}, and {"error": ...} `exhausted` when none reads."""
+    skipped = []
+    for index, tag in candidates:
+        try:
+            return index, tag, dataset[index], skipped
+        except BadSampleError as exc:
+            if not skip_bad:
+                return {"error": exc}
+            skipped.append((exc.path, exc.reason))
+    return {"error": ValueError(f"data: {exhausted}, e.g. {skipped[0][0]}: {skipped[0][1]}")}
+
+
 class _Views(Dataset):
     """Indexed by (position, seed): the sample at `position` of the epoch's `order` through `view`
     with a generator of `seed`, its dataset index in "index".
@@ -259,19 +274,11 @@ class _Views(Dataset):
 
     def __getitem__(self, key):
         position, seed = key
-        skipped = []
-        for step in range(len(self.order)):
-            index = self.order[(position + step) % len(self.order)]
-            try:
-                sample = self.dataset[index]
-                break
-            except BadSampleError as exc:
-                if not self.skip_bad:
-                    return {"error": exc}
-                skipped.append((exc.path, exc.reason))
-        else:
-            return {"error": ValueError(f"data: every sample of {self.dataset!r} is bad, e.g. "
-                                        f"{skipped[0][0]}: {skipped[0][1]}")}
+        candidates = ((self.order[(position + step) % len(self.order)], None) for step in range(len(self.order)))
+        found = _first_readable(self.dataset, candidates, self.skip_bad, f"every sample of {self.dataset!r} is bad")
+        if isinstance(found, dict):
+            return found
+        index, _, sample, skipped = found
         extras = self.extras(index) if self.extras is not None else None
         out = self.view(sample, torch.Generator().manual_seed(seed), extras)
         out["index"] = index
@@ -462,21 +469,11 @@ class _RareClassViews(Dataset):
     def __getitem__(self, key):
         _, seed = key
         generator = torch.Generator().manual_seed(seed)
-        skipped = []
-        for _ in range(100):
-            c = self.classes[int(torch.multinomial(self.probs, 1, generator=generator))]
-            images = self.with_class[c]
-            index = images[_randint(generator, len(images))]
-            try:
-                sample = self.dataset[index]
-                break
-            except BadSampleError as exc:
-                if not self.skip_bad:
-                    return {"error": exc}
-                skipped.append((exc.path, exc.reason))
-        else:
-            return {"error": ValueError(f"data: 100 rare-class draws in a row hit bad samples, e.g. "
-                                        f"{skipped[0][0]}: {skipped[0][1]}")}
+        found = _first_readable(self.dataset, self._draws(generator, 100), self.skip_bad,
+                                "100 rare-class draws in a row hit bad samples")
+        if isinstance(found, dict):
+            return found
+        index, c, sample, skipped = found
         out = self.view(sample, generator)
         for _ in range(self.crop_tries):
             if int((out["label"] == c).sum()) > self.min_crop_pixels:
@@ -487,6 +484,14 @@ class _RareClassViews(Dataset):
         if self.skip_bad:
             out["skipped"] = skipped
         return out
+
+
+    def _draws(self, generator, n):
+        """`n` draws (dataset index, class): a class by the probabilities, then one of its images."""
+        for _ in range(n):
+            c = self.classes[int(torch.multinomial(self.probs, 1, generator=generator))]
+            images = self.with_class[c]
+            yield images[_randint(generator, len(images))], c
 
 
 class RareClassStream(BatchStream):

@@ -184,18 +184,24 @@ class DACS(Method):
         images, labels, weights = [], [], []
         for i in range(x_s.shape[0]):
             mask = class_mask(y_s[i], classes[i])
-            image = one_mix(mask, x_s[i], x_t[i])[None]
-            s = o["jitter_strength"]
-            if o["jitter"] and jitter:
-                image = color_jitter(image, (s, s, s, s), g)
-            if o["blur"] and blur:
-                sigma = uniform(g, *BLUR_SIGMA)
-                H, W = image.shape[-2:]
-                image = gaussian_blur(image, (blur_kernel_size(H), blur_kernel_size(W)), (sigma, sigma))
-            images.append(image)
+            images.append(self.strong_colour(one_mix(mask, x_s[i], x_t[i])[None], jitter, blur))
             labels.append(one_mix(mask, y_s[i], pseudo[i]))
             weights.append(one_mix(mask, torch.ones_like(weight_t[i]), weight_t[i]))
         return torch.cat(images), torch.stack(labels), torch.stack(weights)
+
+    def strong_colour(self, images: torch.Tensor, jitter: bool, blur: bool) -> torch.Tensor:
+        """Images [B, 3, H, W] in [0, 1] through the colour jitter (its factors drawn per image) and
+        the blur (one sigma for the call) where the batch's coins `jitter` / `blur` and the options
+        say so (`transformsgpu.colorJitter` / `gaussian_blur`, DAFormer's `strong_transform`)."""
+        o, g = self.options, self.generator
+        if o["jitter"] and jitter:
+            s = o["jitter_strength"]
+            images = color_jitter(images, (s, s, s, s), g)
+        if o["blur"] and blur:
+            sigma = uniform(g, *BLUR_SIGMA)
+            H, W = images.shape[-2:]
+            images = gaussian_blur(images, (blur_kernel_size(H), blur_kernel_size(W)), (sigma, sigma))
+        return images
 
     # -- the loss terms: {name: (unweighted value, weight)}; subclasses add theirs ---------------
     def source_losses(self, x_s: torch.Tensor, y_s: torch.Tensor) -> dict:

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from udafast.methods.base import is_count, is_number
-from udafast.methods.dacs import BLUR_SIGMA, BLUR_THRESHOLD, JITTER_THRESHOLD, blur_kernel_size
+from udafast.methods.dacs import BLUR_THRESHOLD, JITTER_THRESHOLD
 from udafast.methods.daformer import DAFormer
-from udafast.methods.mixing import color_jitter, gaussian_blur, uniform
+from udafast.methods.mixing import uniform
 
 __all__ = ["MIC", "block_mask", "MASK_MODES"]
 
@@ -79,13 +79,7 @@ class MIC(DAFormer):
         if o["mask_mode"] == "separatetrgaug":
             jitter = uniform(g) > JITTER_THRESHOLD
             blur = uniform(g) > BLUR_THRESHOLD
-            s = o["jitter_strength"]
-            if o["jitter"] and jitter:
-                x = color_jitter(x, (s, s, s, s), g)
-            if o["blur"] and blur:
-                sigma = uniform(g, *BLUR_SIGMA)
-                H, W = x.shape[-2:]
-                x = gaussian_blur(x, (blur_kernel_size(H), blur_kernel_size(W)), (sigma, sigma))
+            x = self.strong_colour(x, jitter, blur)
         mask = block_mask(x.shape[0], x.shape[-2:], o["mask_block_size"], o["mask_ratio"], g, x.device)
         return self.normalize(x) * mask.to(x.dtype)
 
