@@ -14,7 +14,6 @@ Results: benchmarks/results/profile-step-<device-slug>.md (and .json).
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from benchmarks import memory  # noqa: E402
+from benchmarks import harness, memory  # noqa: E402
 
 LABELS = ("udafast::teacher_forward", "udafast::pseudo_labels", "udafast::class_mix", "udafast::reference_forward",
           "udafast::feature_distance", "udafast::masked_view")
@@ -99,7 +98,7 @@ def main(argv=None) -> int:
         p.error(f"--methods: expected some of {', '.join(memory.METHODS)}, got {', '.join(unknown)}")
     rows = {m: profile_method(m, device=args.device, warmup=args.warmup, threads=args.threads, quick=args.quick)
             for m in methods}
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else (platform.processor() or platform.machine())
+    name = harness.device_info(torch.device(args.device))["name"]
     env = {"device": name, "threads": args.threads, "torch": torch.__version__, "argv": argv if argv is not None else sys.argv[1:],
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     slug = "".join(c if c.isalnum() else "-" for c in f"{args.device.split(':')[0]}-{name}".lower()).strip("-")

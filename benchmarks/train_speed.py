@@ -12,7 +12,6 @@ process, so every round re-runs the baseline beside the changes. Results: benchm
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from benchmarks import memory  # noqa: E402
+from benchmarks import harness, memory  # noqa: E402
 
 #: name -> (train section, upsample by matrix products): the training path before issue 15's
 #: changes, with the logits' upsampling by matrix products, and with channels-last networks too
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
             for name, setting in SETTINGS.items():
                 runs[m][name].append(statistics.median(step_times(m, setting, args.iters, args.threads)))
     rows = {m: {s: statistics.median(v) for s, v in per.items()} for m, per in runs.items()}
-    cpu = platform.processor() or platform.machine()
+    cpu = harness.device_info(torch.device("cpu"))["cpu_model"]
     env = {"cpu": cpu, "threads": args.threads, "torch": torch.__version__, "iters": args.iters,
            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "argv": argv if argv is not None else sys.argv[1:]}
