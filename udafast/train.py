@@ -94,6 +94,8 @@ def build_parser():
                    help="under torchrun: BatchNorm statistics over the batches of every process")
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute the backbone's activations in the backward pass (less memory, more time)")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the networks' weights and inputs channels-last (faster convolutions; the preset's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, YAML value); repeatable")
     p.add_argument("--results", help="with --method all: write the comparison JSON here (+ .md table, .png chart)")
@@ -137,6 +139,7 @@ def _overrides(args):
         out.append("deterministic=true")
     flags = {"train.on_nonfinite=skip": args.skip_nonfinite, "train.sync_bn=true": args.sync_bn,
              "train.activation_checkpointing=true": args.activation_checkpointing,
+             "train.channels_last=true": args.channels_last,
              "data.skip_bad_samples=true": args.skip_bad_samples}
     out += [k for k, on in flags.items() if on]
     if args.grad_accum is not None:
