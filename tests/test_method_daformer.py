@@ -322,3 +322,21 @@ def test_shipped_configs_carry_the_authors_settings(name):
         assert (section.pop("mask_block_size"), section.pop("mask_ratio"), section.pop("mask_mode")) == (32, 0.7, "separatetrgaug")
         assert section.pop("mask_weight") == 1.0
     assert section == daformer.DAFormer.defaults
+
+
+def test_rare_class_stream_is_the_same_with_loader_workers(tmp_path):
+    ds = _Labels(tmp_path, _label_maps())
+    stats = rare_class.class_stats(ds)
+    classes, probs = rare_class.rcs_class_probabilities(stats, 0.01)
+    keep = [i for i, c in enumerate(classes) if c != 6]
+    classes, probs = [classes[i] for i in keep], probs[keep] / probs[keep].sum()
+    with_class = rare_class.samples_with_class(stats, classes, 8)
+
+    def stream(workers):
+        return RareClassStream(ds, 2, TrainView(crop=(8, 8), flip=0.5), classes, probs, with_class, 4, seed=3,
+                               num_workers=workers)
+    plain, loaded = stream(0), stream(2)
+    for _ in range(4):
+        a, b = next(plain), next(loaded)
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["rare_class"], b["rare_class"])
+    loaded.close()
