@@ -98,11 +98,12 @@ def main(argv=None) -> int:
         p.error(f"--methods: expected some of {', '.join(memory.METHODS)}, got {', '.join(unknown)}")
     rows = {m: profile_method(m, device=args.device, warmup=args.warmup, threads=args.threads, quick=args.quick)
             for m in methods}
-    name = harness.device_info(torch.device(args.device))["name"]
+    torch.set_num_threads(args.threads)  # as the runs had it: the name and slug say the thread count
+    device = harness.device_info(torch.device(args.device))
+    name = device["name"]
     env = {"device": name, "threads": args.threads, "torch": torch.__version__, "argv": argv if argv is not None else sys.argv[1:],
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    slug = "".join(c if c.isalnum() else "-" for c in f"{args.device.split(':')[0]}-{name}".lower()).strip("-")
-    stem = Path(args.out) / f"profile-step-{slug}{'-quick' if args.quick else ''}"
+    stem = Path(args.out) / f"profile-step-{device['slug']}{'-quick' if args.quick else ''}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     stem.with_suffix(".md").write_text(markdown(rows, env))

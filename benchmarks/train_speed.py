@@ -87,7 +87,9 @@ def main(argv=None) -> int:
             for name, setting in SETTINGS.items():
                 runs[m][name].append(statistics.median(step_times(m, setting, args.iters, args.threads)))
     rows = {m: {s: statistics.median(v) for s, v in per.items()} for m, per in runs.items()}
-    cpu = harness.device_info(torch.device("cpu"))["cpu_model"]
+    torch.set_num_threads(args.threads)  # as the runs had it: the slug names the thread count
+    device = harness.device_info(torch.device("cpu"))
+    cpu = device["cpu_model"]
     env = {"cpu": cpu, "threads": args.threads, "torch": torch.__version__, "iters": args.iters,
            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "argv": argv if argv is not None else sys.argv[1:]}
@@ -103,9 +105,9 @@ def main(argv=None) -> int:
         lines.append(f"| {m} | {r['before']:.4f} | {r['upsample']:.4f} | {r['after']:.4f} | "
                      f"{r['before'] / r['after']:.2f}x |")
     text = "\n".join(lines) + "\n"
-    slug = "".join(c if c.isalnum() else "-" for c in f"cpu-{cpu}-{args.threads}t".lower()).strip("-")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    slug = device["slug"]
     (out / f"train-speed-{slug}.json").write_text(json.dumps({"env": env, "rows": rows, "runs": runs}, indent=2))
     (out / f"train-speed-{slug}.md").write_text(text)
     print(text)
