@@ -485,7 +485,6 @@ class _RareClassViews(Dataset):
             out["skipped"] = skipped
         return out
 
-
     def _draws(self, generator, n):
         """`n` draws (dataset index, class): a class by the probabilities, then one of its images."""
         for _ in range(n):

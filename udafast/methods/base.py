@@ -22,8 +22,8 @@ from udafast.inference import upsample
 from udafast.methods.context import RunContext
 from udafast.methods.label_quality import LabelQuality
 
-__all__ = ["Method", "Stage", "is_number", "is_count", "seg_loss", "upsample", "nearest_labels", "EMATeacher", "ParameterEMATeacher",
-           "build_optimizer"]
+__all__ = ["Method", "Stage", "is_number", "is_count", "seg_loss", "upsample", "nearest_labels", "EMATeacher",
+           "ParameterEMATeacher", "build_optimizer"]
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,8 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGN
 
 def build_optimizer(groups: List[Dict[str, Any]], spec: Mapping[str, Any]) -> torch.optim.Optimizer:
     """An optimiser over param `groups` from an `optimizer:` config entry (sgd, adam or adamw; lr,
-    momentum, weight_decay, betas, schedule, power, poly_iters, warmup_iters, warmup_ratio). Each group keeps its starting lr as
-    `initial_lr` for the schedule."""
+    momentum, weight_decay, betas, schedule, power, poly_iters, warmup_iters, warmup_ratio). Each
+    group keeps its starting lr as `initial_lr` for the schedule."""
     name = spec.get("name", "sgd")
     for g in groups:
         g.setdefault("lr", spec["lr"])
@@ -135,7 +135,6 @@ class ParameterEMATeacher(EMATeacher):
     def update(self, student: torch.nn.Module, momentum: float) -> None:
         for t, s in zip(self.model.parameters(), student.parameters()):
             t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
-
 
 
 def is_number(value: object) -> bool:

@@ -105,7 +105,6 @@ class DAFormer(DACS):
     def __init__(self, config, ctx):
         super().__init__(config, ctx)
         self.reference = None
-        self.rcs_classes = None
 
     def _check_options(self):
         super()._check_options()
@@ -134,11 +133,10 @@ class DAFormer(DACS):
         o = self.options
         if o["rcs"]:
             try:
-                self.rcs_classes = self.ctx.set_rare_class_sampling(o["rcs_temperature"], o["rcs_min_pixels"],
-                                                                    o["rcs_min_crop_ratio"])
+                classes, probs = self.ctx.set_rare_class_sampling(o["rcs_temperature"], o["rcs_min_pixels"],
+                                                                  o["rcs_min_crop_ratio"])
             except ValueError as e:
                 raise ValueError(f"{self.name}.rcs_min_pixels: {e}") from None
-            classes, probs = self.rcs_classes
             self.ctx.log("rare-class sampling: " + ", ".join(f"{c}: {p:.3g}" for c, p in zip(classes, probs.tolist())))
         if o["fd_lambda"] > 0:
             # DAFormer's imnet_model: the network as built, before any UDA step, frozen in eval mode;

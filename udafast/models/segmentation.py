@@ -23,12 +23,20 @@ ASPP_DILATIONS = (6, 12, 18, 24)
 
 
 def _channels_last_input(module: nn.Module, args: tuple) -> tuple:
+    """The forward pre-hook of `use_channels_last`: the images channels-last."""
     return (args[0].contiguous(memory_format=torch.channels_last),) + tuple(args[1:])
 
 
 class SegmentationModel(nn.Module):
     """Common to the networks: `self.backbone` trains at the base learning rate, everything else
     (the heads) at ten times it."""
+
+    #: the input normalisation the network expects (see udafast.data.transforms.normalize)
+    normalization: str = "imagenet"
+    #: the depth of the "features" output (None: the network has no feature head)
+    feature_dim: Optional[int] = None
+    #: the resolved config it was built from (set by udafast.models.build_model)
+    config: Dict[str, Any]
 
     def use_channels_last(self) -> "SegmentationModel":
         """Weights and inputs in the channels-last memory format from now on (`train.channels_last`):
@@ -37,13 +45,6 @@ class SegmentationModel(nn.Module):
         self.to(memory_format=torch.channels_last)
         self.register_forward_pre_hook(_channels_last_input)
         return self
-
-    #: the input normalisation the network expects (see udafast.data.transforms.normalize)
-    normalization: str = "imagenet"
-    #: the depth of the "features" output (None: the network has no feature head)
-    feature_dim: Optional[int] = None
-    #: the resolved config it was built from (set by udafast.models.build_model)
-    config: Dict[str, Any]
 
     def backbone_parameters(self) -> List[nn.Parameter]:
         """The backbone's trainable parameters."""
