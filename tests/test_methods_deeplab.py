@@ -24,3 +24,13 @@ def test_method_trains_deeplabv2(method, tmp_path, one_thread):
         config["init"] = "@source_only"
     metrics = run_method(config, tmp_path, log=lambda *_: None)
     assert 0 <= metrics["miou"] <= 100
+
+
+@pytest.mark.parametrize("method", ["daformer", "mic"])
+def test_method_trains_dlv2red(method, tmp_path, one_thread):
+    """lhoyer's DeepLabV2 network of the `_dlv2` configs: ResNet-101-V1c, two ASPP branches, no aux head."""
+    config = tiny_run_config(method, train={"iters": 1, "panels": 0}, eval={"max_images": 1}, **SECTIONS[method])
+    config["model"] = {"name": "deeplabv2_r101", "num_classes": 19, "weights_format": "v1c", "aspp": "two",
+                       "aux_head": False}
+    metrics = run_method(config, tmp_path, log=lambda *_: None)
+    assert 0 <= metrics["miou"] <= 100

@@ -109,7 +109,7 @@ def test_the_cli_reports_the_offline_error_in_one_line(hub, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PRETRAINED))
 def test_a_missing_file_is_downloaded_once_with_its_hash_checked(hub, monkeypatch, name):
-    """torchvision's hash prefix is checked; the DeepLab init's name is not a confirmed hash."""
+    """torchvision's hash prefix is checked; the DeepLab init's and open-mmlab's names are not confirmed hashes."""
     url = PRETRAINED[name][0]
     calls = []
 
@@ -120,7 +120,7 @@ def test_a_missing_file_is_downloaded_once_with_its_hash_checked(hub, monkeypatc
     monkeypatch.setattr(torch.hub, "download_url_to_file", download)
     path = fetch_pretrained(name)
     assert path == str(hub[0] / os.path.basename(url)) and open(path, "rb").read() == b"weights"
-    assert calls == [(url, {"imagenet": "5d3b4d8f", "imagenet_caffe": None}[name], True)]
+    assert calls == [(url, {"imagenet": "5d3b4d8f", "imagenet_caffe": None, "imagenet_v1c": None}[name], True)]
     assert fetch_pretrained(name) == path and len(calls) == 1  # from the cache the second time
 
 

@@ -49,10 +49,11 @@ def build_model(config: Mapping[str, Any], *, load_pretrained: bool = True) -> S
     two-branch sum); head ("deeplabv2": DeepLabV2's ASPP classifier on layer4; "proda": ProDA's
     256-d feature head then a 1x1 classifier, which adds "features" to the outputs); head_dropout
     (0.1, ProDA's dropout before its classifier); feature_dim (256); freeze_bn_affine (False);
-    pretrained (None; a path to ResNet-101 backbone weights; or "imagenet" / "imagenet_caffe":
-    torchvision's / the Caffe DeepLab init's ImageNet weights from torch.hub's cache, downloaded
-    there when missing, see udafast.models.pretrained); weights_format ("auto",
-    "torchvision" or "deeplab": also picks the network layout, see udafast.models.resnet);
+    pretrained (None; a path to ResNet-101 backbone weights; or "imagenet" / "imagenet_caffe" /
+    "imagenet_v1c": torchvision's / the Caffe DeepLab init's / open-mmlab's ResNet-101-V1c ImageNet
+    weights from torch.hub's cache, downloaded there when missing, see udafast.models.pretrained);
+    weights_format ("auto", "torchvision", "deeplab" or "v1c": also picks the network layout, see
+    udafast.models.resnet; "v1c" with aspp "two" and no aux head is DAFormer's "dlv2red");
     normalization ("caffe" for DeepLab-format weights, else "imagenet"; "unit" = RGB in [0, 1]);
     aux_head (True: the layer3 classifier); bn_clr (False: ProDA's BatchNorm on the layer4 features).
     A `pretrained` file that is one of the authors' released models (udafast.models.authors: ProDA,

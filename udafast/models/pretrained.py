@@ -5,13 +5,16 @@
 - "imagenet_caffe": the Caffe-converted DeepLab init `DeepLab_resnet_pretrained_init-f81d91e8.pth`
   that AdaptSegNet and CRST start from: DeepLab layout, every key prefixed `Scale.`, and a 21-class
   ASPP classifier `layer5` (loaded only into a model of that shape).
+- "imagenet_v1c": open-mmlab's ImageNet ResNet-101-V1c (`resnet101_v1c-e67eebb6.pth`, mmcv's
+  `open-mmlab://resnet101_v1c`, what lhoyer/DAFormer's DeepLabV2 runs start from): the "v1c"
+  layout (deep stem), keys `stem.*`, `layer*` under mmcv's `state_dict`.
 
 A file is downloaded once, with a progress bar, into `<torch.hub.get_dir()>/checkpoints/` (the
 folder `torch.hub.load_state_dict_from_url` uses; TORCH_HOME moves it); later runs read it from
 there without network. torchvision's file is checked against the SHA-256 prefix its name carries.
-The DeepLab init's name also ends in eight hex digits, but AdaptSegNet loads it with
-`model_zoo.load_url` and no hash check, and we could not confirm they are its SHA-256 prefix, so it
-is not checked.
+The DeepLab init's and open-mmlab's names also end in eight hex digits, but AdaptSegNet and mmcv load
+them without a hash check, and we could not confirm they are their SHA-256 prefixes, so they are not
+checked.
 """
 import os
 from urllib.parse import urlparse
@@ -25,11 +28,12 @@ PRETRAINED = {
     "imagenet": ("https://download.pytorch.org/models/resnet101-5d3b4d8f.pth", "torchvision", "5d3b4d8f"),
     "imagenet_caffe": ("http://vllab.ucmerced.edu/ytsai/CVPR18/DeepLab_resnet_pretrained_init-f81d91e8.pth",
                        "deeplab", None),
+    "imagenet_v1c": ("https://download.openmmlab.com/pretrain/third_party/resnet101_v1c-e67eebb6.pth", "v1c", None),
 }
 
 
 def pretrained_layout(name: str) -> str:
-    """The network layout ("torchvision" or "deeplab") the named weights were trained in."""
+    """The network layout ("torchvision", "deeplab" or "v1c") the named weights were trained in."""
     return PRETRAINED[name][1]
 
 

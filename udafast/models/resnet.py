@@ -1,13 +1,19 @@
 """ResNet-101 at output stride 8 (DeepLabV2's backbone) and its pretrained-weight loader.
 
-Two layouts share every parameter name and shape (torchvision's: `conv1`, `bn1`, `layer1.0.conv1`,
-..., `layerN.0.downsample.{0,1}`), so one loader serves both:
-- "torchvision": the stride-2 of a downsampling bottleneck sits in its 3x3 conv (ResNet v1.5) and
-  the stem's max-pool floors its output size.
+Three layouts, with torchvision's parameter names for the bottlenecks (`layer1.0.conv1`, ...,
+`layerN.0.downsample.{0,1}`), so one loader serves them all:
+- "torchvision": the stem a 7x7 conv (`conv1`, `bn1`); the stride-2 of a downsampling bottleneck
+  sits in its 3x3 conv (ResNet v1.5) and the stem's max-pool floors its output size.
 - "deeplab": the network the DeepLab (Caffe) weights were trained in and the authors' PyTorch code
-  runs: the stride-2 sits in the bottleneck's first 1x1 conv and the max-pool uses ceil mode (a
-  512x1024 input gives 65x129 logits, not 64x128).
-In both, layer3 and layer4 keep stride 1 and use dilation 2 and 4 in every block (DeepLabV2).
+  runs: torchvision's names, the stride-2 in the bottleneck's first 1x1 conv and the max-pool in
+  ceil mode (a 512x1024 input gives 65x129 logits, not 64x128).
+- "v1c": mmseg's `ResNetV1c` as lhoyer/DAFormer configures it for its DeepLabV2 runs
+  (configs/_base_/models/deeplabv2_r50-d8.py, depth 101 with open-mmlab's `resnet101_v1c`
+  weights): a deep stem of three 3x3 convs (3 -> 32 stride 2, 32 -> 32, 32 -> 64, each with
+  BatchNorm and ReLU: `stem.{0,1,3,4,6,7}`), torchvision's bottlenecks and floor max-pool, and
+  `contract_dilation`: the first block of layer3 / layer4 dilates by 1 / 2, the others by 2 / 4.
+In "torchvision" and "deeplab", layer3 and layer4 keep stride 1 and use dilation 2 and 4 in every
+block (DeepLabV2).
 """
 import os
 
@@ -18,7 +24,7 @@ from udafast.models.recompute import stage
 
 __all__ = ["ResNetBackbone", "LAYOUTS", "read_backbone_weights", "read_weights", "load_backbone_weights"]
 
-LAYOUTS = ("torchvision", "deeplab")
+LAYOUTS = ("torchvision", "deeplab", "v1c")
 RESNET101_BLOCKS = (3, 4, 23, 3)
 # Not the backbone's: the ImageNet file's classifier (fc), the authors' heads (layer5/6, ProDA's
 # bn_pretrain), which udafast.models.authors maps onto the model's heads.
@@ -49,6 +55,12 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
+def _conv3x3_bn_relu(in_channels, out_channels, stride=1):
+    """Three entries of the deep stem (conv, BatchNorm, ReLU), flat in one Sequential as mmseg's."""
+    return (nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True))
+
+
 class ResNetBackbone(nn.Module):
     """ResNet with layer3/layer4 dilated (2, 4) instead of strided: `forward` returns
     (layer3 output [B, 1024, H/8, W/8], layer4 output [B, 2048, H/8, W/8]) for ResNet-101."""
@@ -59,9 +71,12 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
         self.layout = layout
         self._stride_in_1x1 = layout == "deeplab"
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU(inplace=True)
+        if layout == "v1c":
+            self.stem = nn.Sequential(*_conv3x3_bn_relu(3, 32, 2), *_conv3x3_bn_relu(32, 32), *_conv3x3_bn_relu(32, 64))
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.bn1 = nn.BatchNorm2d(64)
+            self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=layout == "deeplab")
         self.inplanes = 64
         self.layer1 = self._make_layer(64, blocks[0])
@@ -82,7 +97,9 @@ class ResNetBackbone(nn.Module):
         if stride != 1 or self.inplanes != out:
             downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, stride=stride, bias=False),
                                        nn.BatchNorm2d(out))
-        layers = [Bottleneck(self.inplanes, planes, stride, dilation, downsample, self._stride_in_1x1)]
+        # mmseg's ResLayer(contract_dilation=True): the first block of a dilated layer dilates by half
+        first_dilation = dilation // 2 if self.layout == "v1c" and dilation > 1 else dilation
+        layers = [Bottleneck(self.inplanes, planes, stride, first_dilation, downsample, self._stride_in_1x1)]
         self.inplanes = out
         layers += [Bottleneck(out, planes, 1, dilation, None, self._stride_in_1x1) for _ in range(1, n)]
         return nn.Sequential(*layers)
@@ -91,7 +108,7 @@ class ResNetBackbone(nn.Module):
     activation_checkpointing = False
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.stem(x) if self.layout == "v1c" else self.relu(self.bn1(self.conv1(x))))
         on = self.activation_checkpointing
         x = stage(self.layer2, stage(self.layer1, x, on), on)
         c3 = stage(self.layer3, x, on)
@@ -116,7 +133,9 @@ def read_backbone_weights(path, weights_format="auto"):
 
     `weights_format`: "torchvision" (keys `conv1.weight`, `layer1.0.conv1.weight`, ...), "deeplab"
     (the authors' Caffe conversion: the same names prefixed `Scale.`, or one of the authors' released
-    models, udafast.models.authors) or "auto" (a `Scale.` prefix or an authors' model means deeplab).
+    models, udafast.models.authors), "v1c" (mmseg's ResNetV1c: `stem.0.weight`, ..., then the same
+    layer names; open-mmlab's `resnet101_v1c` file) or "auto" (a `Scale.` prefix or an authors' model
+    means deeplab, a `stem.` key v1c).
     Classifier keys (`fc.*`, the heads `layer5.*`/`layer6.*`, `bn_pretrain.*`) are left out: see
     `read_weights` for them."""
     state, weights_format, _ = read_weights(path, weights_format)
@@ -130,7 +149,7 @@ def read_weights(path, weights_format="auto"):
     from udafast.models.authors import AUTHORS_NORMALIZATION, detect_format, read_state_file, strip_prefixes
 
     if weights_format not in ("auto",) + LAYOUTS:
-        raise ValueError(f"weights_format: expected 'auto', 'torchvision' or 'deeplab', got {weights_format!r}")
+        raise ValueError(f"weights_format: expected 'auto', 'torchvision', 'deeplab' or 'v1c', got {weights_format!r}")
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"backbone weights not found: {path}")
@@ -143,8 +162,10 @@ def read_weights(path, weights_format="auto"):
             weights_format = "deeplab"
         elif "conv1.weight" in state:
             weights_format = "torchvision"
+        elif "stem.0.weight" in state:
+            weights_format = "v1c"
         else:
-            raise ValueError(f"{path}: neither torchvision nor DeepLab ('Scale.'-prefixed) key names; "
+            raise ValueError(f"{path}: neither torchvision, DeepLab ('Scale.'-prefixed) nor ResNetV1c ('stem.') key names; "
                              f"first keys: {first_names(list(state))}")
     if weights_format == "deeplab":
         state = {k[len(_DEEPLAB_PREFIX):] if k.startswith(_DEEPLAB_PREFIX) else k: v for k, v in state.items()}
