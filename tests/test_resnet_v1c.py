@@ -128,3 +128,43 @@ def test_a_v1c_file_with_other_keys_is_an_error_naming_them(hub):
                                          r"stem\.3\.weight \(32, 3, 3, 3\) \(model \(32, 32, 3, 3\)\); unexpected keys: "
                                          r"stem\.9\.weight"):
         build_model({"name": "deeplabv2_r101", "pretrained": "imagenet_v1c"})
+
+
+def uda_checkpoint(keys):
+    """A DAFormer DeepLabV2 run's checkpoint: mmcv's {"state_dict": ...} with the segmentor three times."""
+    copies = {prefix: {f"{prefix}{part}.{k}": torch.tensor(3) if k.endswith("num_batches_tracked") else
+                       recipe_tensor(f"{prefix}{part}.{k}", s) for part, section in keys for k, s in section}
+              for prefix in ("model.", "ema_model.", "imnet_model.")}
+    return copies["model."], {k: v for copy in copies.values() for k, v in copy.items()}
+
+
+def test_a_daformer_deeplabv2_checkpoint_loads_the_student(tmp_path):
+    from udafast.models.checkpoint import load_model_checkpoint, model_from_checkpoint
+    keys = (("backbone", authors_keys("backbone_keys")), ("decode_head", authors_keys("head_keys")))
+    student, state = uda_checkpoint(keys)
+    path = tmp_path / "iter_40000.pth"
+    torch.save({"meta": {"iter": 40000}, "state_dict": state}, path)
+    model = model_from_checkpoint(path)
+    assert {k: model.config[k] for k in DLV2RED} == DLV2RED and model.config["num_classes"] == 19
+    own = model.state_dict()
+    for key, value in student.items():
+        name = key[len("model."):]
+        if name.startswith("decode_head."):
+            name = head_name(name[len("decode_head."):])
+        assert torch.equal(own[name], value), key
+    x = torch.randn(1, 3, 33, 41)
+    with torch.no_grad():  # the head is DLV2Head: the sum of the two dilated convs of the layer4 features
+        c4 = model.eval()(x, return_backbone=True)["backbone"]
+        head = sum(torch.nn.functional.conv2d(c4, student[f"model.decode_head.aspp_modules.{i}.conv.weight"],
+                                              student[f"model.decode_head.aspp_modules.{i}.conv.bias"],
+                                              padding=d, dilation=d) for i, d in ((0, 6), (1, 12)))
+        torch.testing.assert_close(model(x)["logits"], head)
+
+    broken = dict(state)
+    broken.pop("model.decode_head.aspp_modules.1.conv.bias")
+    broken["model.backbone.stem.9.weight"] = torch.zeros(1)
+    torch.save({"state_dict": broken}, path)
+    with pytest.raises(ValueError, match=r"iter_40000\.pth: the daformer weights do not fit udafast's network: "
+                                         r"missing keys: model\.decode_head\.aspp_modules\.1\.conv\.bias; "
+                                         r"unexpected keys: model\.backbone\.stem\.9\.weight"):
+        load_model_checkpoint(path)

@@ -19,12 +19,16 @@ names and shapes in tests/fixtures/authors/<format>_keys.json, dumped from those
   dict): `layer5.*` the four-branch ASPP classifier on layer4. No aux classifier. Inputs: RGB,
   ImageNet mean/std (deeplab/datasets.py, crst_seg.py IMG_MEAN/IMG_STD).
 
-- "daformer": lhoyer/DAFormer's and lhoyer/MIC's MiT-B5 checkpoints (mmcv's `{"state_dict": ...}`;
-  tests/fixtures/authors/daformer_keys.json): a UDA run's state dict holds the segmentor three
-  times, `model.` (the student, what their tools/test.py evaluates and what is read here),
-  `ema_model.` (the teacher) and `imnet_model.` (the frozen ImageNet network), each as
-  `backbone.*` (MiT) and `decode_head.*` (DAFormerHead): udafast's "mit_b5_daformer" has those
-  names. A segmentor's own state dict (no prefix) reads too. Inputs: ImageNet mean/std.
+- "daformer": lhoyer/DAFormer's and lhoyer/MIC's checkpoints (mmcv's `{"state_dict": ...}`): a UDA
+  run's state dict holds the segmentor three times, `model.` (the student, what their tools/test.py
+  evaluates and what is read here), `ema_model.` (the teacher) and `imnet_model.` (the frozen
+  ImageNet network), each as `backbone.*` and `decode_head.*`. MiT-B5 runs
+  (tests/fixtures/authors/daformer_keys.json; DAFormerHead's `decode_head.conv_seg`): udafast's
+  "mit_b5_daformer" has those names. DeepLabV2 runs ('dlv2red' on ResNet-101-V1c,
+  tests/fixtures/authors/dlv2red_r101_v1c.json): mmseg's ResNetV1c names are udafast's "v1c"
+  backbone's, and DLV2Head's `decode_head.aspp_modules.<i>.conv.*` (dilations 6, 12) are the first
+  two branches of the ASPP classifier (`aspp: two`; the other two, unused, keep their
+  initialisation). A segmentor's own state dict (no prefix) reads too. Inputs: ImageNet mean/std.
 
 The first three are the DeepLab layout (stride in the bottleneck's first 1x1 conv, ceil-mode max-pool).
 A `module.` prefix (DataParallel) is stripped. A file whose keys do not fit is a one-line
@@ -47,6 +51,9 @@ AUTHORS_NORMALIZATION = _NORMALIZATION = {"proda": "unit", "adaptsegnet": "caffe
 _BACKBONE = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 # DAFormer's UDA checkpoints: the copies of the segmentor besides the student `model.`, not read
 _OTHER_COPIES = {"daformer": ("ema_model.", "imnet_model.")}
+# their heads' first keys: DAFormerHead (MiT-B5 runs), DLV2Head (DeepLabV2 runs)
+_DAFORMER_HEADS = ("conv_seg.weight", "aspp_modules.0.conv.weight")
+_DLV2_HEAD = "decode_head.aspp_modules."
 
 
 def _numpy_globals():
@@ -99,7 +106,7 @@ def read_state_file(path, prefixes=("module.", "Scale.")):
 def detect_format(state):
     """"proda", "adaptsegnet", "crst", "daformer" from the head keys of a prefix-stripped state
     dict, else None."""
-    if "model.decode_head.conv_seg.weight" in state or "decode_head.conv_seg.weight" in state:
+    if any(p + "decode_head." + head in state for p in ("model.", "") for head in _DAFORMER_HEADS):
         return "daformer"
     if "layer5.head.1.weight" in state:
         return "proda"
@@ -115,6 +122,9 @@ def _rename(key, fmt):
     """The udafast name of an authors' key (None: not a key of that format)."""
     if fmt == "daformer":
         key = key[len("model."):] if key.startswith("model.") else key
+        if key.startswith(_DLV2_HEAD):  # aspp_modules.<i>.conv.<weight|bias>
+            branch, conv, what = key[len(_DLV2_HEAD):].split(".", 2)
+            return f"classifier.conv2d_list.{branch}.{what}" if conv == "conv" else None
         return key if key.startswith(("backbone.", "decode_head.")) else None
     if key.startswith(_BACKBONE):
         return "backbone." + key
@@ -160,7 +170,12 @@ def load_fitting_heads(model, heads):
 def model_config(state, fmt):
     """The udafast model config of the network the authors' weights were trained in."""
     if fmt == "daformer":
-        w = state.get("model.decode_head.conv_seg.weight", state.get("decode_head.conv_seg.weight"))
+        prefix = "model." if any(k.startswith("model.") for k in state) else ""
+        w = state.get(prefix + "decode_head.conv_seg.weight")
+        if w is None:  # configs/_base_/models/deeplabv2red_r50-d8.py at depth 101: no auxiliary head
+            w = state[prefix + _DLV2_HEAD + "0.conv.weight"]
+            return {"name": "deeplabv2_r101", "weights_format": "v1c", "aspp": "two", "aux_head": False,
+                    "num_classes": int(w.shape[0]), "normalization": _NORMALIZATION[fmt]}
         return {"name": "mit_b5_daformer", "num_classes": int(w.shape[0]), "feature_dim": int(w.shape[1]),
                 "normalization": _NORMALIZATION[fmt]}
     config = {"name": "deeplabv2_r101", "weights_format": "deeplab", "normalization": _NORMALIZATION[fmt]}
@@ -197,6 +212,10 @@ def convert_state(state, fmt, model, where):
         if tuple(v.shape) != tuple(own[name].shape):
             mismatched.append(f"{k} {tuple(v.shape)} (udafast {tuple(own[name].shape)})")
         converted[name] = v
+    # DLV2Head has only the branches aspp "two" sums: the others keep the model's initialisation
+    classifier = getattr(model, "classifier", None)
+    if fmt == "daformer" and hasattr(classifier, "unused_state_keys"):
+        converted.update({k: own[k] for k in classifier.unused_state_keys("classifier.") if k not in converted})
     missing = [k for k in own if k not in converted and not k.endswith("num_batches_tracked")]
     problems = key_problems([_authors_name(k, fmt) for k in missing], mismatched, unexpected)
     if problems:
@@ -207,6 +226,9 @@ def convert_state(state, fmt, model, where):
 def _authors_name(name, fmt):
     """udafast name -> the authors' key, for error messages."""
     if fmt == "daformer":
+        if name.startswith("classifier.conv2d_list."):
+            branch, what = name[len("classifier.conv2d_list."):].split(".")
+            return f"model.{_DLV2_HEAD}{branch}.conv.{what}"
         return "model." + name
     if name.startswith("backbone."):
         return name[len("backbone."):]

@@ -81,8 +81,17 @@ class ASPPClassifier(nn.Module):
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
 
+    def unused_state_keys(self, prefix: str = "") -> List[str]:
+        """The state-dict keys (under `prefix`) of the branches this mode leaves out of the sum."""
+        return [f"{prefix}conv2d_list.{i}.{k}" for i in range(self.used_branches, len(self.conv2d_list))
+                for k in self.conv2d_list[i].state_dict()]
+
+    @property
+    def used_branches(self) -> int:
+        return len(self.conv2d_list) if self.mode == "four" else 2
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        used = self.conv2d_list if self.mode == "four" else self.conv2d_list[:2]
+        used = self.conv2d_list[:self.used_branches]
         out = used[0](x)
         for conv in used[1:]:
             out = out + conv(x)
