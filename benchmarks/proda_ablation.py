@@ -19,10 +19,9 @@ import shutil
 import sys
 import time
 
-import yaml
-
+from benchmarks.reuse import comparison_run, run_or_reuse
 from udafast.config import read_config
-from udafast.engine.runs import SOURCE_INIT, git_commit, mean_std, needs_ssl, resolve_config, run_method
+from udafast.engine.runs import git_commit, mean_std, resolve_config
 
 #: (key, row, the paper's mIoU, the row's proda.* flags, where its mIoU comes from)
 ROWS = (
@@ -64,37 +63,13 @@ def _link(src, dst):
             shutil.copyfile(src, dst)
 
 
-def _run(config, folder, **kw):
-    """The run's metrics: those of a finished run already in `folder` (same config), else a new run."""
-    done = os.path.join(folder, "metrics.json")
-    if os.path.isfile(done) and os.path.isfile(os.path.join(folder, "config.yaml")):
-        with open(os.path.join(folder, "config.yaml")) as f:
-            recorded = _as_recorded(config, folder, kw.get("source_run"), kw.get("stage"))
-            same = yaml.safe_load(f) == yaml.safe_load(yaml.safe_dump(recorded))
-        if same:
-            with open(done) as f:
-                return json.load(f)
-    return run_method(config, folder, **kw)
-
-
-def _as_recorded(config, folder, source_run, stage):
-    """`config` as the run folder's config.yaml records it: the source-only init and the
-    "@ssl_source" student init resolved as run_method resolves them."""
-    if config.get("init") == SOURCE_INIT and source_run is not None:
-        config = dict(config, init=os.path.join(source_run, "checkpoints", "last.pt"))
-    if needs_ssl(config, stage):
-        student_init = os.path.join(folder, "pretrain_ssl_source", "checkpoints", "last.pt")
-        config = dict(config, proda=dict(config["proda"], student_init=student_init))
-    return config
-
-
 def run_seed(file_config, out, seed, overrides=(), log=print, comparison=None):
     """The rows' {key: {"miou", "accuracy"}} for one seed, runs under `out` (finished runs there
     with the same config are reused). `comparison`: the folder of a comparison of the same preset
     (`python -m udafast.train --method all --seeds ...`) whose source-only and ProDA runs of this
     seed are taken as they are."""
     if comparison is not None:
-        source_dir, full_dir = _comparison_run(comparison, "source_only", seed), _comparison_run(comparison, "proda", seed)
+        source_dir, full_dir = comparison_run(comparison, "source_only", seed), comparison_run(comparison, "proda", seed)
         with open(os.path.join(source_dir, "metrics.json")) as f:
             rows = {"source_only": {"miou": json.load(f)["miou"], "accuracy": None}}
         with open(os.path.join(full_dir, "metrics.json")) as f:
@@ -102,10 +77,10 @@ def run_seed(file_config, out, seed, overrides=(), log=print, comparison=None):
     else:
         source_config = resolve_config(file_config, "source_only", [*overrides, f"seed={seed}"])
         source_dir = os.path.join(out, "source_only")
-        rows = {"source_only": {"miou": _run(source_config, source_dir, log=log)["miou"], "accuracy": None}}
+        rows = {"source_only": {"miou": run_or_reuse(source_config, source_dir, log=log)["miou"], "accuracy": None}}
         full_dir = os.path.join(out, "proda")
         config = resolve_config(file_config, "proda", [*overrides, f"seed={seed}"])
-        full = _run(config, full_dir, source_run=source_dir, log=log)
+        full = run_or_reuse(config, full_dir, source_run=source_dir, log=log)
     for key, _, _, flags, stage in ROWS:
         if (stage is not None and flags is None) or key == "stage1":  # rows the whole run gives
             rows[key] = {"miou": full["stages"][stage]["miou"], "accuracy": _accuracy(full, stage)}
@@ -124,21 +99,10 @@ def run_seed(file_config, out, seed, overrides=(), log=print, comparison=None):
             _link(os.path.join(full_dir, "proda", "soft_labels.npy"), os.path.join(folder, "proda", "soft_labels.npy"))
         variant = resolve_config(file_config, "proda", [*overrides, f"seed={seed}", *flags])
         t0 = time.perf_counter()
-        metrics = _run(variant, folder, stage=stage, source_run=source_dir, log=log)
+        metrics = run_or_reuse(variant, folder, stage=stage, source_run=source_dir, log=log)
         rows[key] = {"miou": metrics["miou"], "accuracy": _accuracy(metrics, stage)}
         log(f"seed {seed} {name}: mIoU {metrics['miou']:.2f} ({time.perf_counter() - t0:.0f} s)")
     return rows
-
-
-def _comparison_run(folder, method, seed):
-    """A comparison's finished run of `method` and `seed` (`python -m udafast.train --method all`)."""
-    for candidate in (os.path.join(folder, method, f"seed_{seed}"), os.path.join(folder, method)):
-        path = os.path.join(candidate, "metrics.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                if json.load(f).get("seed") == seed:
-                    return candidate
-    raise FileNotFoundError(f"--from-comparison: no finished {method} run of seed {seed} under {folder}")
 
 
 def summarize(per_seed, seeds, preset):

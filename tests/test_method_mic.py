@@ -63,8 +63,35 @@ def test_step_trains_on_the_masked_target_with_the_pseudo_label_weight():
     assert float(low.step(_batch(), 0, 10)["masked"]) == 0
 
 
+def test_mask_bn_update_false_keeps_the_running_statistics_of_before_the_masked_pass():
+    """The authors' code (true) moves BatchNorm's running statistics in the masked pass; false keeps
+    them, with the same losses (the forward normalises with the batch's statistics either way)."""
+    def step(update):
+        m = _method(mic.MIC, mask_block_size=8, threshold=0.0, mask_bn_update=update)
+        norms = [b for b in m.model.modules() if isinstance(b, torch.nn.BatchNorm2d)]
+        seen = {}
+        losses = m.target_losses
+
+        def before_masked_pass(*args):
+            seen["before"] = [(b.running_mean.clone(), b.running_var.clone(), int(b.num_batches_tracked)) for b in norms]
+            return losses(*args)
+        m.target_losses = before_masked_pass
+        out = m.step(_batch(), 0, 10)
+        after = [(b.running_mean, b.running_var, int(b.num_batches_tracked)) for b in norms]
+        return out, seen["before"], after
+
+    kept, before, after = step(False)
+    for (mean0, var0, n0), (mean1, var1, n1) in zip(before, after):
+        assert torch.equal(mean0, mean1) and torch.equal(var0, var1) and n0 == n1
+    moved, before, after = step(True)
+    assert not all(torch.equal(m0, m1) for (m0, _, _), (m1, _, _) in zip(before, after))
+    assert all(n1 == n0 + 1 for (_, _, n0), (_, _, n1) in zip(before, after))
+    assert {k: float(v) for k, v in kept.items()} == {k: float(v) for k, v in moved.items()}
+
+
 @pytest.mark.parametrize("key,value", [("mask_block_size", 0), ("mask_ratio", 1.5), ("mask_weight", -1),
-                                       ("mask_mode", "separate"), ("rcs_temperature", -1)])
+                                       ("mask_mode", "separate"), ("rcs_temperature", -1),
+                                       ("mask_bn_update", "no")])
 def test_bad_options_raise(key, value):
     with pytest.raises(ValueError, match=f"mic.{key}"):
         _method(mic.MIC, **{key: value})

@@ -15,11 +15,17 @@ definition; where it is silent the authors' code (lhoyer/MIC `seg/mmseg/models/u
   `mask_alpha` and `mask_pseudo_threshold` 'same': MIC shares DAFormer's teacher), as a mean
   over every pixel, at weight `mask_weight` 1 (`mask_lambda`).
 
+The masked pass runs the student in train mode, as lhoyer's code does, so a BatchNorm network's
+running statistics also move towards the masked images' (`mask_bn_update` true). `mask_bn_update:
+false` (not the authors': an ablation) keeps them as they were before that pass; the forward still
+normalises with the batch's statistics.
+
 HRDA's multi-resolution training is not part of udafast: MIC runs on DAFormer here, with
 DAFormer's 512x512 settings (unconfirmed: MIC ships only HRDA configs). `mask_mode: separatetrg`
 masks the target image without the separate colour augmentation.
 """
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +36,7 @@ from udafast.methods.dacs import BLUR_THRESHOLD, JITTER_THRESHOLD
 from udafast.methods.daformer import DAFormer
 from udafast.methods.mixing import uniform
 
-__all__ = ["MIC", "block_mask", "MASK_MODES"]
+__all__ = ["MIC", "block_mask", "running_stats_kept", "MASK_MODES"]
 
 MASK_MODES = ("separatetrgaug", "separatetrg")
 
@@ -48,6 +54,24 @@ def block_mask(batch: int, size: Sequence[int], block_size: int, ratio: float, g
     return F.interpolate(kept, size=(H, W), mode="nearest").to(device)
 
 
+@contextlib.contextmanager
+def running_stats_kept(model: torch.nn.Module) -> Iterator[None]:
+    """Within: `model`'s BatchNorm layers normalise with the batch's statistics but leave their running
+    statistics as they are (update factor 0: autograd keeps those buffers for the backward pass, so
+    they may not be restored in place afterwards); their batch counts are put back on exit."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and m.track_running_stats]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
+
+
 class MIC(DAFormer):
     name = "mic"
     defaults = {
@@ -56,6 +80,7 @@ class MIC(DAFormer):
         "mask_ratio": 0.7,                 # mask_generator mask_ratio
         "mask_weight": 1.0,                # mask_lambda
         "mask_mode": "separatetrgaug",     # mask_mode
+        "mask_bn_update": True,            # the masked pass updates BatchNorm running statistics
     }
 
     def _check_options(self):
@@ -69,6 +94,8 @@ class MIC(DAFormer):
             raise self.option_error("mask_weight", "a number >= 0")
         if o["mask_mode"] not in MASK_MODES:
             raise self.option_error("mask_mode", " or ".join(MASK_MODES))
+        if not isinstance(o["mask_bn_update"], bool):
+            raise self.option_error("mask_bn_update", "true or false")
 
     def masked_images(self, x_t: torch.Tensor) -> torch.Tensor:
         """The student's input: the target images [B, 3, H, W] in [0, 1], with `separatetrgaug` their
@@ -86,5 +113,6 @@ class MIC(DAFormer):
     def target_losses(self, x_t, pseudo, weight_t):
         with record_function("udafast::masked_view"):
             masked = self.masked_images(x_t)
-        logits = self.model(masked)["logits"]
+        with contextlib.nullcontext() if self.options["mask_bn_update"] else running_stats_kept(self.model):
+            logits = self.model(masked)["logits"]
         return {"masked": (self.weighted_ce(logits, pseudo, weight_t), self.options["mask_weight"])}
