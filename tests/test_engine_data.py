@@ -64,7 +64,49 @@ def test_resize_and_padding():
     assert (out["label"][16:] == 255).all() and (out["label"][:, 24:] == 255).all()
 
 
+def _one_class_with_a_corner(h=32, w=48, corner=12):
+    """Class 1 everywhere but a `corner` x `corner` block of class 2 at the top left."""
+    label = torch.ones(h, w, dtype=torch.int64)
+    label[:corner, :corner] = 2
+    return {"image": torch.rand(3, h, w), "label": label, "name": "one"}
+
+
+def _replayed_offsets(seed, n, h=32, w=48, ch=16, cw=16):
+    """The first `n` crop offsets a view's generator draws (two integers per crop)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(int(torch.randint(h - ch + 1, (), generator=g)), int(torch.randint(w - cw + 1, (), generator=g)))
+            for _ in range(n)]
+
+
+def test_cat_max_ratio_redraws_crops_as_mmseg_randomcrop():
+    """DAFormer's GTA5 pipeline: RandomCrop(cat_max_ratio=0.75) keeps the first of up to 10 draws
+    that holds two classes, none on >= 75% of the labelled pixels, else the 11th as it is."""
+    sample = _one_class_with_a_corner()
+    view = TrainView(crop=(16, 16), flip=0.0, cat_max_ratio=0.75)
+    kept_draws = []
+    for seed in range(40):
+        out = view(sample, torch.Generator().manual_seed(seed))
+        offsets = _replayed_offsets(seed, 11)
+        passing = [i for i, (y, x) in enumerate(offsets[:10])
+                   if (sample["label"][y:y + 16, x:x + 16] == 2).sum() > 64]  # class 2 over a quarter
+        kept = passing[0] if passing else 10
+        y, x = offsets[kept]
+        assert torch.equal(out["image"], sample["image"][:, y:y + 16, x:x + 16]), seed
+        kept_draws.append(kept)
+    assert 0 in kept_draws and any(k > 0 for k in kept_draws)  # some crops were drawn again
+    # off (1.0, the default) and for single-class labels: the first draw, resp. the 11th
+    plain = TrainView(crop=(16, 16), flip=0.0)(sample, torch.Generator().manual_seed(3))
+    y, x = _replayed_offsets(3, 1)[0]
+    assert torch.equal(plain["image"], sample["image"][:, y:y + 16, x:x + 16])
+    single = dict(sample, label=torch.where(sample["label"] == 2, 255, sample["label"]))
+    out = view(single, torch.Generator().manual_seed(3))
+    y, x = _replayed_offsets(3, 11)[10]
+    assert torch.equal(out["image"], sample["image"][:, y:y + 16, x:x + 16])
+
+
 def test_view_rejects_bad_config():
+    with pytest.raises(ValueError, match="cat_max_ratio"):
+        TrainView.from_config({"cat_max_ratio": 0})
     with pytest.raises(ValueError, match="unknown"):
         TrainView.from_config({"crops": 3})
     with pytest.raises(ValueError, match="flip"):

@@ -321,6 +321,7 @@ def test_shipped_configs_carry_the_authors_settings(name):
                                    "schedule": "poly", "power": 1.0, "warmup_iters": 1500, "warmup_ratio": 1.0e-6}
     assert config["train"]["iters"] == 40000 and config["data"]["batch_size"] == 2
     assert config["data"]["source_view"]["crop"] == [512, 512] == config["data"]["target_view"]["crop"]
+    assert config["data"]["source_view"]["cat_max_ratio"] == 0.75 and config["data"]["target_view"]["cat_max_ratio"] == 1.0
     section = dict(config[method])
     if method == "mic":
         assert (section.pop("mask_block_size"), section.pop("mask_ratio"), section.pop("mask_mode")) == (32, 0.7, "separatetrgaug")

@@ -38,8 +38,8 @@ DEFAULTS = {
         "target": {"name": "synthetic", "root": None, "split": "train", "options": {"domain": "target"}},
         "val": {"name": "synthetic", "root": None, "split": "val", "options": {"domain": "target"}},
         # per-domain training views: resize (H, W) or shorter side, random scale, crop (H, W), flip
-        "source_view": {"resize": None, "scale_range": None, "crop": None, "flip": 0.5},
-        "target_view": {"resize": None, "scale_range": None, "crop": None, "flip": 0.5},
+        "source_view": {"resize": None, "scale_range": None, "crop": None, "flip": 0.5, "cat_max_ratio": 1.0},
+        "target_view": {"resize": None, "scale_range": None, "crop": None, "flip": 0.5, "cat_max_ratio": 1.0},
         "batch_size": 4,
         "num_workers": 0,
         # true: training passes over bad samples (undecodable files, labels of another size or with

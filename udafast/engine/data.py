@@ -78,9 +78,12 @@ class TrainView:
 
     `resize`: (H, W), or an int for the shorter side; `scale_range`: (low, high) of the resized
     size; `crop`: (H, W), padded with 0 / 255 when the image is smaller; `align`: crop offsets are
-    multiples of it (the maps' stride, so that their crops are exact)."""
+    multiples of it (the maps' stride, so that their crops are exact); `cat_max_ratio`: below 1,
+    mmseg's `RandomCrop(cat_max_ratio)`, which DAFormer's GTA5 pipeline uses (0.75): a crop is drawn
+    again, up to 10 times, while its label holds fewer than two classes or one class covers
+    `cat_max_ratio` or more of its labelled pixels (the 11th draw is kept as it is)."""
 
-    def __init__(self, resize=None, scale_range=None, crop=None, flip=0.5, align=1):
+    def __init__(self, resize=None, scale_range=None, crop=None, flip=0.5, align=1, cat_max_ratio=1.0):
         self.resize = None if resize is None else Resize(resize if isinstance(resize, int)
                                                          else size_pair(resize, "resize"))
         if scale_range is not None:
@@ -94,14 +97,18 @@ class TrainView:
             raise ValueError(f"flip: expected a probability, got {flip}")
         self.flip = float(flip)
         self.align = int(align)
+        if isinstance(cat_max_ratio, bool) or not isinstance(cat_max_ratio, (int, float)) or not 0 < cat_max_ratio <= 1:
+            raise ValueError(f"cat_max_ratio: expected a number in (0, 1], got {cat_max_ratio!r}")
+        self.cat_max_ratio = float(cat_max_ratio)
 
     @classmethod
     def from_config(cls, view, align=1):
         view = dict(view or {})
-        unknown = sorted(set(view) - {"resize", "scale_range", "crop", "flip"})
+        unknown = sorted(set(view) - {"resize", "scale_range", "crop", "flip", "cat_max_ratio"})
         if unknown:
             raise ValueError(f"view: unknown key(s) {unknown}")
-        return cls(view.get("resize"), view.get("scale_range"), view.get("crop"), view.get("flip", 0.5), align)
+        return cls(view.get("resize"), view.get("scale_range"), view.get("crop"), view.get("flip", 0.5), align,
+                   view.get("cat_max_ratio", 1.0))
 
     def resized(self, sample):
         """Only the resize step: the frame in which extras and pseudo-labels are defined."""
@@ -168,12 +175,19 @@ class TrainView:
             maps = {k: _pad_map(v, h, w, max(h, ch), max(w, cw)) for k, v in maps.items()}
             h, w = image.shape[-2:]
         a = self.align
-        y0 = _randint(generator, (h - ch) // a + 1) * a
-        x0 = _randint(generator, (w - cw) // a + 1) * a
+
+        def draw():
+            return _randint(generator, (h - ch) // a + 1) * a, _randint(generator, (w - cw) // a + 1) * a
+        y0, x0 = draw()
         if center is not None:  # a crop around this pixel (CBST's rare-class mining)
             cy, cx = center
             y0 = min(max(0, int(cy) - ch // 2), h - ch) // a * a
             x0 = min(max(0, int(cx) - cw // 2), w - cw) // a * a
+        elif self.cat_max_ratio < 1 and labels.get("label") is not None:
+            for _ in range(CAT_MAX_DRAWS):
+                if _mixed_enough(labels["label"][..., y0:y0 + ch, x0:x0 + cw], self.cat_max_ratio):
+                    break
+                y0, x0 = draw()
         image = image[..., y0:y0 + ch, x0:x0 + cw]
         labels = {k: v[..., y0:y0 + ch, x0:x0 + cw] for k, v in labels.items()}
         maps = {k: _crop_map(v, h, w, y0, x0, ch, cw) for k, v in maps.items()}
@@ -181,7 +195,19 @@ class TrainView:
 
     def __repr__(self):
         return (f"TrainView(resize={self.resize}, scale_range={self.scale_range}, crop={self.crop}, "
-                f"flip={self.flip}, align={self.align})")
+                f"flip={self.flip}, align={self.align}, cat_max_ratio={self.cat_max_ratio})")
+
+
+#: mmseg's RandomCrop: the crops checked against cat_max_ratio before one is kept unchecked
+CAT_MAX_DRAWS = 10
+
+
+def _mixed_enough(label, cat_max_ratio):
+    """mmseg RandomCrop's test: more than one class in `label` and none covering `cat_max_ratio` of
+    its labelled pixels."""
+    counts = torch.bincount(label[label != IGNORE_INDEX].reshape(-1).long())
+    counts = counts[counts > 0]
+    return counts.numel() > 1 and float(counts.max()) / float(counts.sum()) < cat_max_ratio
 
 
 #: per-pixel label maps of a sample that follow the image through every geometric step
