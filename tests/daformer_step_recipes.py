@@ -51,7 +51,10 @@ def config(name):
                            "data": {"batch_size": 2}})
     section = {"alpha": ALPHA, "threshold": STEP_THRESHOLD, "jitter": False, "blur": False, "rcs": False,
                "ignore_top": IGNORE_TOP, "ignore_bottom": IGNORE_BOTTOM, "fd_lambda": FD_LAMBDA,
-               "fd_classes": list(FD_CLASSES), "fd_scale_min_ratio": FD_MIN_RATIO, "fd_reference": "init"}
+               "fd_classes": list(FD_CLASSES), "fd_scale_min_ratio": FD_MIN_RATIO, "fd_reference": "init",
+               # the fixtures' one adaptation (their notes): lhoyer's logits upsampled with align_corners=True;
+               # the flag's own path is tested against F.interpolate in test_method_daformer.py
+               "lhoyer_align_corners": False}
     if name == "mic":
         section.update(mask_mode="separatetrg", mask_block_size=MASK_BLOCK, mask_ratio=MASK_RATIO,
                        mask_weight=MASK_WEIGHT)

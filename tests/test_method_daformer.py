@@ -12,6 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dacs_recipes as R  # noqa: E402
@@ -227,7 +228,25 @@ def test_daformer_defaults_are_its_configs():
     assert (d["alpha"], d["ignore_top"], d["ignore_bottom"], d["jitter_strength"]) == (0.999, 15, 120, 0.2)
     assert (d["rcs_temperature"], d["rcs_min_pixels"], d["rcs_min_crop_ratio"]) == (0.01, 3000, 0.5)
     assert (d["fd_lambda"], d["fd_classes"], d["fd_scale_min_ratio"]) == (0.005, [6, 7, 11, 12, 13, 14, 15, 16, 17, 18], 0.75)
-    assert d["lhoyer_batch_classes"] and d["lhoyer_ema_offset"] and d["lhoyer_source_mean_all"]
+    assert d["lhoyer_batch_classes"] and d["lhoyer_ema_offset"] and d["lhoyer_source_mean_all"] and d["lhoyer_align_corners"]
+
+
+@pytest.mark.parametrize("lhoyer", [True, False])
+def test_lhoyer_align_corners_upsamples_as_mmseg_resize(lhoyer):
+    """lhoyer's heads resize logits with align_corners=False (mmseg's `resize`), the DACS code with True:
+    the method's upsampling, its gradient included, is F.interpolate's with that alignment."""
+    m = _method(lhoyer_align_corners=lhoyer)
+    logits = torch.randn(2, 5, 4, 6, dtype=torch.float64, requires_grad=True)
+    ours = m.upsample(logits, (32, 40))
+    theirs = F.interpolate(logits, size=(32, 40), mode="bilinear", align_corners=not lhoyer)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    weight = torch.randn_like(ours)
+    grad, = torch.autograd.grad((ours * weight).sum(), logits)
+    ref, = torch.autograd.grad((theirs * weight).sum(), logits)
+    torch.testing.assert_close(grad, ref, rtol=0, atol=1e-12)
+    # the whole step follows the flag: its teacher pseudo-labels and losses differ between the two
+    other = _method(lhoyer_align_corners=not lhoyer)
+    assert float(m.step(_batch(), 0, 10)["seg"]) != float(other.step(_batch(), 0, 10)["seg"])
 
 
 def test_step_adds_the_feature_distance_to_a_frozen_reference():

@@ -94,16 +94,20 @@ UPSAMPLE_BY_MATMUL = True
 
 
 def bilinear_weights(n_in: int, n_out: int, dtype: torch.dtype = torch.float32,
-                     device: Optional[torch.device] = None) -> torch.Tensor:
-    """[n_out, n_in]: the weights of 1-D linear interpolation with align_corners=True (output i at
-    input position i (n_in - 1) / (n_out - 1), as F.interpolate places it), rows summing to 1."""
-    if n_in == 1 or n_out == 1:
+                     device: Optional[torch.device] = None, align_corners: bool = True) -> torch.Tensor:
+    """[n_out, n_in]: the weights of 1-D linear interpolation as F.interpolate places its outputs,
+    rows summing to 1: with `align_corners` output i at input position i (n_in - 1) / (n_out - 1);
+    without, at max(0, (i + 0.5) n_in / n_out - 0.5), the last input repeated past the edge."""
+    if n_in == 1 or (n_out == 1 and align_corners):
         weights = torch.zeros(n_out, n_in, dtype=torch.float64)
         weights[:, 0] = 1
         return weights.to(dtype=dtype, device=device)
-    pos = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / (n_out - 1))
+    if align_corners:
+        pos = torch.arange(n_out, dtype=torch.float64) * ((n_in - 1) / (n_out - 1))
+    else:
+        pos = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out) - 0.5).clamp_min(0)
     low = pos.floor().long().clamp(max=n_in - 2)
-    frac = pos - low
+    frac = (pos - low).clamp(max=1.0)
     weights = torch.zeros(n_out, n_in, dtype=torch.float64)
     rows = torch.arange(n_out)
     weights[rows, low] = 1 - frac
@@ -111,9 +115,10 @@ def bilinear_weights(n_in: int, n_out: int, dtype: torch.dtype = torch.float32,
     return weights.to(dtype=dtype, device=device)
 
 
-def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def upsample(logits: torch.Tensor, size: Sequence[int], align_corners: bool = True) -> torch.Tensor:
     """Logits [..., h, w] to `size` (H, W), bilinear with align_corners=True as the authors' code
-    does (SPEC part 3); unchanged at their own size. The methods' losses and label passes use it too.
+    does (SPEC part 3); unchanged at their own size. The methods' losses and label passes use it too
+    (`align_corners=False`: as mmseg's heads resize them, for lhoyer's DAFormer and MIC).
     When a gradient will flow back, as two matrix products with `bilinear_weights` (the same values
     to float rounding): the backward of F.interpolate's bilinear kernel is the slowest op of a
     training step on the CPU (benchmarks/results/train-speed-*.md), a matrix product's is not."""
@@ -122,9 +127,9 @@ def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     grad = UPSAMPLE_BY_MATMUL and torch.is_grad_enabled() and logits.requires_grad
     # float16 / bfloat16 (autocast) keep F.interpolate: it computes its weights in float32
     if not grad or logits.dtype not in (torch.float32, torch.float64):
-        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
-    rows = bilinear_weights(logits.shape[-2], int(size[0]), logits.dtype, logits.device)
-    cols = bilinear_weights(logits.shape[-1], int(size[1]), logits.dtype, logits.device)
+        return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
+    rows = bilinear_weights(logits.shape[-2], int(size[0]), logits.dtype, logits.device, align_corners)
+    cols = bilinear_weights(logits.shape[-1], int(size[1]), logits.dtype, logits.device, align_corners)
     with torch.autocast(logits.device.type, enabled=False):  # the products in the logits' precision
         return torch.matmul(torch.matmul(rows, logits), cols.t())
 

@@ -37,8 +37,8 @@ dacs_transforms.py`, `configs/_base_/uda/dacs.py`). Where it differs from vikols
 - `lhoyer_source_mean_all`: its mmseg cross-entropy averages the source loss over every pixel,
   ignored ones included;
 - `jitter_strength` 0.2 (its `color_jitter_strength`; vikolss 0.25); the probabilities agree.
-Not reproduced: its decode heads upsample logits with `align_corners=False` (udafast upsamples as
-the DACS code does, `align_corners=True`).
+- `lhoyer_align_corners`: its decode heads (mmseg's `resize`) upsample the logits of the teacher's
+  pseudo-labels and of every loss with `align_corners=False`; the DACS code with `align_corners=True`.
 """
 import math
 
@@ -115,6 +115,7 @@ class DACS(Method):
         "lhoyer_batch_classes": False,
         "lhoyer_ema_offset": False,
         "lhoyer_source_mean_all": False,
+        "lhoyer_align_corners": False,
     }
 
     def __init__(self, config, ctx):
@@ -134,7 +135,8 @@ class DACS(Method):
         for key in ("ignore_top", "ignore_bottom"):
             if not is_count(o[key], 0):
                 raise self.option_error(key, "an integer >= 0")
-        for key in ("jitter", "blur", "lhoyer_batch_classes", "lhoyer_ema_offset", "lhoyer_source_mean_all"):
+        for key in ("jitter", "blur", "lhoyer_batch_classes", "lhoyer_ema_offset", "lhoyer_source_mean_all",
+                    "lhoyer_align_corners"):
             if not isinstance(o[key], bool):
                 raise self.option_error(key, "true or false")
 
@@ -153,7 +155,7 @@ class DACS(Method):
         # the teacher's pseudo-labels and their weight (profiler labels: benchmarks/profile_step.py)
         with torch.no_grad():
             with record_function("udafast::teacher_forward"):
-                logits = upsample(self.teacher.model(self.normalize(x_t))["logits"], x_t.shape[-2:])
+                logits = self.upsample(self.teacher.model(self.normalize(x_t))["logits"], x_t.shape[-2:])
             with record_function("udafast::pseudo_labels"):
                 max_probs, pseudo = F.softmax(logits.float(), dim=1).max(1)
                 weight_t = pseudo_weight(max_probs, o["threshold"], o["ignore_top"], o["ignore_bottom"])
@@ -206,7 +208,7 @@ class DACS(Method):
     # -- the loss terms: {name: (unweighted value, weight)}; subclasses add theirs ---------------
     def source_losses(self, x_s: torch.Tensor, y_s: torch.Tensor) -> dict:
         """{"seg": the source cross-entropy}."""
-        logits_s = upsample(self.model(self.normalize(x_s))["logits"], y_s.shape[-2:])
+        logits_s = self.upsample(self.model(self.normalize(x_s))["logits"], y_s.shape[-2:])
         return {"seg": (self.source_ce(logits_s, y_s), 1.0)}
 
     def source_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -219,10 +221,13 @@ class DACS(Method):
         """`CrossEntropyLoss2dPixelWiseWeighted`: the mean over every pixel of CE times its weight."""
         return self.weighted_ce(self.model(self.normalize(x_m))["logits"], y_m, w_m)
 
-    @staticmethod
-    def weighted_ce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def upsample(self, logits: torch.Tensor, size) -> torch.Tensor:
+        """The logits at `size`, bilinear, aligned as the method's code aligns them (`lhoyer_align_corners`)."""
+        return upsample(logits, size, align_corners=not self.options["lhoyer_align_corners"])
+
+    def weighted_ce(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """mean(CE(upsampled logits, labels) * weights) over every pixel (ignored ones as 0)."""
-        logits = upsample(logits, labels.shape[-2:])
+        logits = self.upsample(logits, labels.shape[-2:])
         ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
         return (ce * weights.to(ce.dtype)).mean()
 

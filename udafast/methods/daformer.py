@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.profiler import record_function
 
 from udafast.data.labels import IGNORE_INDEX
-from udafast.methods.base import is_count, is_number, upsample
+from udafast.methods.base import is_count, is_number
 from udafast.methods.dacs import DACS
 
 __all__ = ["DAFormer", "downscale_label_ratio", "feature_distance", "THING_CLASSES"]
@@ -92,6 +92,7 @@ class DAFormer(DACS):
         "lhoyer_batch_classes": True,         # its get_class_masks (see udafast.methods.dacs)
         "lhoyer_ema_offset": True,            # its _update_ema at the start of the next iteration
         "lhoyer_source_mean_all": True,       # mmseg's cross-entropy: the mean over every pixel
+        "lhoyer_align_corners": True,         # mmseg's resize of the logits: align_corners=False
         "rcs": True,                          # rare_class_sampling
         "rcs_temperature": 0.01,              # class_temp
         "rcs_min_pixels": 3000,               # min_pixels
@@ -157,7 +158,7 @@ class DAFormer(DACS):
             return super().source_losses(x_s, y_s)
         x = self.normalize(x_s)
         out = self.model(x, return_backbone=True)
-        logits = upsample(out["logits"], y_s.shape[-2:])
+        logits = self.upsample(out["logits"], y_s.shape[-2:])
         with torch.no_grad(), record_function("udafast::reference_forward"):
             self.reference.eval()
             reference = self.reference(x, return_backbone=True)["backbone"]
