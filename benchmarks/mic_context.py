@@ -23,7 +23,7 @@ import sys
 
 import torch
 
-from benchmarks.reuse import comparison_run, run_or_reuse
+from benchmarks.reuse import add_seed_run_arguments, comparison_run, parse_seeds, run_or_reuse, write_results
 from udafast.config import read_config
 from udafast.data.transforms import normalize
 from udafast.engine.data import build_split
@@ -123,21 +123,13 @@ def format_table(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.mic_context", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="synthetic", help="a preset or YAML file (default: synthetic)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
+    add_seed_run_arguments(parser, "runs/mic-context", "benchmarks/results/mic-context-synthetic.json",
+                           "take the source-only, DAFormer and MIC runs of each seed from this comparison folder "
+                           "(python -m udafast.train --method all with the same preset), e.g. runs/compare-synthetic")
     parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all: "
                         + ", ".join(r[0] for r in ROWS) + ")")
-    parser.add_argument("--out", default="runs/mic-context", help="the runs' folder")
-    parser.add_argument("--results", default="benchmarks/results/mic-context-synthetic.json")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
-    parser.add_argument("--from-comparison", metavar="DIR", default=None,
-                        help="take the source-only, DAFormer and MIC runs of each seed from this comparison folder "
-                             "(python -m udafast.train --method all with the same preset), e.g. runs/compare-synthetic")
     args = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    seeds = parse_seeds(parser, args.seeds)
     known = {r[0]: r for r in ROWS}
     keys = args.rows.split(",") if args.rows else list(known)
     unknown = [k for k in keys if k not in known]
@@ -152,14 +144,7 @@ def main(argv=None):
         print(f"mic_context: error: {e}", file=sys.stderr)
         return 2
     results = summarize(per_seed, seeds, rows, args.config)
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    stem = args.results[:-5] if args.results.endswith(".json") else args.results
-    with open(args.results, "w") as f:
-        json.dump(results, f, indent=2)
-    table = format_table(results)
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
-    print(table)
+    write_results(results, args.results, format_table(results))
     return 0
 
 

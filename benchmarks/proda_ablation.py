@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 
-from benchmarks.reuse import comparison_run, run_or_reuse
+from benchmarks.reuse import add_seed_run_arguments, comparison_run, parse_seeds, run_or_reuse, write_results
 from udafast.config import read_config
 from udafast.engine.runs import git_commit, mean_std, resolve_config
 
@@ -129,19 +129,11 @@ def format_table(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.proda_ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="synthetic", help="a preset or YAML file (default: synthetic)")
-    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: 0,1,2)")
-    parser.add_argument("--out", default="runs/proda-ablation", help="the runs' folder")
-    parser.add_argument("--results", default="benchmarks/results/proda-ablation-synthetic.json")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
-    parser.add_argument("--from-comparison", metavar="DIR", default=None,
-                        help="take the source-only and whole ProDA runs of each seed from this comparison folder "
-                             "(python -m udafast.train --method all with the same preset), e.g. runs/compare-synthetic")
+    add_seed_run_arguments(parser, "runs/proda-ablation", "benchmarks/results/proda-ablation-synthetic.json",
+                           "take the source-only and whole ProDA runs of each seed from this comparison folder "
+                           "(python -m udafast.train --method all with the same preset), e.g. runs/compare-synthetic")
     args = parser.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    seeds = parse_seeds(parser, args.seeds)
     try:
         file_config = read_config(args.config)
         per_seed = [run_seed(file_config, os.path.join(args.out, f"seed_{s}"), s, args.set,
@@ -150,14 +142,7 @@ def main(argv=None):
         print(f"proda_ablation: error: {e}", file=sys.stderr)
         return 2
     results = summarize(per_seed, seeds, args.config)
-    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
-    with open(args.results, "w") as f:
-        json.dump(results, f, indent=2)
-    stem = args.results[:-5] if args.results.endswith(".json") else args.results
-    table = format_table(results)
-    with open(stem + ".md", "w") as f:
-        f.write(table + "\n")
-    print(table)
+    write_results(results, args.results, format_table(results))
     return 0
 
 
