@@ -75,24 +75,26 @@ def run_seed(file_config, out, seed, rows=ROWS, overrides=(), comparison=None, l
     else:
         source_dir = os.path.join(out, "source_only")
         run_or_reuse(resolve_config(file_config, "source_only", seeded), source_dir, log=log)
+    # the same BatchNorm re-estimation and val images for every row
+    adabn_config = resolve_config(file_config, "adabn", seeded)
+    val = build_split(adabn_config["data"]["val"])
     results = {}
     for key, name, method, flags in rows:
-        config = resolve_config(file_config, method, [*seeded, *flags])
         if comparison is not None and not flags:
             run_dir = comparison_run(comparison, method, seed)
             with open(os.path.join(run_dir, "metrics.json")) as f:
                 metrics = json.load(f)
         else:
             run_dir = os.path.join(out, key)
-            metrics = run_or_reuse(config, run_dir, source_run=source_dir, log=log)
+            metrics = run_or_reuse(resolve_config(file_config, method, [*seeded, *flags]), run_dir,
+                                   source_run=source_dir, log=log)
         adabn_dir = os.path.join(out, f"{key}_target_bn")
-        adabn_config = resolve_config(file_config, "adabn", seeded)
         adabn = run_or_reuse(adabn_config, adabn_dir, source_run=run_dir, log=log)
         # every row's networks see the masks of its MIC settings (DAFormer's row: the preset's)
         mask = {**MIC.defaults, **(resolve_config(file_config, "mic", [*seeded, *flags]).get("mic") or {})}
         row = {"miou": metrics["miou"], "target_bn": adabn["miou"],
-               **masked_scores(os.path.join(adabn_dir, "checkpoints", "last.pt"), build_split(adabn_config["data"]["val"]),
-                               mask["mask_block_size"], mask["mask_ratio"])}
+               **masked_scores(os.path.join(adabn_dir, "checkpoints", "last.pt"), val, mask["mask_block_size"],
+                               mask["mask_ratio"])}
         log(f"seed {seed} {name}: " + ", ".join(f"{header} {row[k]:.2f}" for k, header in COLUMNS))
         results[key] = row
     return results

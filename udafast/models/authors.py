@@ -51,9 +51,11 @@ AUTHORS_NORMALIZATION = _NORMALIZATION = {"proda": "unit", "adaptsegnet": "caffe
 _BACKBONE = ("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 # DAFormer's UDA checkpoints: the copies of the segmentor besides the student `model.`, not read
 _OTHER_COPIES = {"daformer": ("ema_model.", "imnet_model.")}
-# their heads' first keys: DAFormerHead (MiT-B5 runs), DLV2Head (DeepLabV2 runs)
-_DAFORMER_HEADS = ("conv_seg.weight", "aspp_modules.0.conv.weight")
+# DLV2Head's branches (DeepLabV2 runs), and the key that tells each head apart: DAFormerHead's
+# classifier (MiT-B5 runs), DLV2Head's first branch
 _DLV2_HEAD = "decode_head.aspp_modules."
+_MIT_HEAD_KEY = "decode_head.conv_seg.weight"
+_DLV2_HEAD_KEY = _DLV2_HEAD + "0.conv.weight"
 
 
 def _numpy_globals():
@@ -106,7 +108,7 @@ def read_state_file(path, prefixes=("module.", "Scale.")):
 def detect_format(state):
     """"proda", "adaptsegnet", "crst", "daformer" from the head keys of a prefix-stripped state
     dict, else None."""
-    if any(p + "decode_head." + head in state for p in ("model.", "") for head in _DAFORMER_HEADS):
+    if any(prefix + key in state for prefix in ("model.", "") for key in (_MIT_HEAD_KEY, _DLV2_HEAD_KEY)):
         return "daformer"
     if "layer5.head.1.weight" in state:
         return "proda"
@@ -171,9 +173,9 @@ def model_config(state, fmt):
     """The udafast model config of the network the authors' weights were trained in."""
     if fmt == "daformer":
         prefix = "model." if any(k.startswith("model.") for k in state) else ""
-        w = state.get(prefix + "decode_head.conv_seg.weight")
+        w = state.get(prefix + _MIT_HEAD_KEY)
         if w is None:  # configs/_base_/models/deeplabv2red_r50-d8.py at depth 101: no auxiliary head
-            w = state[prefix + _DLV2_HEAD + "0.conv.weight"]
+            w = state[prefix + _DLV2_HEAD_KEY]
             return {"name": "deeplabv2_r101", "weights_format": "v1c", "aspp": "two", "aux_head": False,
                     "num_classes": int(w.shape[0]), "normalization": _NORMALIZATION[fmt]}
         return {"name": "mit_b5_daformer", "num_classes": int(w.shape[0]), "feature_dim": int(w.shape[1]),
