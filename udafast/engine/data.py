@@ -79,9 +79,10 @@ class TrainView:
     `resize`: (H, W), or an int for the shorter side; `scale_range`: (low, high) of the resized
     size; `crop`: (H, W), padded with 0 / 255 when the image is smaller; `align`: crop offsets are
     multiples of it (the maps' stride, so that their crops are exact); `cat_max_ratio`: below 1,
-    mmseg's `RandomCrop(cat_max_ratio)`, which DAFormer's GTA5 pipeline uses (0.75): a crop is drawn
-    again, up to 10 times, while its label holds fewer than two classes or one class covers
-    `cat_max_ratio` or more of its labelled pixels (the 11th draw is kept as it is)."""
+    mmseg's `RandomCrop(cat_max_ratio)` (mmseg/datasets/pipelines/transforms.py), which DAFormer's
+    GTA5 and SYNTHIA pipelines use (0.75): a crop is drawn again, up to 10 times, while its label
+    holds fewer than two classes or one class covers `cat_max_ratio` or more of its labelled pixels
+    (the 11th draw is kept as it is)."""
 
     def __init__(self, resize=None, scale_range=None, crop=None, flip=0.5, align=1, cat_max_ratio=1.0):
         self.resize = None if resize is None else Resize(resize if isinstance(resize, int)
