@@ -51,6 +51,18 @@ def test_backbone_keys_are_mmseg_resnetv1c():
     assert "aux" not in model(torch.zeros(1, 3, 33, 33))
 
 
+def test_head_starts_as_mmcv_initialises_dlv2head():
+    """DAFormer's deeplabv2 config: NormalInit(std=0.01) over aspp_modules, biases 0; the Caffe
+    DeepLab classifier keeps nn.Conv2d's default biases."""
+    torch.manual_seed(0)
+    convs = build_model(DLV2RED).classifier.conv2d_list
+    weights = torch.cat([c.weight.flatten() for c in convs])
+    assert all(torch.equal(c.bias, torch.zeros_like(c.bias)) for c in convs)
+    assert abs(weights.std().item() - 0.01) < 1e-4 and abs(weights.mean().item()) < 1e-4
+    caffe = build_model({**DLV2RED, "weights_format": "deeplab"}).classifier.conv2d_list
+    assert all(c.bias.abs().max() > 0 for c in caffe)
+
+
 def test_contract_dilation_strides_and_max_pool_are_the_authors():
     backbone = build_model(DLV2RED).backbone
     arch = FIXTURE["architecture"]

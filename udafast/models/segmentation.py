@@ -69,7 +69,7 @@ class ASPPClassifier(nn.Module):
     `mode="two"` sums only the first two, as the AdaptSegNet code does (an early return inside its
     loop); the other two convs stay so the authors' state dicts load and the flag can flip."""
 
-    def __init__(self, in_channels: int, num_classes: int, mode: str = "four"):
+    def __init__(self, in_channels: int, num_classes: int, mode: str = "four", zero_bias: bool = False):
         super().__init__()
         if mode not in ASPP_MODES:
             raise ValueError(f"aspp: expected one of {ASPP_MODES}, got {mode!r}")
@@ -77,9 +77,13 @@ class ASPPClassifier(nn.Module):
         self.conv2d_list = nn.ModuleList(
             nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in ASPP_DILATIONS)
         # the authors' Classifier_Module (AdaptSegNet model/deeplab_multi.py, CRST deeplab/model.py):
-        # weights N(0, 0.01), biases left at nn.Conv2d's default initialisation
+        # weights N(0, 0.01), biases left at nn.Conv2d's default initialisation; `zero_bias`:
+        # DAFormer's DLV2Head (configs/_base_/models/deeplabv2_r50-d8.py, mmcv's NormalInit std
+        # 0.01 over aspp_modules) sets the biases to 0
         for conv in self.conv2d_list:
             nn.init.normal_(conv.weight, 0.0, 0.01)
+            if zero_bias:
+                nn.init.zeros_(conv.bias)
 
     def unused_state_keys(self, prefix: str = "") -> List[str]:
         """The state-dict keys (under `prefix`) of the branches this mode leaves out of the sum."""
@@ -154,10 +158,12 @@ class DeepLabV2(SegmentationModel):
         # (microsoft/ProDA models/deeplabv2.py `bn_pretrain`), trained with the heads
         self.backbone_norm = nn.BatchNorm2d(c4) if bn_clr else None
         # ProDA's and CRST's networks have no layer3 classifier (aux_head False)
-        self.aux_classifier = ASPPClassifier(c3, num_classes, aspp) if aux_head else None
+        # the v1c layout is DAFormer's mmseg network, whose DLV2Head starts with zero biases
+        zero_bias = layout == "v1c"
+        self.aux_classifier = ASPPClassifier(c3, num_classes, aspp, zero_bias) if aux_head else None
         if head == "deeplabv2":
             self.feature_head = None
-            self.classifier = ASPPClassifier(c4, num_classes, aspp)
+            self.classifier = ASPPClassifier(c4, num_classes, aspp, zero_bias)
         else:
             self.feature_dim = feature_dim
             self.feature_head = ProDAFeatureHead(c4, feature_dim)
