@@ -16,7 +16,7 @@ run: forward, backward and optimiser steps, with the network, optimiser state an
 resident), over the set-up before the first step (network, the stage's passes over the target
 set) and over the whole run (evaluation of one val image and checkpoints included), plus the
 allocator's reserved peak. CPU (only with --quick, toy sizes): the process's peak RSS
-(`ru_maxrss`) and its growth over the run.
+(`ru_maxrss`, reset as the trainer starts) and its growth over the run.
 
 Results: benchmarks/results/memory-<device-slug>.json and .md (with --quick: memory-<slug>-quick.*,
 never merged with full-size results); a new run's (method, variant) rows replace the old ones.
@@ -163,6 +163,17 @@ def _max_rss_bytes():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _reset_peak_rss():
+    """Start the process's peak resident memory afresh (Linux: "5" to /proc/self/clear_refs resets
+    VmHWM, which ru_maxrss reads), so the peak is the measured run's, not the imports' or an earlier
+    load's. Where that is refused the peak stays the process's, and the growth may be understated."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 class StepMeter:
     """Wraps a method class's `step` for one run: the memory peak before the first step (the
     set-up) and over the steps, and each step's time (synchronised on CUDA)."""
@@ -283,6 +294,7 @@ def run_child(spec):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             resident = torch.cuda.memory_allocated(device)
+        _reset_peak_rss()
         rss_before = _rss_bytes()
         cls = method_class(method)
         with meter.attached(cls), _steady_state(cls, method):
@@ -422,8 +434,8 @@ COLUMNS = {
     "peak_setup_bytes": "CUDA: the same before the first step (network, the stage's passes over the target set)",
     "peak_run_bytes": "CUDA: the same over the whole run (set-up, steps, evaluation of one val image, checkpoints)",
     "reserved_step_bytes": "CUDA: torch.cuda.max_memory_reserved() over the steps (the caching allocator's footprint)",
-    "peak_rss_bytes / rss_growth_bytes": "CPU (--quick only): the process's peak resident memory (ru_maxrss), and "
-                                         "it minus the resident memory before the trainer started",
+    "peak_rss_bytes / rss_growth_bytes": "CPU (--quick only): the process's peak resident memory (ru_maxrss, "
+                                         "reset when the trainer starts), and it minus the resident memory then",
     "sec_per_iter": "the trainer's median seconds per iteration after the first 3 (data loading on the main "
                     "process included)",
     "step_s": "median seconds of method.step alone (synchronised on CUDA), same iterations",
