@@ -21,7 +21,7 @@ from conftest import assert_bitwise_equal, run_and_resume, tiny_run_config  # no
 import udafast.methods.daformer as daformer  # noqa: E402
 from udafast.config import DEFAULTS, merge  # noqa: E402
 from udafast.data import rare_class  # noqa: E402
-from udafast.engine.data import BatchStream, RareClassStream, TrainView  # noqa: E402
+from udafast.engine.data import BatchStream, RareClassStream, TrainView, UniformDrawStream  # noqa: E402
 from udafast.engine.trainer import Trainer, apply_schedule  # noqa: E402
 from udafast.methods.base import build_optimizer  # noqa: E402
 from udafast.models import build_model  # noqa: E402
@@ -196,6 +196,31 @@ def test_rare_class_stream_is_seeded_and_resumes(tmp_path):
     assert isinstance(a, BatchStream) and a.state_dict()["position"] == 7 - 3 * a.epoch
 
 
+def test_uniform_draw_stream_draws_with_replacement_seeded_and_resumes(tmp_path):
+    """DAFormer's target under RCS: each image drawn uniformly with replacement (a plain stream's
+    epoch is a permutation); reproducible from (seed, epoch, position), with loader workers too."""
+    ds = _Labels(tmp_path, _label_maps(n=8))
+
+    def stream(seed=0, workers=0, rank=0, world=1):
+        return UniformDrawStream(ds, 2, TrainView(flip=0.5), seed=seed, num_workers=workers, rank=rank, world=world)
+    a = stream()
+    drawn = [next(a)["index"].tolist() for _ in range(40)]  # 10 epochs of 4 batches
+    epochs = [sum(drawn[e * 4:(e + 1) * 4], []) for e in range(10)]
+    assert all(0 <= i < 8 for e in epochs for i in e) and a.state_dict() == {"epoch": 9, "position": 4}
+    assert any(len(set(e)) < 8 for e in epochs)  # all ten epochs permutations: probability (8!/8^8)^10
+    assert sorted(sum(epochs, [])) != sorted(list(range(8)) * 10)
+    resumed = stream()
+    resumed.load_state_dict({"epoch": 3, "position": 2})
+    assert [next(resumed)["index"].tolist() for _ in range(6)] == drawn[14:20]
+    loaded = stream(workers=2)
+    assert [next(loaded)["index"].tolist() for _ in range(5)] == drawn[:5]
+    loaded.close()
+    other = stream(seed=1)
+    assert [next(other)["index"].tolist() for _ in range(8)] != drawn[:8]
+    assert stream(rank=0, world=2)._order(0) != stream(rank=1, world=2)._order(0)
+    assert len(stream(rank=1, world=2)._order(0)) == 4
+
+
 # -- the method ---------------------------------------------------------------------------------
 class _Ctx(types.SimpleNamespace):
     def build_model(self, overrides=None, init=True):
@@ -223,12 +248,26 @@ def _batch(seed=0, b=2, h=32, w=32):
             "target": {"image": torch.rand(b, 3, h, w, generator=g)}}
 
 
+@pytest.mark.parametrize("replacement", [True, False])
+def test_rare_class_sampling_draws_the_target_with_replacement_as_lhoyer(replacement):
+    """lhoyer's get_rare_class_sample draws the target image with np.random.choice; the flag off
+    keeps the shuffled passes."""
+    calls = []
+    m = _method()
+    m.ctx.set_rare_class_sampling = lambda *args: calls.append("rcs") or ([4], torch.ones(1))
+    m.ctx.draw_target_with_replacement = lambda: calls.append("target")
+    m.options.update(rcs=True, rcs_target_replacement=replacement)
+    m.start_stage(None, build_model(m.config["model"]))
+    assert calls == (["rcs", "target"] if replacement else ["rcs"])
+
+
 def test_daformer_defaults_are_its_configs():
     d = daformer.DAFormer.defaults
     assert (d["alpha"], d["ignore_top"], d["ignore_bottom"], d["jitter_strength"]) == (0.999, 15, 120, 0.2)
     assert (d["rcs_temperature"], d["rcs_min_pixels"], d["rcs_min_crop_ratio"]) == (0.01, 3000, 0.5)
     assert (d["fd_lambda"], d["fd_classes"], d["fd_scale_min_ratio"]) == (0.005, [6, 7, 11, 12, 13, 14, 15, 16, 17, 18], 0.75)
     assert d["lhoyer_batch_classes"] and d["lhoyer_ema_offset"] and d["lhoyer_source_mean_all"] and d["lhoyer_align_corners"]
+    assert d["rcs"] and d["rcs_target_replacement"]
 
 
 @pytest.mark.parametrize("lhoyer", [True, False])
@@ -281,7 +320,7 @@ def test_feature_distance_moves_the_backbone_only_on_thing_class_sources():
 
 
 @pytest.mark.parametrize("key,value", [("rcs", 1), ("rcs_temperature", 0), ("rcs_min_pixels", -1),
-                                       ("rcs_min_crop_ratio", 1.5), ("fd_lambda", -1), ("fd_classes", [5]),
+                                       ("rcs_min_crop_ratio", 1.5), ("rcs_target_replacement", 1), ("fd_lambda", -1), ("fd_classes", [5]),
                                        ("fd_classes", []), ("fd_scale_min_ratio", "x"), ("fd_reference", "coco"),
                                        ("alpha", 2)])
 def test_bad_options_raise(key, value):
@@ -313,6 +352,7 @@ def test_trainer_run_with_rare_class_sampling_resumes_exactly(tmp_path):
         assert_bitwise_equal(full["method"]["modules"][name], resumed["method"]["modules"][name], name)
     assert_bitwise_equal(full["method"]["generator"], resumed["method"]["generator"], "generator")
     assert full["streams"]["source"] == resumed["streams"]["source"]
+    assert full["streams"]["target"] == resumed["streams"]["target"]
 
 
 def test_a_class_without_images_is_an_error_naming_the_option(tmp_path):

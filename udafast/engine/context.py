@@ -15,8 +15,8 @@ from udafast.data import BadSampleError
 from udafast.engine import distributed as dist
 from udafast.data.labels import CLASS_NAMES
 from udafast.data.rare_class import class_stats, rcs_class_probabilities, samples_with_class
-from udafast.engine.data import (BatchStream, MixedSet, RareClassStream, SkipLog, TrainView, TruthLabels, build_split,
-                                 collate)
+from udafast.engine.data import (BatchStream, MixedSet, RareClassStream, SkipLog, TrainView, TruthLabels,
+                                 UniformDrawStream, build_split, collate)
 from udafast.engine.logging import RunLogger
 from udafast.methods.base import Method
 from udafast.models import build_model
@@ -157,6 +157,16 @@ class TrainingContext:
                                              min_pixels * min_crop_ratio, seed=old.seed, num_workers=old.num_workers,
                                              rank=self.rank, world=self.world, skip_log=self.skip_log)
         return classes, probs
+
+    def draw_target_with_replacement(self) -> None:
+        """Draw the target batches uniformly with replacement from now on (UniformDrawStream), at
+        the target stream's seed; its position so far is kept."""
+        old = self.target_stream
+        old.close()
+        self.target_stream = UniformDrawStream(self.target, old.batch_size, self.target_view, seed=old.seed,
+                                               num_workers=old.num_workers, rank=self.rank, world=self.world,
+                                               skip_log=self.skip_log)
+        self.target_stream.load_state_dict(old.state_dict())
 
     def set_mixed_stream(self, source_indices: Optional[Sequence[int]], target_extras: Any = None,
                          seed: Optional[int] = None) -> Optional[BatchStream]:

@@ -478,6 +478,19 @@ class BatchStream:
         return batch
 
 
+class UniformDrawStream(BatchStream):
+    """A `BatchStream` whose epoch order is drawn uniformly with replacement (an image may come
+    twice in an "epoch", another not at all), from a generator seeded by (seed, epoch, rank), so
+    it resumes from (epoch, position) and reads the same with any number of workers. DAFormer's
+    target under rare-class sampling (mmseg/datasets/uda_dataset.py `get_rare_class_sample`:
+    `np.random.choice(range(len(self.target)))` per sample)."""
+
+    def _order(self, epoch):
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 65_537 + self.rank)
+        n = len(self.dataset)
+        return torch.randint(n, (n // self.world,), generator=g).tolist()
+
+
 class _RareClassViews(Dataset):
     """Indexed by (position, seed): a rare-class sample (lhoyer/DAFormer `mmseg/datasets/
     uda_dataset.py` `get_rare_class_sample`): from a generator of `seed`, a class by `probs`, one of

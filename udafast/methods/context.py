@@ -62,6 +62,10 @@ class RunContext(Protocol):
         "rare_class"). -> (classes, their probabilities); ValueError when a class has no image with
         more than `min_pixels` of it."""
 
+    def draw_target_with_replacement(self) -> None:
+        """Draw the target batches uniformly with replacement from now on (DAFormer's target under
+        rare-class sampling), not as shuffled passes over the set."""
+
     def set_mixed_stream(self, source_indices: Optional[Sequence[int]], target_extras: Any = None,
                          seed: Optional[int] = None) -> Optional[Stream]:
         """From now on one stream over these source images and the target set, shuffled together

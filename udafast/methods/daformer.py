@@ -27,8 +27,8 @@ as lhoyer's code runs it (the `lhoyer_*` flags on, jitter strength 0.2), plus:
 
 `fd_reference: init` measures the distance to the run's initial network instead of the ImageNet
 one: for networks without ImageNet weights (the embedded benchmark's small network); not DAFormer.
-Not reproduced: with RCS its code draws each target image uniformly with replacement; udafast's
-target stream stays a shuffled pass over the set (the same images equally often).
+With RCS its code also draws each target image uniformly with replacement (`get_rare_class_sample`);
+`rcs_target_replacement` (default on) does the same, off keeps shuffled passes over the target set.
 """
 import copy
 from typing import Optional, Sequence
@@ -97,6 +97,7 @@ class DAFormer(DACS):
         "rcs_temperature": 0.01,              # class_temp
         "rcs_min_pixels": 3000,               # min_pixels
         "rcs_min_crop_ratio": 0.5,            # min_crop_ratio
+        "rcs_target_replacement": True,       # get_rare_class_sample: np.random.choice over the target
         "fd_lambda": 0.005,                   # imnet_feature_dist_lambda
         "fd_classes": list(THING_CLASSES),    # imnet_feature_dist_classes (null: every pixel)
         "fd_scale_min_ratio": 0.75,           # imnet_feature_dist_scale_min_ratio
@@ -110,8 +111,9 @@ class DAFormer(DACS):
     def _check_options(self):
         super()._check_options()
         o = self.options
-        if not isinstance(o["rcs"], bool):
-            raise self.option_error("rcs", "true or false")
+        for key in ("rcs", "rcs_target_replacement"):
+            if not isinstance(o[key], bool):
+                raise self.option_error(key, "true or false")
         if not (is_number(o["rcs_temperature"]) and o["rcs_temperature"] > 0):
             raise self.option_error("rcs_temperature", "a number > 0")
         if not is_count(o["rcs_min_pixels"], 0):
@@ -139,6 +141,8 @@ class DAFormer(DACS):
             except ValueError as e:
                 raise ValueError(f"{self.name}.rcs_min_pixels: {e}") from None
             self.ctx.log("rare-class sampling: " + ", ".join(f"{c}: {p:.3g}" for c, p in zip(classes, probs.tolist())))
+            if o["rcs_target_replacement"]:
+                self.ctx.draw_target_with_replacement()
         if o["fd_lambda"] > 0:
             # DAFormer's imnet_model: the network as built, before any UDA step, frozen in eval mode;
             # saved with the checkpoint (its code keeps it in the state dict as `imnet_model.`)
