@@ -480,15 +480,17 @@ class BatchStream:
 
 class UniformDrawStream(BatchStream):
     """A `BatchStream` whose epoch order is drawn uniformly with replacement (an image may come
-    twice in an "epoch", another not at all), from a generator seeded by (seed, epoch, rank), so
-    it resumes from (epoch, position) and reads the same with any number of workers. DAFormer's
-    target under rare-class sampling (mmseg/datasets/uda_dataset.py `get_rare_class_sample`:
-    `np.random.choice(range(len(self.target)))` per sample)."""
+    twice in an "epoch", another not at all) where the plain stream draws a permutation, from the
+    same seed (seed, epoch) and shared among processes the same way, so it resumes from (epoch,
+    position) and reads the same with any number of workers. DAFormer's target under rare-class
+    sampling (mmseg/datasets/uda_dataset.py `get_rare_class_sample`: `np.random.choice(range(len(
+    self.target)))` per sample)."""
 
     def _order(self, epoch):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 65_537 + self.rank)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         n = len(self.dataset)
-        return torch.randint(n, (n // self.world,), generator=g).tolist()
+        used = n // self.world * self.world  # DistributedSampler's drop_last: each process every world-th
+        return torch.randint(n, (n,), generator=g)[:used][self.rank::self.world].tolist()
 
 
 class _RareClassViews(Dataset):
