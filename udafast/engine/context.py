@@ -131,12 +131,17 @@ class TrainingContext:
             model = dist.convert_sync_batchnorm(model)
         return model
 
+    def _replace_stream(self, old: BatchStream, cls: type, dataset: Any, view: TrainView, *args: Any) -> BatchStream:
+        """A `cls` stream over `dataset` (its extra `args` after the view) with `old`'s batch size,
+        seed and workers, in place of `old`, whose prefetching stops."""
+        old.close()
+        return cls(dataset, old.batch_size, view, *args, seed=old.seed, num_workers=old.num_workers, rank=self.rank,
+                   world=self.world, skip_log=self.skip_log)
+
     def set_source_subset(self, indices: Sequence[int]) -> None:
         """Train on these source images only from now on (CBST's source portion)."""
         subset = torch.utils.data.Subset(self.source, list(indices))
-        self.source_stream = BatchStream(subset, self.source_stream.batch_size, self.source_view,
-                                         seed=self.source_stream.seed, num_workers=self.source_stream.num_workers,
-                                         rank=self.rank, world=self.world, skip_log=self.skip_log)
+        self.source_stream = self._replace_stream(self.source_stream, BatchStream, subset, self.source_view)
 
     def set_rare_class_sampling(self, temperature: float, min_pixels: int,
                                 min_crop_ratio: float) -> Tuple[List[int], torch.Tensor]:
@@ -151,21 +156,15 @@ class TrainingContext:
         if empty:
             names = ", ".join(CLASS_NAMES[c] if c < len(CLASS_NAMES) else str(c) for c in empty)
             raise ValueError(f"no source image has more than {min_pixels} pixels of {names}")
-        old = self.source_stream
-        old.close()
-        self.source_stream = RareClassStream(self.source, old.batch_size, self.source_view, classes, probs, with_class,
-                                             min_pixels * min_crop_ratio, seed=old.seed, num_workers=old.num_workers,
-                                             rank=self.rank, world=self.world, skip_log=self.skip_log)
+        self.source_stream = self._replace_stream(self.source_stream, RareClassStream, self.source, self.source_view,
+                                                  classes, probs, with_class, min_pixels * min_crop_ratio)
         return classes, probs
 
     def draw_target_with_replacement(self) -> None:
         """Draw the target batches uniformly with replacement from now on (UniformDrawStream), at
         the target stream's seed; its position so far is kept."""
         old = self.target_stream
-        old.close()
-        self.target_stream = UniformDrawStream(self.target, old.batch_size, self.target_view, seed=old.seed,
-                                               num_workers=old.num_workers, rank=self.rank, world=self.world,
-                                               skip_log=self.skip_log)
+        self.target_stream = self._replace_stream(old, UniformDrawStream, self.target, self.target_view)
         self.target_stream.load_state_dict(old.state_dict())
 
     def set_mixed_stream(self, source_indices: Optional[Sequence[int]], target_extras: Any = None,

@@ -21,7 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from udafast.data import BadSampleError, build_dataset
 from udafast.data.labels import IGNORE_INDEX
@@ -434,12 +434,17 @@ class BatchStream:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._iter = None
 
+    def _draw(self, generator):
+        """The epoch's order over the whole dataset: a permutation."""
+        return torch.randperm(len(self.dataset), generator=generator)
+
     def _order(self, epoch):
-        """This process's dataset indices for the epoch, in order."""
-        sampler = DistributedSampler(self.dataset, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                     seed=self.seed * 1_000_003, drop_last=True)
-        sampler.set_epoch(epoch)  # its permutation is randperm(n) from a generator seeded seed + epoch
-        return [int(i) for i in sampler]
+        """This process's dataset indices for the epoch, in order: `_draw` from a generator seeded
+        seed * 1_000_003 + epoch, the tail that does not divide by `world` dropped, every world-th
+        from `rank` (DistributedSampler(shuffle=True, drop_last=True, seed=seed * 1_000_003)'s order)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        used = len(self.dataset) // self.world * self.world
+        return self._draw(g)[:used][self.rank::self.world].tolist()
 
     def _keys(self, epoch, start):
         """(position in this process's order of the epoch, view seed) of each sample of batches
@@ -486,11 +491,9 @@ class UniformDrawStream(BatchStream):
     sampling (mmseg/datasets/uda_dataset.py `get_rare_class_sample`: `np.random.choice(range(len(
     self.target)))` per sample)."""
 
-    def _order(self, epoch):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+    def _draw(self, generator):
         n = len(self.dataset)
-        used = n // self.world * self.world  # DistributedSampler's drop_last: each process every world-th
-        return torch.randint(n, (n,), generator=g)[:used][self.rank::self.world].tolist()
+        return torch.randint(n, (n,), generator=generator)
 
 
 class _RareClassViews(Dataset):
